@@ -1,0 +1,37 @@
+"""The public entry point: the command that starts a checkout saga."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field, model_validator
+
+from schemas.base import Message
+from schemas.common import Currency, LineItem, OrderId, ShippingAddress, Token
+
+
+class StartCheckout(Message):
+    """Start one checkout saga. Published by any AMQP client to exchange ``sagabus.commands``
+    with routing key ``checkout.start``. The saga id is derived from ``order_id``, so a second
+    StartCheckout for the same order starts nothing new."""
+
+    TYPE: ClassVar[str] = "checkout.StartCheckout.v1"
+    KIND: ClassVar[str] = "command"
+
+    order_id: OrderId
+    customer_id: Token
+    currency: Currency
+    items: tuple[LineItem, ...] = Field(min_length=1, max_length=100)
+    payment_token: Token
+    shipping_address: ShippingAddress
+
+    @model_validator(mode="after")
+    def _distinct_skus(self) -> StartCheckout:
+        skus = [i.sku for i in self.items]
+        if len(skus) != len(set(skus)):
+            raise ValueError("items must not repeat a sku; sum the quantities instead")
+        return self
+
+    @property
+    def amount_minor(self) -> int:
+        return sum(i.quantity * i.unit_price_minor for i in self.items)

@@ -1,0 +1,62 @@
+"""Order service: commands it obeys, replies it sends, public facts it publishes."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from schemas.base import Message
+from schemas.common import Currency, MinorUnits, OrderId, Reason, Token
+
+
+class CreateOrder(Message):
+    TYPE: ClassVar[str] = "order.CreateOrder.v1"
+    KIND: ClassVar[str] = "command"
+    order_id: OrderId
+    customer_id: Token
+    amount_minor: MinorUnits
+    currency: Currency
+
+
+class CompleteOrder(Message):
+    TYPE: ClassVar[str] = "order.CompleteOrder.v1"
+    KIND: ClassVar[str] = "command"
+    order_id: OrderId
+
+
+class CancelOrder(Message):
+    TYPE: ClassVar[str] = "order.CancelOrder.v1"
+    KIND: ClassVar[str] = "command"
+    order_id: OrderId
+    reason: Reason
+
+
+class OrderCreated(Message):
+    TYPE: ClassVar[str] = "order.OrderCreated.v1"
+    KIND: ClassVar[str] = "reply"
+    order_id: OrderId
+
+
+class OrderCompleted(Message):
+    """Reply to the process manager, and also the public fact fanned out on ``sagabus.facts``."""
+
+    TYPE: ClassVar[str] = "order.OrderCompleted.v1"
+    KIND: ClassVar[str] = "fact"
+    order_id: OrderId
+    customer_id: Token
+    amount_minor: MinorUnits
+    currency: Currency
+    duration_ms: int
+
+
+class OrderCancelled(Message):
+    """Reply to the process manager, and also the public fact fanned out on ``sagabus.facts``."""
+
+    TYPE: ClassVar[str] = "order.OrderCancelled.v1"
+    KIND: ClassVar[str] = "fact"
+    order_id: OrderId
+    customer_id: Token
+    amount_minor: MinorUnits
+    currency: Currency
+    duration_ms: int
+    reason: Reason
+    outcome: Literal["cancelled", "needs_manual"] = "cancelled"
