@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import ClassVar
 
 from pydantic import Field, model_validator
 
 from schemas.base import Message
 from schemas.common import Currency, LineItem, OrderId, ShippingAddress, Token
+
+
+#: Namespace for saga ids derived from order ids. Never change it: it keys every saga.
+SAGA_NAMESPACE = uuid.UUID("6f1f3c2e-3f0e-4a53-9d0c-5a8b2d4c7e10")
+
+
+def saga_id_for_order(order_id: str) -> uuid.UUID:
+    """The saga id of an order's checkout: one order, one saga, whoever sends the start."""
+    return uuid.uuid5(SAGA_NAMESPACE, f"checkout:{order_id}")
 
 
 class StartCheckout(Message):

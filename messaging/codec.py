@@ -1,0 +1,148 @@
+"""Between the wire (AMQP properties, headers, JSON body) and typed messages."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aio_pika import DeliveryMode
+from aio_pika import Message as AmqpMessage
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
+
+from messaging.errors import PermanentError
+from schemas.base import Message
+from schemas.checkout import StartCheckout, saga_id_for_order
+from schemas.envelope import Envelope, HeaderNames
+from schemas.registry import UnknownMessageType, model_for
+
+#: message ids of StartCheckout commands sent without one are derived from the order id
+START_NAMESPACE = uuid.UUID("0b7e51c4-54a3-4e61-9d3f-2b36f6b7b0a1")
+
+
+@dataclass(frozen=True)
+class Incoming:
+    envelope: Envelope
+    body: Message
+
+
+def encode(envelope: Envelope, body: Message) -> AmqpMessage:
+    return AmqpMessage(
+        body=body.model_dump_json().encode(),
+        content_type="application/json",
+        delivery_mode=DeliveryMode.PERSISTENT,
+        message_id=str(envelope.message_id),
+        type=envelope.type,
+        correlation_id=str(envelope.correlation_id),
+        timestamp=envelope.occurred_at,
+        headers=envelope.headers(),
+    )
+
+
+def _header(headers: dict[str, Any], name: str) -> Any:
+    value = headers.get(name)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value
+
+
+def _uuid(value: Any, what: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise PermanentError(f"{what} is not a UUID: {str(value)[:80]!r}") from None
+
+
+def _int(value: Any, what: str, default: int) -> int:
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise PermanentError(f"header {what} is not an integer: {str(value)[:80]!r}") from None
+
+
+def summarize(error: ValidationError) -> str:
+    parts = []
+    for e in error.errors()[:5]:
+        loc = ".".join(str(x) for x in e["loc"]) or "body"
+        parts.append(f"{loc}: {e['msg']}")
+    more = error.error_count() - len(parts)
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+def decode(delivery: AbstractIncomingMessage, *, max_bytes: int) -> Incoming:
+    """Validate a delivery into an envelope and a typed body, or raise ``PermanentError``."""
+    if len(delivery.body) > max_bytes:
+        raise PermanentError(f"body of {len(delivery.body)} bytes exceeds limit of {max_bytes}")
+    if delivery.content_type not in (None, "", "application/json"):
+        raise PermanentError(f"content_type {delivery.content_type!r} is not application/json")
+    if not delivery.type:
+        raise PermanentError("missing AMQP 'type' property (for example checkout.StartCheckout.v1)")
+    try:
+        model = model_for(delivery.type)
+    except UnknownMessageType as e:
+        raise PermanentError(str(e)) from None
+    try:
+        raw = json.loads(delivery.body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PermanentError(f"body is not JSON: {e}") from None
+    try:
+        body = model.model_validate(raw)
+    except ValidationError as e:
+        raise PermanentError(f"invalid {delivery.type}: {summarize(e)}") from None
+
+    headers = dict(delivery.headers or {})
+    if isinstance(body, StartCheckout):
+        # The public entry point: only the type and body are required.
+        saga_id = saga_id_for_order(body.order_id)
+        message_id = (
+            _uuid(delivery.message_id, "message_id")
+            if delivery.message_id
+            else uuid.uuid5(START_NAMESPACE, body.order_id)
+        )
+    else:
+        if not delivery.message_id:
+            raise PermanentError("missing AMQP 'message_id' property")
+        message_id = _uuid(delivery.message_id, "message_id")
+        saga_header = _header(headers, HeaderNames.SAGA_ID)
+        if saga_header is None:
+            raise PermanentError(f"missing header {HeaderNames.SAGA_ID}")
+        saga_id = _uuid(saga_header, HeaderNames.SAGA_ID)
+    correlation = (
+        _uuid(delivery.correlation_id, "correlation_id") if delivery.correlation_id else saga_id
+    )
+    causation = _header(headers, HeaderNames.CAUSATION_ID)
+    occurred_raw = _header(headers, HeaderNames.OCCURRED_AT)
+    occurred: datetime
+    if occurred_raw:
+        try:
+            occurred = datetime.fromisoformat(str(occurred_raw))
+        except ValueError:
+            raise PermanentError(f"header {HeaderNames.OCCURRED_AT} is not ISO 8601") from None
+    elif isinstance(delivery.timestamp, datetime):
+        occurred = delivery.timestamp
+    else:
+        occurred = datetime.now(UTC)
+    try:
+        envelope = Envelope(
+            message_id=message_id,
+            type=delivery.type,
+            saga_id=saga_id,
+            correlation_id=correlation,
+            causation_id=_uuid(causation, HeaderNames.CAUSATION_ID) if causation else None,
+            idempotency_key=_header(headers, HeaderNames.IDEMPOTENCY_KEY),
+            step=_header(headers, HeaderNames.STEP),
+            attempt=_int(_header(headers, HeaderNames.ATTEMPT), HeaderNames.ATTEMPT, 1),
+            fence=_int(_header(headers, HeaderNames.FENCE), HeaderNames.FENCE, 0),
+            occurred_at=occurred,
+            traceparent=_header(headers, HeaderNames.TRACEPARENT),
+            tracestate=_header(headers, HeaderNames.TRACESTATE),
+            baggage=_header(headers, HeaderNames.BAGGAGE),
+        )
+    except ValidationError as e:
+        raise PermanentError(f"invalid envelope: {summarize(e)}") from None
+    return Incoming(envelope, body)

@@ -1,0 +1,97 @@
+"""PostgreSQL plumbing shared by every service: engine, database creation, outbox and inbox
+tables. Each service owns one schema and keeps its outbox and inbox inside it."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    LargeBinary,
+    MetaData,
+    Table,
+    Text,
+    Uuid,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from messaging.settings import Settings
+
+OUTBOX_CHANNEL = "sagabus_outbox"
+
+
+def make_engine(settings: Settings) -> AsyncEngine:
+    return create_async_engine(
+        settings.sqlalchemy_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+    )
+
+
+def outbox_table(metadata: MetaData) -> Table:
+    return Table(
+        "outbox",
+        metadata,
+        Column("id", BigInteger, Identity(always=True), primary_key=True),
+        Column("message_id", Uuid, nullable=False, unique=True),
+        Column("message_type", Text, nullable=False),
+        Column("saga_id", Uuid, nullable=True),
+        Column("exchange", Text, nullable=False),
+        Column("routing_key", Text, nullable=False),
+        Column("correlation_id", Uuid, nullable=True),
+        Column("headers", JSONB, nullable=False),
+        Column("body", LargeBinary, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        Column("sent_at", DateTime(timezone=True), nullable=True),
+        Index(None, "id", postgresql_where=text("sent_at IS NULL")),
+    )
+
+
+def inbox_table(metadata: MetaData) -> Table:
+    return Table(
+        "inbox",
+        metadata,
+        Column("message_id", Uuid, primary_key=True),
+        Column("message_type", Text, nullable=False),
+        Column("saga_id", Uuid, nullable=True),
+        Column("received_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    )
+
+
+async def create_schema(engine: AsyncEngine, schema: str, metadata: MetaData) -> None:
+    async with engine.begin() as conn:
+        # Concurrent start-ups race on CREATE SCHEMA/TABLE IF NOT EXISTS; serialise them.
+        await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('sagabus-migrate'))"))
+        await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+        await conn.run_sync(lambda sync: metadata.create_all(sync, checkfirst=True))
+
+
+async def ensure_database(settings: Settings) -> bool:
+    """Create the configured database if it does not exist. Returns True if it was created."""
+    parts = urlsplit(settings.asyncpg_url)
+    name = parts.path.lstrip("/")
+    if not name:
+        raise ValueError("SAGABUS_DATABASE_URL names no database")
+    admin = urlunsplit(parts._replace(path="/postgres"))
+    conn = await asyncpg.connect(admin, timeout=10)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if exists:
+            return False
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        except asyncpg.DuplicateDatabaseError:
+            return False
+        return True
+    finally:
+        await conn.close()

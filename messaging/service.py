@@ -1,0 +1,174 @@
+"""Running services: wiring a service definition to the broker and the database.
+
+A service is data (its schema, tables, handlers and background loops); ``Runtime`` gives it an
+engine, a robust broker connection, a consumer, an outbox relay and its loops, and shuts all of
+it down in order: stop consuming, finish in-flight messages, stop the loops, close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractRobustConnection
+from opentelemetry import trace
+from sqlalchemy import MetaData, Table
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from messaging import telemetry, topology
+from messaging.consumer import Consumer, Handler
+from messaging.db import create_schema, inbox_table, make_engine, outbox_table
+from messaging.outbox import Outbox, Relay
+from messaging.publisher import Publisher
+from messaging.settings import Settings
+
+log = structlog.get_logger("sagabus.service")
+
+
+@dataclass
+class ServiceDefinition:
+    name: str
+    schema: str
+    metadata: MetaData
+    handlers: dict[str, Handler]
+    background: Sequence[Callable[[ServiceContext], Awaitable[None]]] = ()
+    outbox: Table = field(init=False)
+    inbox: Table = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.metadata.schema != self.schema:
+            raise ValueError(f"metadata schema {self.metadata.schema!r} != {self.schema!r}")
+        self.outbox = self.metadata.tables.get(f"{self.schema}.outbox") or outbox_table(
+            self.metadata
+        )
+        self.inbox = self.metadata.tables.get(f"{self.schema}.inbox") or inbox_table(self.metadata)
+
+
+@dataclass
+class ServiceContext:
+    """What a background loop of a service gets."""
+
+    definition: ServiceDefinition
+    settings: Settings
+    engine: AsyncEngine
+    outbox: Outbox
+    publisher: Publisher
+    tracer: trace.Tracer
+    stop: asyncio.Event
+
+
+async def migrate(definitions: Sequence[ServiceDefinition], engine: AsyncEngine) -> None:
+    for d in definitions:
+        await create_schema(engine, d.schema, d.metadata)
+
+
+class Runtime:
+    def __init__(
+        self,
+        definitions: Sequence[ServiceDefinition],
+        settings: Settings,
+        *,
+        engine: AsyncEngine | None = None,
+    ) -> None:
+        self.definitions = list(definitions)
+        self.settings = settings
+        self._own_engine = engine is None
+        self.engine = engine or make_engine(settings)
+        self.stop_event = asyncio.Event()
+        self.connection: AbstractRobustConnection | None = None
+        self.consumers: dict[str, Consumer] = {}
+        self.relays: dict[str, Relay] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._publishers: list[Publisher] = []
+
+    async def start(self) -> None:
+        await migrate(self.definitions, self.engine)
+        self.connection = await aio_pika.connect_robust(self.settings.amqp_url)
+        declare_channel = await self.connection.channel()
+        await topology.declare(
+            declare_channel, self.settings, tuple(d.name for d in self.definitions)
+        )
+        await declare_channel.close()
+        for d in self.definitions:
+            tracer = telemetry.tracer(d.name)
+            publisher = await Publisher.open(self.connection)
+            self._publishers.append(publisher)
+            outbox = Outbox(d.outbox, d.schema)
+            relay = Relay(
+                service=d.name,
+                engine=self.engine,
+                outbox=outbox,
+                publisher=publisher,
+                settings=self.settings,
+                tracer=tracer,
+            )
+            self.relays[d.name] = relay
+            consumer = Consumer(
+                service=d.name,
+                spec=topology.QUEUES[d.name],
+                engine=self.engine,
+                inbox=d.inbox,
+                outbox=outbox,
+                handlers=d.handlers,
+                publisher=publisher,
+                settings=self.settings,
+                tracer=tracer,
+            )
+            self.consumers[d.name] = consumer
+            self._tasks.append(asyncio.create_task(relay.run(self.stop_event)))
+            ctx = ServiceContext(d, self.settings, self.engine, outbox, publisher, tracer, self.stop_event)
+            for loop in d.background:
+                self._tasks.append(asyncio.create_task(_guard(d.name, loop, ctx)))
+            channel = await self.connection.channel()
+            await consumer.start(channel)
+            log.info("service_started", service=d.name, queue=topology.QUEUES[d.name].name)
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        for consumer in self.consumers.values():
+            await consumer.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                await self.connection.close()
+        if self._own_engine:
+            await self.engine.dispose()
+        log.info("services_stopped", services=[d.name for d in self.definitions])
+
+    async def __aenter__(self) -> Runtime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def _guard(
+    service: str, loop: Callable[[ServiceContext], Awaitable[None]], ctx: ServiceContext
+) -> None:
+    """Keep a background loop alive: log a crash, back off, start it again."""
+    backoff = 0.5
+    while not ctx.stop.is_set():
+        try:
+            await loop(ctx)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.error(
+                "background_loop_failed",
+                service=service,
+                loop=getattr(loop, "__name__", str(loop)),
+                error=f"{type(e).__name__}: {e}",
+            )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(ctx.stop.wait(), backoff)
+            backoff = min(backoff * 2, 10)

@@ -1,0 +1,66 @@
+"""Configuration of every deployable, read from ``SAGABUS_*`` environment variables.
+
+Built once in the entry point and passed down; nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SAGABUS_", extra="ignore", frozen=True)
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/sagabus"
+    #: database pool per process
+    db_pool_size: int = Field(default=10, ge=1, le=200)
+    #: unacknowledged deliveries per consumer
+    prefetch: int = Field(default=16, ge=1, le=1000)
+    #: largest message body accepted; larger ones are dead-lettered unprocessed
+    max_message_bytes: int = Field(default=256 * 1024, ge=1024)
+
+    #: delay before retry N (the last one repeats); jittered by +/- retry_jitter
+    retry_delays_ms: tuple[int, ...] = (500, 2_000, 10_000, 30_000)
+    retry_jitter: float = Field(default=0.2, ge=0, lt=1)
+    #: deliveries of one message that fail transiently before it is dead-lettered
+    max_attempts: int = Field(default=6, ge=1, le=100)
+    #: broker-side bound on redeliveries (quorum x-delivery-limit): stops a crash loop
+    delivery_limit: int = Field(default=20, ge=1)
+
+    outbox_batch: int = Field(default=200, ge=1, le=10_000)
+    outbox_poll_s: float = Field(default=1.0, gt=0)
+
+    #: process manager: per step timeout and bounded re-sends
+    step_timeout_s: float = Field(default=30.0, gt=0)
+    max_step_attempts: int = Field(default=3, ge=1)
+    compensation_timeout_s: float = Field(default=30.0, gt=0)
+    max_compensation_attempts: int = Field(default=5, ge=1)
+    timeout_poll_s: float = Field(default=0.5, gt=0)
+
+    #: shipping: the simulated carrier
+    carrier_failure_rate: float = Field(default=0.0, ge=0, le=1)
+    carrier_latency_ms: int = Field(default=0, ge=0)
+    #: share of bookings the carrier makes and then "loses the answer" to
+    carrier_lose_response_rate: float = Field(default=0.0, ge=0, le=1)
+    #: shipping: deliveries of CreateShipment that may hit a carrier error before giving up
+    shipping_max_attempts: int = Field(default=4, ge=1)
+
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: str = "info"
+    service_instance: str | None = None
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        url = self.database_url
+        for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+asyncpg://" + url[len(prefix) :]
+        raise ValueError(f"SAGABUS_DATABASE_URL must be a postgresql:// URL, got {url!r}")
+
+    @property
+    def asyncpg_url(self) -> str:
+        return "postgresql://" + self.sqlalchemy_url[len("postgresql+asyncpg://") :]

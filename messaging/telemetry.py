@@ -1,0 +1,141 @@
+"""Tracing and logging set-up, done once per entry point and passed down.
+
+Tracing follows the OpenTelemetry messaging conventions: a PRODUCER span per publish and a
+CONSUMER span per processed delivery, W3C ``traceparent``/``tracestate`` in AMQP headers.
+Export is configured by the standard ``OTEL_*`` variables; with no endpoint configured nothing is
+exported, and an unreachable collector only costs dropped spans, never a failing service.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+
+_EXPORTER: SpanExporter | None = None
+_PROVIDERS: dict[str, TracerProvider] = {}
+
+
+def _exporter() -> SpanExporter | None:
+    global _EXPORTER
+    if _EXPORTER is not None:
+        return _EXPORTER
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    wanted = os.environ.get("OTEL_TRACES_EXPORTER", "").lower()
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if wanted == "none" or (not endpoint and wanted != "otlp"):
+        return None
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"
+    )
+    # A collector that is down must not make the services noisy: the exporter logs each failed
+    # batch; keep only its errors above warning level off the console.
+    logging.getLogger("opentelemetry.exporter.otlp").setLevel(logging.CRITICAL)
+    if protocol.startswith("http"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found,unused-ignore]
+            OTLPSpanExporter as HttpExporter,
+        )
+
+        _EXPORTER = HttpExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        _EXPORTER = OTLPSpanExporter()
+    return _EXPORTER
+
+
+def tracer_provider(service: str) -> TracerProvider:
+    """One provider per service, so services sharing a process still report their own
+    ``service.name`` (``OTEL_SERVICE_NAME`` overrides it when a process runs one service)."""
+    if service in _PROVIDERS:
+        return _PROVIDERS[service]
+    name = f"sagabus-{service}"
+    override = os.environ.get("OTEL_SERVICE_NAME")
+    if override and os.environ.get("SAGABUS_SINGLE_SERVICE") == "1":
+        name = override
+    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    exporter = _exporter()
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
+    _PROVIDERS[service] = provider
+    return provider
+
+
+def tracer(service: str) -> trace.Tracer:
+    return tracer_provider(service).get_tracer("sagabus")
+
+
+def shutdown_tracing() -> None:
+    for provider in _PROVIDERS.values():
+        provider.force_flush(timeout_millis=5000)
+        provider.shutdown()
+    _PROVIDERS.clear()
+
+
+def extract(headers: Mapping[str, Any]) -> Context:
+    carrier = {
+        k: (v.decode() if isinstance(v, bytes) else str(v))
+        for k, v in headers.items()
+        if k in ("traceparent", "tracestate", "baggage")
+    }
+    return propagate.extract(carrier)
+
+
+def inject(context: Context | None = None) -> dict[str, str]:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=context)
+    return carrier
+
+
+def trace_ids() -> dict[str, str]:
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return {}
+    return {"trace_id": f"{ctx.trace_id:032x}", "span_id": f"{ctx.span_id:016x}"}
+
+
+def _add_trace_ids(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key, value in trace_ids().items():
+        event.setdefault(key, value)
+    return event
+
+
+def configure_logging(fmt: str = "auto", level: str = "info") -> None:
+    """structlog: JSON lines when not on a terminal, readable lines on one."""
+    lvl = logging.getLevelName(level.upper())
+    if not isinstance(lvl, int):
+        lvl = logging.INFO
+    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            _add_trace_ids,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("aio_pika").setLevel(logging.ERROR)
+    logging.getLogger("aiormq").setLevel(logging.ERROR)

@@ -1,0 +1,1 @@
+"""Saga participants: each owns one PostgreSQL schema and makes every effect idempotent."""

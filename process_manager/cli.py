@@ -1,0 +1,425 @@
+"""The ``sagabus`` command line.
+
+Bad arguments and unreachable services end in one line on stderr and a non-zero exit:
+2 for usage errors, 3 for an unreachable broker or database, 1 for a failed operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from messaging.settings import Settings
+
+T = TypeVar("T")
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+
+class Unreachable(click.ClickException):
+    exit_code = EXIT_UNREACHABLE
+
+
+class Failed(click.ClickException):
+    exit_code = EXIT_FAILED
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+
+
+def parse_duration(value: str) -> timedelta:
+    m = _DURATION.match(value.strip())
+    if not m:
+        raise click.BadParameter(f"{value!r} is not a duration like 30s, 5m, 2h or 1d")
+    n, unit = float(m.group(1)), m.group(2)
+    return timedelta(
+        milliseconds=n if unit == "ms" else 0,
+        seconds=n if unit == "s" else 0,
+        minutes=n if unit == "m" else 0,
+        hours=n if unit == "h" else 0,
+        days=n if unit == "d" else 0,
+    )
+
+
+class Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        try:
+            return parse_duration(value)
+        except click.BadParameter as e:
+            self.fail(e.message, param, ctx)
+
+
+def settings() -> Settings:
+    try:
+        return Settings()
+    except Exception as e:  # pydantic validation of SAGABUS_* variables
+        raise click.UsageError(f"invalid SAGABUS_* configuration: {e}".splitlines()[0]) from None
+
+
+def run_async(fn: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return asyncio.run(fn())  # type: ignore[arg-type]
+    except (OSError, ConnectionError) as e:
+        raise Unreachable(_describe_unreachable(e)) from None
+    except Exception as e:
+        name = type(e).__module__ + "." + type(e).__name__
+        if any(k in name for k in ("aiormq", "pamqp", "asyncpg", "sqlalchemy")) and _is_connect(e):
+            raise Unreachable(_describe_unreachable(e)) from None
+        raise
+
+
+def _is_connect(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e}".lower()
+    return any(k in text for k in ("connect", "refused", "does not exist", "authentication",
+                                   "access_refused", "vhost", "unreachable"))
+
+
+def _describe_unreachable(e: BaseException) -> str:
+    s = Settings()
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    target = "RabbitMQ" if "amqp" in f"{type(e).__module__} {msg}".lower() else "PostgreSQL or RabbitMQ"
+    return (f"cannot reach {target} ({msg}); check SAGABUS_AMQP_URL={_redact(s.amqp_url)} and "
+            f"SAGABUS_DATABASE_URL={_redact(s.database_url)}")
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^:/@]+):([^@]+)@", r"//\1:***@", url)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sagabus")
+def cli() -> None:
+    """sagabus: the checkout saga on RabbitMQ and PostgreSQL."""
+
+
+@cli.command()
+def migrate() -> None:
+    """Create the database, every service schema and the broker topology (idempotent)."""
+    s = settings()
+
+    async def go() -> None:
+        from messaging import topology
+        from messaging.db import ensure_database, make_engine
+        from messaging.service import migrate as migrate_schemas
+        from process_manager import bootstrap
+
+        created = await ensure_database(s)
+        engine = make_engine(s)
+        try:
+            await migrate_schemas(bootstrap.definitions(s), engine)
+        finally:
+            await engine.dispose()
+        await topology.declare_all(s)
+        click.echo(("created database; " if created else "") + "schemas and topology are in place")
+
+    run_async(go)
+
+
+SERVICE_CHOICES = ["all", "process-manager", "order", "payment", "inventory", "shipping",
+                   "notification", "analytics"]
+
+
+@cli.command()
+@click.argument("services", nargs=-1, required=True, type=click.Choice(SERVICE_CHOICES))
+def run(services: tuple[str, ...]) -> None:
+    """Run services until SIGINT/SIGTERM: `all`, or one or more service names."""
+    from messaging import telemetry
+
+    s = settings()
+    names = None if "all" in services else list(dict.fromkeys(services))
+    if names and len(names) == 1:
+        os.environ.setdefault("SAGABUS_SINGLE_SERVICE", "1")
+    telemetry.configure_logging(s.log_format, s.log_level)
+
+    async def go() -> None:
+        from messaging.db import ensure_database
+        from messaging.service import Runtime
+        from process_manager import bootstrap
+
+        await ensure_database(s)
+        runtime = Runtime(bootstrap.definitions(s, names), s)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await runtime.start()
+        try:
+            await stop.wait()
+        finally:
+            await runtime.stop()
+            telemetry.shutdown_tracing()
+
+    run_async(go)
+
+
+@cli.command()
+@click.argument("service", required=False, type=click.Choice(SERVICE_CHOICES))
+def health(service: str | None) -> None:
+    """Exit 0 when the database and the broker answer (used by container health checks)."""
+    s = settings()
+
+    async def go() -> None:
+        import aio_pika
+        import asyncpg
+
+        conn = await asyncpg.connect(s.asyncpg_url, timeout=5)
+        await conn.fetchval("SELECT 1")
+        await conn.close()
+        amqp = await aio_pika.connect(s.amqp_url, timeout=5)
+        await amqp.close()
+        click.echo("ok")
+
+    run_async(go)
+
+
+def _parse_item(value: str) -> Any:
+    from schemas.common import LineItem
+
+    parts = value.split(":")
+    if len(parts) not in (2, 3):
+        raise click.BadParameter(f"{value!r}: expected SKU:QTY or SKU:QTY:UNIT_PRICE_MINOR")
+    try:
+        return LineItem(sku=parts[0], quantity=int(parts[1]),
+                        unit_price_minor=int(parts[2]) if len(parts) == 3 else 1000)
+    except Exception as e:
+        raise click.BadParameter(f"{value!r}: {str(e).splitlines()[-1].strip()}") from None
+
+
+@cli.command()
+@click.option("--order-id", default=None, help="Order id (default: a new one).")
+@click.option("--customer", "customer_id", default="cus_demo", show_default=True)
+@click.option("--item", "items", multiple=True, required=True,
+              help="SKU:QTY[:UNIT_PRICE_MINOR], repeatable.")
+@click.option("--currency", default="EUR", show_default=True)
+@click.option("--token", "payment_token", default="tok_visa", show_default=True,
+              help="Payment token; tok_decline and tok_insufficient_funds decline.")
+@click.option("--postal-code", default="3511AA", show_default=True,
+              help="00000 is undeliverable; 99999 makes the carrier unavailable.")
+@click.option("--message-id", default=None, help="AMQP message id (default: random).")
+@click.option("--traceparent", default=None, help="W3C traceparent to continue.")
+@click.option("--json", "as_json", is_flag=True, help="Print the saga id as JSON.")
+def start(order_id: str | None, customer_id: str, items: tuple[str, ...], currency: str,
+          payment_token: str, postal_code: str, message_id: str | None,
+          traceparent: str | None, as_json: bool) -> None:
+    """Publish a StartCheckout command, as any AMQP client would."""
+    from pydantic import ValidationError
+
+    from messaging.codec import summarize
+    from process_manager import ops
+    from schemas.checkout import StartCheckout, saga_id_for_order
+    from schemas.common import ShippingAddress
+
+    s = settings()
+    if traceparent and not re.match(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$", traceparent):
+        raise click.BadParameter("not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)",
+                                 param_hint="--traceparent")
+    mid = None
+    if message_id:
+        try:
+            mid = uuid.UUID(message_id)
+        except ValueError:
+            raise click.BadParameter("not a UUID", param_hint="--message-id") from None
+    try:
+        cmd = StartCheckout(
+            order_id=order_id or f"ord-{uuid.uuid4().hex[:12]}",
+            customer_id=customer_id,
+            currency=currency,
+            items=tuple(_parse_item(i) for i in items),
+            payment_token=payment_token,
+            shipping_address=ShippingAddress(line1="1 Main Street", city="Utrecht",
+                                             postal_code=postal_code, country="NL"),
+        )
+    except ValidationError as e:
+        raise click.UsageError(summarize(e)) from None
+    run_async(lambda: ops.publish_starts(s.amqp_url, [ops.start_message(cmd, message_id=mid,
+                                                                        traceparent=traceparent)]))
+    saga_id = str(saga_id_for_order(cmd.order_id))
+    if as_json:
+        emit_json({"saga_id": saga_id, "order_id": cmd.order_id})
+    else:
+        click.echo(f"started saga {saga_id} for order {cmd.order_id}")
+
+
+def _with_engine(fn: Callable[[Any], Awaitable[T]]) -> T:
+    s = settings()
+
+    async def go() -> T:
+        from messaging.db import make_engine
+
+        engine = make_engine(s)
+        try:
+            return await fn(engine)
+        finally:
+            await engine.dispose()
+
+    return run_async(go)
+
+
+@cli.command()
+@click.argument("saga")
+@click.option("--json", "as_json", is_flag=True)
+def status(saga: str, as_json: bool) -> None:
+    """State, current step, history and outcome of a saga (by saga id or order id)."""
+    from process_manager import ops
+
+    data = _with_engine(lambda e: ops.saga_status(e, saga))
+    if data is None:
+        raise Failed(f"no saga {saga!r}")
+    if as_json:
+        emit_json(data)
+        return
+    console = Console()
+    console.print(f"saga [cyan]{data['saga_id']}[/] order {data['order_id']}: "
+                  f"[bold]{data['state']}[/] (step {data['current_step'] or '-'}, "
+                  f"attempt {data['attempt']}, fence {data['seq']})")
+    if data["failure_reason"]:
+        console.print(f"reason: {data['failure_reason']}")
+    if data["trace_id"]:
+        jaeger = os.environ.get("SAGABUS_JAEGER_URL", "http://localhost:16686")
+        console.print(f"trace {data['trace_id']}: {jaeger}/trace/{data['trace_id']}")
+    table = Table("at", "seq", "message", "transition", "outcome", "note")
+    for h in data["history"]:
+        table.add_row(h["at"][11:23], str(h["seq"]), h["message_type"],
+                      f"{h['from'] or ''} -> {h['to'] or ''}", h["outcome"], h["note"])
+    console.print(table)
+
+
+@cli.command("list")
+@click.option("--state", type=click.Choice(["PENDING_ORDER", "PENDING_PAYMENT", "PENDING_INVENTORY",
+                                            "PENDING_SHIPMENT", "PENDING_CAPTURE", "COMPLETING",
+                                            "COMPENSATING", "COMPLETED", "COMPENSATED",
+                                            "FAILED_NEEDS_MANUAL"]))
+@click.option("--older-than", type=Duration(), default=None, help="Not updated for this long.")
+@click.option("--stuck", is_flag=True, help="Only sagas not in a terminal state.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def list_cmd(state: str | None, older_than: timedelta | None, stuck: bool, limit: int,
+             as_json: bool) -> None:
+    """List sagas, newest first."""
+    from process_manager import ops
+
+    rows = _with_engine(lambda e: ops.list_sagas(e, state=state, older_than=older_than,
+                                                 stuck=stuck, limit=limit))
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("saga", "order", "state", "step", "updated", "reason")
+    for r in rows:
+        table.add_row(r["saga_id"], r["order_id"], r["state"], r["current_step"] or "-",
+                      r["updated_at"][:19], (r["failure_reason"] or "")[:60])
+    Console().print(table)
+
+
+@cli.group()
+def inventory() -> None:
+    """Stock levels."""
+
+
+@inventory.command("seed")
+@click.argument("levels", nargs=-1, required=True)
+@click.option("--add", is_flag=True, help="Add to the current level instead of setting it.")
+def inventory_seed(levels: tuple[str, ...], add: bool) -> None:
+    """Set stock: SKU=QTY ..."""
+    from schemas.common import LineItem
+
+    parsed: dict[str, int] = {}
+    for lv in levels:
+        sku, sep, qty = lv.partition("=")
+        if not sep or not qty.isdigit():
+            raise click.BadParameter(f"{lv!r}: expected SKU=QTY with QTY a whole number >= 0")
+        try:
+            LineItem(sku=sku, quantity=1, unit_price_minor=0)
+        except Exception:
+            raise click.BadParameter(f"{sku!r} is not a valid SKU") from None
+        parsed[sku] = int(qty)
+
+    async def go(engine: Any) -> None:
+        from messaging.service import migrate as migrate_schemas
+        from participants.inventory import service as inv
+
+        await migrate_schemas([inv.definition(settings())], engine)
+        async with engine.begin() as conn:
+            await inv.seed(conn, parsed, add=add)
+
+    _with_engine(go)
+    click.echo(f"stock {'increased' if add else 'set'}: " + ", ".join(f"{k}={v}" for k, v in parsed.items()))
+
+
+@inventory.command("show")
+@click.option("--json", "as_json", is_flag=True)
+def inventory_show(as_json: bool) -> None:
+    """Show stock levels."""
+    from sqlalchemy import select
+
+    from participants.inventory import service as inv
+
+    async def go(engine: Any) -> list[dict[str, Any]]:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(select(inv.stock).order_by(inv.stock.c.sku))).all()
+        return [{"sku": r.sku, "available": r.available} for r in rows]
+
+    rows = _with_engine(go)
+    if as_json:
+        emit_json(rows)
+    else:
+        for r in rows:
+            click.echo(f"{r['sku']}\t{r['available']}")
+
+
+@cli.command()
+@click.option("--sagas", type=click.IntRange(1, 100_000), default=200, show_default=True)
+@click.option("--seed", type=int, default=None, help="Scenario mix seed (default: time).")
+@click.option("--verbose", is_flag=True, help="Show the services' logs.")
+def demo(sagas: int, seed: int | None, verbose: bool) -> None:
+    """Run every service, start N sagas of every scenario, check every outcome."""
+    from messaging import telemetry
+    from process_manager.demo import run_demo
+
+    s = settings()
+    telemetry.configure_logging("console" if verbose else s.log_format,
+                                s.log_level if verbose else "error")
+    ok = run_async(lambda: run_demo(s, sagas, Console(), seed=seed))
+    if not ok:
+        sys.exit(EXIT_FAILED)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="sagabus", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("sagabus: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        msg = e.format_message().replace("\n", " ")
+        if isinstance(e, click.UsageError) and e.ctx is not None and e.ctx.command_path:
+            msg = f"{e.ctx.command_path}: {msg}"
+        click.echo(f"sagabus: error: {msg}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

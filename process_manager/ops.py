@@ -1,0 +1,136 @@
+"""Operator queries and actions on sagas, shared by the CLI, the demo and the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aio_pika
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from messaging.topology import COMMANDS_EXCHANGE, START_ROUTING_KEY
+from process_manager import store
+from process_manager.saga import TERMINAL
+from schemas.checkout import StartCheckout, saga_id_for_order
+
+
+def start_message(
+    cmd: StartCheckout, *, message_id: uuid.UUID | None = None, traceparent: str | None = None
+) -> aio_pika.Message:
+    """What any AMQP client sends to start a saga (see the README's contract)."""
+    headers: dict[str, Any] = {}
+    if traceparent:
+        headers["traceparent"] = traceparent
+    return aio_pika.Message(
+        body=cmd.model_dump_json().encode(),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=str(message_id or uuid.uuid4()),
+        type=StartCheckout.TYPE,
+        timestamp=datetime.now(UTC),
+        headers=headers,
+    )
+
+
+async def publish_starts(
+    amqp_url: str, messages: list[aio_pika.Message], *, routing_key: str = START_ROUTING_KEY
+) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await channel.get_exchange(COMMANDS_EXCHANGE, ensure=True)
+        for i in range(0, len(messages), 100):
+            batch = messages[i : i + 100]
+            await asyncio.gather(*(exchange.publish(m, routing_key=routing_key) for m in batch))
+
+
+def _saga_json(row: Any) -> dict[str, Any]:
+    state = row.state
+    return {
+        "saga_id": str(row.saga_id),
+        "order_id": row.order_id,
+        "state": row.status,
+        "terminal": row.status in {s.value for s in TERMINAL},
+        "current_step": state.get("awaiting"),
+        "attempt": state.get("attempt"),
+        "seq": row.seq,
+        "version": row.version,
+        "definition_version": row.definition_version,
+        "completed_steps": state.get("completed", []),
+        "compensated_steps": state.get("compensated", []),
+        "failure_reason": row.failure_reason,
+        "deadline_at": row.deadline_at.isoformat() if row.deadline_at else None,
+        "started_at": row.started_at.isoformat(),
+        "updated_at": row.updated_at.isoformat(),
+        "finished_at": row.finished_at.isoformat() if row.finished_at else None,
+        "trace_id": row.traceparent.split("-")[1] if row.traceparent else None,
+    }
+
+
+async def saga_status(engine: AsyncEngine, key: str) -> dict[str, Any] | None:
+    """Status by saga id or by order id."""
+    try:
+        saga_id = uuid.UUID(key)
+    except ValueError:
+        saga_id = saga_id_for_order(key)
+    async with engine.connect() as conn:
+        row = (await conn.execute(select(store.sagas).where(store.sagas.c.saga_id == saga_id))).first()
+        if row is None:
+            return None
+        h = store.history
+        events = (
+            await conn.execute(select(h).where(h.c.saga_id == saga_id).order_by(h.c.id))
+        ).all()
+    out = _saga_json(row)
+    out["outcome"] = {
+        "COMPLETED": "completed",
+        "COMPENSATED": "compensated",
+        "FAILED_NEEDS_MANUAL": "needs_manual",
+    }.get(row.status)
+    out["history"] = [
+        {
+            "at": e.at.isoformat(),
+            "seq": e.seq,
+            "message_type": e.message_type,
+            "message_id": str(e.message_id) if e.message_id else None,
+            "from": e.from_status,
+            "to": e.to_status,
+            "outcome": e.outcome,
+            "note": e.note,
+        }
+        for e in events
+    ]
+    return out
+
+
+async def list_sagas(
+    engine: AsyncEngine,
+    *,
+    state: str | None = None,
+    older_than: timedelta | None = None,
+    stuck: bool = False,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    t = store.sagas
+    stmt = select(t).order_by(t.c.updated_at.desc()).limit(limit)
+    if state:
+        stmt = stmt.where(t.c.status == state)
+    if older_than is not None:
+        stmt = stmt.where(t.c.updated_at < datetime.now(UTC) - older_than)
+    if stuck:
+        stmt = stmt.where(t.c.status.not_in([s.value for s in TERMINAL]))
+    async with engine.connect() as conn:
+        rows = (await conn.execute(stmt)).all()
+    return [_saga_json(r) for r in rows]
+
+
+async def counts_by_status(engine: AsyncEngine, order_prefix: str | None = None) -> dict[str, int]:
+    t = store.sagas
+    stmt = select(t.c.status, func.count()).group_by(t.c.status)
+    if order_prefix:
+        stmt = stmt.where(t.c.order_id.startswith(order_prefix))
+    async with engine.connect() as conn:
+        return {s: n for s, n in (await conn.execute(stmt)).all()}

@@ -1,0 +1,580 @@
+"""The checkout saga as a pure state machine.
+
+Nothing here does I/O, reads a clock, draws random numbers or logs. The caller passes ``now``;
+command ids are derived from the saga id, the step sequence and the attempt, so deciding the same
+thing twice emits the same ids and participants can deduplicate.
+
+Forward steps, in order::
+
+    order -> authorization -> inventory -> shipment -> capture -> completion
+
+Each forward step that leaves an effect has a compensation. When a step fails (a business
+refusal such as ``PaymentDeclined``, or its retries are exhausted with the outcome unknown), the
+completed steps are compensated in reverse order. A step whose outcome is unknown is compensated
+too: its compensation is idempotent and a no-op when there was nothing to undo.
+
+Fencing: every dispatch increments ``seq`` and the command carries it. A reply whose fence or type
+does not match what the saga awaits is recorded as ignored and never applied.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Literal
+
+from schemas.base import Message
+from schemas.checkout import StartCheckout, saga_id_for_order
+from schemas.inventory import (
+    InventoryReleased,
+    InventoryReserved,
+    InventoryUnavailable,
+    ReleaseInventory,
+    ReserveInventory,
+)
+from schemas.order import (
+    CancelOrder,
+    CompleteOrder,
+    CreateOrder,
+    OrderCancelled,
+    OrderCompleted,
+    OrderCreated,
+)
+from schemas.payment import (
+    AuthorizationVoided,
+    AuthorizePayment,
+    CapturePayment,
+    PaymentAuthorized,
+    PaymentCaptured,
+    PaymentCaptureFailed,
+    PaymentDeclined,
+    PaymentRefunded,
+    PaymentRefundFailed,
+    RefundPayment,
+    VoidAuthorization,
+)
+from schemas.shipping import (
+    CancelShipment,
+    CreateShipment,
+    ShipmentCancelled,
+    ShipmentCreated,
+    ShipmentFailed,
+)
+
+DEFINITION_VERSION = "checkout.v1"
+
+class SagaStatus(enum.StrEnum):
+    PENDING_ORDER = "PENDING_ORDER"
+    PENDING_PAYMENT = "PENDING_PAYMENT"
+    PENDING_INVENTORY = "PENDING_INVENTORY"
+    PENDING_SHIPMENT = "PENDING_SHIPMENT"
+    PENDING_CAPTURE = "PENDING_CAPTURE"
+    COMPLETING = "COMPLETING"
+    COMPENSATING = "COMPENSATING"
+    COMPLETED = "COMPLETED"
+    COMPENSATED = "COMPENSATED"
+    FAILED_NEEDS_MANUAL = "FAILED_NEEDS_MANUAL"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED_NEEDS_MANUAL})
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One step of the definition: the command it sends and the replies that settle it."""
+
+    name: str
+    participant: str
+    build: Callable[[StartCheckout], Message]
+    success: tuple[type[Message], ...]
+    failure: tuple[type[Message], ...] = ()
+    compensation: str | None = None
+    #: status while this step is awaited (forward steps only)
+    status: SagaStatus = SagaStatus.COMPENSATING
+
+
+FORWARD: tuple[StepSpec, ...] = (
+    StepSpec(
+        "order",
+        "order",
+        lambda c: CreateOrder(
+            order_id=c.order_id,
+            customer_id=c.customer_id,
+            amount_minor=c.amount_minor,
+            currency=c.currency,
+        ),
+        success=(OrderCreated,),
+        compensation="cancel_order",
+        status=SagaStatus.PENDING_ORDER,
+    ),
+    StepSpec(
+        "authorization",
+        "payment",
+        lambda c: AuthorizePayment(
+            order_id=c.order_id,
+            amount_minor=c.amount_minor,
+            currency=c.currency,
+            payment_token=c.payment_token,
+        ),
+        success=(PaymentAuthorized,),
+        failure=(PaymentDeclined,),
+        compensation="void_authorization",
+        status=SagaStatus.PENDING_PAYMENT,
+    ),
+    StepSpec(
+        "inventory",
+        "inventory",
+        lambda c: ReserveInventory(order_id=c.order_id, items=c.items),
+        success=(InventoryReserved,),
+        failure=(InventoryUnavailable,),
+        compensation="release_inventory",
+        status=SagaStatus.PENDING_INVENTORY,
+    ),
+    StepSpec(
+        "shipment",
+        "shipping",
+        lambda c: CreateShipment(
+            order_id=c.order_id, items=c.items, shipping_address=c.shipping_address
+        ),
+        success=(ShipmentCreated,),
+        failure=(ShipmentFailed,),
+        compensation="cancel_shipment",
+        status=SagaStatus.PENDING_SHIPMENT,
+    ),
+    StepSpec(
+        "capture",
+        "payment",
+        lambda c: CapturePayment(
+            order_id=c.order_id, amount_minor=c.amount_minor, currency=c.currency
+        ),
+        success=(PaymentCaptured,),
+        failure=(PaymentCaptureFailed,),
+        compensation="refund_payment",
+        status=SagaStatus.PENDING_CAPTURE,
+    ),
+    StepSpec(
+        "completion",
+        "order",
+        lambda c: CompleteOrder(order_id=c.order_id),
+        success=(OrderCompleted,),
+        status=SagaStatus.COMPLETING,
+    ),
+)
+
+COMPENSATIONS: dict[str, StepSpec] = {
+    s.name: s
+    for s in (
+        StepSpec(
+            "cancel_order",
+            "order",
+            lambda c: CancelOrder(order_id=c.order_id, reason="checkout compensated"),
+            success=(OrderCancelled,),
+        ),
+        StepSpec(
+            "void_authorization",
+            "payment",
+            lambda c: VoidAuthorization(order_id=c.order_id),
+            success=(AuthorizationVoided,),
+        ),
+        StepSpec(
+            "release_inventory",
+            "inventory",
+            lambda c: ReleaseInventory(order_id=c.order_id),
+            success=(InventoryReleased,),
+        ),
+        StepSpec(
+            "cancel_shipment",
+            "shipping",
+            lambda c: CancelShipment(order_id=c.order_id),
+            success=(ShipmentCancelled,),
+        ),
+        StepSpec(
+            "refund_payment",
+            "payment",
+            lambda c: RefundPayment(
+                order_id=c.order_id, amount_minor=c.amount_minor, currency=c.currency
+            ),
+            success=(PaymentRefunded,),
+            failure=(PaymentRefundFailed,),
+        ),
+    )
+}
+
+FORWARD_BY_NAME: dict[str, StepSpec] = {s.name: s for s in FORWARD}
+STEPS: dict[str, StepSpec] = {**FORWARD_BY_NAME, **COMPENSATIONS}
+#: which forward step a compensation undoes (for late-success handling)
+COMPENSATION_OF: dict[str, str] = {s.compensation: s.name for s in FORWARD if s.compensation}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Timeouts and bounds. Part of the definition, passed in so tests can vary them."""
+
+    step_timeout: timedelta = timedelta(seconds=30)
+    #: sends of one forward step (first send included) before its outcome counts as failed
+    max_step_attempts: int = 3
+    compensation_timeout: timedelta = timedelta(seconds=30)
+    #: sends of one compensation before the saga needs a human
+    max_compensation_attempts: int = 5
+
+
+@dataclass(frozen=True)
+class SagaState:
+    saga_id: uuid.UUID
+    checkout: StartCheckout
+    status: SagaStatus
+    #: fencing number: incremented on every new dispatch (not on a re-send of the same step)
+    seq: int
+    #: forward steps that succeeded, in order
+    completed: tuple[str, ...] = ()
+    #: the step currently awaited (a forward step or a compensation), if any
+    awaiting: str | None = None
+    attempt: int = 0
+    deadline: datetime | None = None
+    #: compensations still to run after the awaited one, in order
+    compensation_plan: tuple[str, ...] = ()
+    #: compensations that finished
+    compensated: tuple[str, ...] = ()
+    failure_reason: str | None = None
+    started_at: datetime | None = None
+    definition_version: str = DEFINITION_VERSION
+
+    @property
+    def order_id(self) -> str:
+        return self.checkout.order_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass(frozen=True)
+class Start:
+    command: StartCheckout
+    message_id: uuid.UUID
+
+
+@dataclass(frozen=True)
+class Reply:
+    body: Message
+    fence: int
+    message_id: uuid.UUID
+
+
+@dataclass(frozen=True)
+class Timeout:
+    """The deadline for the awaited step passed. ``seq`` is the fence the deadline was set for."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class ForceCompensate:
+    """An operator asks to compensate a saga that is not terminal."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Resume:
+    """An operator asks to re-send the awaited step now (same idempotency key)."""
+
+
+Input = Start | Reply | Timeout | ForceCompensate | Resume
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+@dataclass(frozen=True)
+class Command:
+    message_id: uuid.UUID
+    participant: str
+    step: str
+    attempt: int
+    fence: int
+    idempotency_key: str
+    body: Message
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: SagaState | None
+    commands: tuple[Command, ...] = ()
+    outcome: Literal["applied", "ignored"] = "applied"
+    #: a short, stable description for the history (why ignored, what happened)
+    note: str = ""
+    #: for metrics and logs: which transition happened
+    transition: tuple[str | None, str | None] = field(default=(None, None))
+
+
+class InvalidTransition(Exception):
+    """A message that can never apply to this saga (for example a reply for a saga that does not
+    exist). The runner dead-letters it with this reason."""
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def command_id(saga_id: uuid.UUID, step: str, seq: int, attempt: int) -> uuid.UUID:
+    return uuid.uuid5(saga_id, f"{seq}:{step}:{attempt}")
+
+
+def idempotency_key(saga_id: uuid.UUID, step: str) -> str:
+    return f"{saga_id}:{step}"
+
+
+def _dispatch(
+    state: SagaState, step: str, *, now: datetime, policy: Policy, new_seq: bool
+) -> tuple[SagaState, Command]:
+    spec = STEPS[step]
+    seq = state.seq + 1 if new_seq else state.seq
+    attempt = 1 if new_seq else state.attempt + 1
+    forward = step in FORWARD_BY_NAME
+    timeout = policy.step_timeout if forward else policy.compensation_timeout
+    new_state = replace(
+        state,
+        seq=seq,
+        awaiting=step,
+        attempt=attempt,
+        deadline=now + timeout,
+        status=spec.status if forward else SagaStatus.COMPENSATING,
+    )
+    cmd = Command(
+        message_id=command_id(state.saga_id, step, seq, attempt),
+        participant=spec.participant,
+        step=step,
+        attempt=attempt,
+        fence=seq,
+        idempotency_key=idempotency_key(state.saga_id, step),
+        body=spec.build(state.checkout),
+    )
+    return new_state, cmd
+
+
+def compensation_plan(completed: tuple[str, ...], unknown: str | None = None) -> tuple[str, ...]:
+    """Compensations for ``completed`` (and a step whose outcome is unknown), newest first.
+
+    Payment ladder: a captured payment is refunded, and then there is no authorization to void.
+    """
+    steps = list(completed)
+    if unknown is not None and unknown not in steps:
+        steps.append(unknown)
+    plan: list[str] = []
+    for name in reversed(steps):
+        comp = FORWARD_BY_NAME[name].compensation
+        if comp is None:
+            continue
+        if comp == "void_authorization" and "capture" in completed:
+            continue
+        plan.append(comp)
+    return tuple(plan)
+
+
+def _begin_compensation(
+    state: SagaState, reason: str, *, unknown: str | None, now: datetime, policy: Policy
+) -> tuple[SagaState, tuple[Command, ...]]:
+    plan = compensation_plan(state.completed, unknown)
+    state = replace(state, failure_reason=reason, compensation_plan=plan, compensated=())
+    return _next_compensation(state, now=now, policy=policy)
+
+
+def _next_compensation(
+    state: SagaState, *, now: datetime, policy: Policy
+) -> tuple[SagaState, tuple[Command, ...]]:
+    if not state.compensation_plan:
+        return (
+            replace(state, status=SagaStatus.COMPENSATED, awaiting=None, deadline=None, attempt=0),
+            (),
+        )
+    step, rest = state.compensation_plan[0], state.compensation_plan[1:]
+    state = replace(state, compensation_plan=rest)
+    state, cmd = _dispatch(state, step, now=now, policy=policy, new_seq=True)
+    return state, (cmd,)
+
+
+def _next_forward(
+    state: SagaState, *, now: datetime, policy: Policy
+) -> tuple[SagaState, tuple[Command, ...]]:
+    done = len(state.completed)
+    if done == len(FORWARD):
+        return (
+            replace(state, status=SagaStatus.COMPLETED, awaiting=None, deadline=None, attempt=0),
+            (),
+        )
+    state, cmd = _dispatch(state, FORWARD[done].name, now=now, policy=policy, new_seq=True)
+    return state, (cmd,)
+
+
+def start(message: Start, *, now: datetime, policy: Policy) -> Decision:
+    cmd = message.command
+    state = SagaState(
+        saga_id=saga_id_for_order(cmd.order_id),
+        checkout=cmd,
+        status=SagaStatus.PENDING_ORDER,
+        seq=0,
+        started_at=now,
+    )
+    state, cmds = _next_forward(state, now=now, policy=policy)
+    return Decision(state, cmds, note="started", transition=(None, state.status))
+
+
+def decide(state: SagaState | None, message: Input, *, now: datetime, policy: Policy) -> Decision:
+    """Decide what ``message`` does to ``state``. Pure: same inputs, same decision."""
+    if isinstance(message, Start):
+        if state is not None:
+            return Decision(state, outcome="ignored", note="duplicate StartCheckout")
+        return start(message, now=now, policy=policy)
+    if state is None:
+        raise InvalidTransition(f"{type(message).__name__} for a saga that does not exist")
+    before = state.status
+    if isinstance(message, Reply):
+        d = _on_reply(state, message, now=now, policy=policy)
+    elif isinstance(message, Timeout):
+        d = _on_timeout(state, message, now=now, policy=policy)
+    elif isinstance(message, ForceCompensate):
+        d = _on_force_compensate(state, message, now=now, policy=policy)
+    else:
+        d = _on_resume(state, now=now, policy=policy)
+    after = d.state.status if d.state is not None else None
+    return replace(d, transition=(before, after))
+
+
+def _on_reply(state: SagaState, reply: Reply, *, now: datetime, policy: Policy) -> Decision:
+    body = reply.body
+    kind = type(body)
+    awaited = STEPS[state.awaiting] if state.awaiting else None
+    name = kind.__name__
+
+    if awaited is None or reply.fence != state.seq or kind not in awaited.success + awaited.failure:
+        # Not for the step we wait on. A late *success* of a forward step that we are undoing, or
+        # have undone, left an effect that must be compensated again; never revive the saga.
+        late_step = _forward_step_succeeded_by(kind)
+        if (
+            late_step is not None
+            and late_step not in state.completed
+            and (state.status is SagaStatus.COMPENSATING or state.status.terminal)
+            and state.status is not SagaStatus.COMPLETED
+        ):
+            comp = FORWARD_BY_NAME[late_step].compensation
+            if comp is not None:
+                spec = COMPENSATIONS[comp]
+                cmd = Command(
+                    message_id=uuid.uuid5(state.saga_id, f"late:{comp}:{reply.message_id}"),
+                    participant=spec.participant,
+                    step=comp,
+                    attempt=1,
+                    fence=reply.fence,
+                    idempotency_key=idempotency_key(state.saga_id, comp),
+                    body=spec.build(state.checkout),
+                )
+                return Decision(
+                    state,
+                    (cmd,),
+                    outcome="ignored",
+                    note=f"late {name} (fence {reply.fence}) after compensation: sent {comp}",
+                )
+        why = (
+            "saga is not waiting for a reply"
+            if awaited is None
+            else f"stale fence {reply.fence} (current {state.seq})"
+            if reply.fence != state.seq
+            else f"unexpected {name} while awaiting {awaited.name}"
+        )
+        return Decision(state, outcome="ignored", note=f"{name} ignored: {why}")
+
+    forward = awaited.name in FORWARD_BY_NAME
+    if forward and kind in awaited.success:
+        state = replace(state, completed=(*state.completed, awaited.name))
+        state, cmds = _next_forward(state, now=now, policy=policy)
+        return Decision(state, cmds, note=f"{awaited.name} succeeded")
+    if forward:
+        reason = f"{awaited.name} failed: {name}" + _reason_suffix(body)
+        state, cmds = _begin_compensation(state, reason, unknown=None, now=now, policy=policy)
+        return Decision(state, cmds, note=reason)
+    # a compensation settled
+    if kind in awaited.success:
+        state = replace(state, compensated=(*state.compensated, awaited.name))
+        state, cmds = _next_compensation(state, now=now, policy=policy)
+        return Decision(state, cmds, note=f"{awaited.name} done")
+    reason = f"{awaited.name} failed: {name}" + _reason_suffix(body)
+    return _needs_manual(state, reason)
+
+
+def _reason_suffix(body: Message) -> str:
+    reason = getattr(body, "reason", None)
+    return f" ({reason})" if reason else ""
+
+
+def _forward_step_succeeded_by(kind: type[Message]) -> str | None:
+    for spec in FORWARD:
+        if kind in spec.success:
+            return spec.name
+    return None
+
+
+def _needs_manual(state: SagaState, reason: str) -> Decision:
+    reason = (
+        f"{state.failure_reason}; then {reason}"
+        if state.failure_reason and state.failure_reason != reason
+        else reason
+    )
+    state = replace(
+        state,
+        status=SagaStatus.FAILED_NEEDS_MANUAL,
+        awaiting=None,
+        deadline=None,
+        failure_reason=reason,
+    )
+    return Decision(state, note=f"needs manual: {reason}")
+
+
+def _on_timeout(state: SagaState, timeout: Timeout, *, now: datetime, policy: Policy) -> Decision:
+    if state.awaiting is None or timeout.seq != state.seq:
+        return Decision(state, outcome="ignored", note=f"stale timeout for fence {timeout.seq}")
+    step = state.awaiting
+    forward = step in FORWARD_BY_NAME
+    limit = policy.max_step_attempts if forward else policy.max_compensation_attempts
+    if state.attempt < limit:
+        # The outcome is unknown, not failed: send the same command again, same key.
+        state, cmd = _dispatch(state, step, now=now, policy=policy, new_seq=False)
+        return Decision(state, (cmd,), note=f"{step} timed out: re-sent as attempt {state.attempt}")
+    if forward:
+        reason = f"{step} timed out after {state.attempt} attempts"
+        state, cmds = _begin_compensation(state, reason, unknown=step, now=now, policy=policy)
+        return Decision(state, cmds, note=reason)
+    return _needs_manual(state, f"{step} timed out after {state.attempt} attempts")
+
+
+def _on_force_compensate(
+    state: SagaState, msg: ForceCompensate, *, now: datetime, policy: Policy
+) -> Decision:
+    if state.status.terminal:
+        return Decision(state, outcome="ignored", note=f"already {state.status}")
+    if state.status is SagaStatus.COMPENSATING:
+        return Decision(state, outcome="ignored", note="already compensating")
+    reason = f"operator: {msg.reason}"
+    state, cmds = _begin_compensation(state, reason, unknown=state.awaiting, now=now, policy=policy)
+    return Decision(state, cmds, note=reason)
+
+
+def _on_resume(state: SagaState, *, now: datetime, policy: Policy) -> Decision:
+    if state.status is SagaStatus.FAILED_NEEDS_MANUAL:
+        # An operator fixed the cause: retry compensating from where it stopped.
+        plan = compensation_plan(state.completed)
+        remaining = tuple(s for s in plan if s not in state.compensated)
+        state = replace(state, compensation_plan=remaining)
+        state, cmds = _next_compensation(state, now=now, policy=policy)
+        return Decision(state, cmds, note="operator resumed compensation")
+    if state.status.terminal or state.awaiting is None:
+        return Decision(state, outcome="ignored", note=f"nothing to resume in {state.status}")
+    state, cmd = _dispatch(state, state.awaiting, now=now, policy=policy, new_seq=False)
+    return Decision(state, (cmd,), note=f"operator re-sent {state.awaiting}")

@@ -1,0 +1,245 @@
+"""The process manager service: the I/O shell around the pure saga core.
+
+Per message, in the consumer's one transaction: the inbox row is already claimed; load the saga
+with its version, decide, save (optimistic concurrency: a conflict is retried by the consumer),
+append a history row, write the commands to the outbox. A background loop fires due deadlines
+the same way, claiming saga rows with ``FOR UPDATE SKIP LOCKED``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from opentelemetry import trace
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from messaging import telemetry
+from messaging.consumer import Context
+from messaging.errors import PermanentError
+from messaging.outbox import OutgoingMessage
+from messaging.service import ServiceContext, ServiceDefinition
+from messaging.settings import Settings
+from messaging.topology import command_route
+from process_manager import store
+from process_manager.saga import (
+    TERMINAL,
+    Command,
+    Decision,
+    InvalidTransition,
+    Policy,
+    Reply,
+    SagaState,
+    Start,
+    Timeout,
+    decide,
+)
+from schemas.checkout import StartCheckout
+from schemas.envelope import Envelope
+from schemas.registry import REGISTRY
+
+log = structlog.get_logger("sagabus.process_manager")
+
+SERVICE = "process-manager"
+
+
+def policy_from(settings: Settings) -> Policy:
+    return Policy(
+        step_timeout=timedelta(seconds=settings.step_timeout_s),
+        max_step_attempts=settings.max_step_attempts,
+        compensation_timeout=timedelta(seconds=settings.compensation_timeout_s),
+        max_compensation_attempts=settings.max_compensation_attempts,
+    )
+
+
+def outgoing(
+    cmd: Command,
+    state: SagaState,
+    *,
+    correlation_id: uuid.UUID,
+    causation_id: uuid.UUID | None,
+    now: datetime,
+) -> OutgoingMessage:
+    carrier = telemetry.inject()
+    exchange, key = command_route(cmd.participant, cmd.body.TYPE)
+    env = Envelope(
+        message_id=cmd.message_id,
+        type=cmd.body.TYPE,
+        saga_id=state.saga_id,
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+        idempotency_key=cmd.idempotency_key,
+        step=cmd.step,
+        attempt=cmd.attempt,
+        fence=cmd.fence,
+        occurred_at=now,
+        traceparent=carrier.get("traceparent"),
+        tracestate=carrier.get("tracestate"),
+    )
+    return OutgoingMessage(env, cmd.body, exchange, key)
+
+
+def _observe(decision: Decision, state: SagaState) -> None:
+    span = trace.get_current_span()
+    before, after = decision.transition
+    span.set_attribute("sagabus.saga.id", str(state.saga_id))
+    span.set_attribute("sagabus.saga.outcome", decision.outcome)
+    if before != after:
+        span.set_attribute("sagabus.saga.transition", f"{before}->{after}")
+    for cmd in decision.commands:
+        span.add_event("command_decided", {"sagabus.saga.step": cmd.step, "attempt": cmd.attempt})
+    log.info(
+        "saga_transitioned" if decision.outcome == "applied" else "saga_message_ignored",
+        saga_id=str(state.saga_id),
+        from_status=str(before) if before else None,
+        to_status=str(after) if after else None,
+        note=decision.note,
+        commands=[c.body.TYPE for c in decision.commands],
+    )
+
+
+def make_handlers(policy: Policy) -> dict[str, object]:
+    async def on_start(ctx: Context) -> None:
+        env = ctx.envelope
+        assert isinstance(ctx.incoming.body, StartCheckout)
+        decision = decide(None, Start(ctx.incoming.body, env.message_id), now=ctx.now, policy=policy)
+        assert decision.state is not None
+        state = decision.state
+        inserted = await store.insert_new(
+            ctx.conn,
+            state,
+            correlation_id=env.correlation_id,
+            traceparent=telemetry.inject().get("traceparent"),
+            now=ctx.now,
+        )
+        if not inserted:
+            existing = await store.load(ctx.conn, state.saga_id)
+            dup = Decision(
+                existing.state if existing else None,
+                outcome="ignored",
+                note="duplicate StartCheckout: saga exists for this order",
+            )
+            await store.record(
+                ctx.conn,
+                state.saga_id,
+                dup,
+                seq=existing.state.seq if existing else 0,
+                message_id=env.message_id,
+                message_type=env.type,
+            )
+            log.info("saga_start_duplicate", saga_id=str(state.saga_id), order_id=state.order_id)
+            return
+        await store.record(
+            ctx.conn, state.saga_id, decision, seq=state.seq, message_id=env.message_id,
+            message_type=env.type,
+        )
+        ctx.outgoing.extend(
+            outgoing(c, state, correlation_id=env.correlation_id, causation_id=env.message_id,
+                     now=ctx.now)
+            for c in decision.commands
+        )
+        _observe(decision, state)
+
+    async def on_reply(ctx: Context) -> None:
+        env = ctx.envelope
+        loaded = await store.load(ctx.conn, env.saga_id)
+        if loaded is None:
+            raise PermanentError(f"{env.type} for unknown saga {env.saga_id}")
+        try:
+            decision = decide(
+                loaded.state,
+                Reply(ctx.incoming.body, fence=env.fence, message_id=env.message_id),
+                now=ctx.now,
+                policy=policy,
+            )
+        except InvalidTransition as e:
+            raise PermanentError(str(e)) from None
+        await _apply(ctx.conn, loaded, decision, ctx.outgoing, message_id=env.message_id,
+                     message_type=env.type, causation_id=env.message_id, now=ctx.now)
+
+    handlers: dict[str, object] = {StartCheckout.TYPE: on_start}
+    for type_name, model in REGISTRY.items():
+        if model.KIND in ("reply", "fact"):
+            handlers[type_name] = on_reply
+    return handlers
+
+
+async def _apply(
+    conn: AsyncConnection,
+    loaded: store.Loaded,
+    decision: Decision,
+    out: list[OutgoingMessage],
+    *,
+    message_id: uuid.UUID | None,
+    message_type: str,
+    causation_id: uuid.UUID | None,
+    now: datetime,
+) -> None:
+    state = decision.state or loaded.state
+    if decision.state is not None and decision.state != loaded.state:
+        await store.save(conn, loaded, decision.state, now)
+    await store.record(conn, state.saga_id, decision, seq=state.seq, message_id=message_id,
+                       message_type=message_type)
+    out.extend(
+        outgoing(c, state, correlation_id=loaded.correlation_id, causation_id=causation_id, now=now)
+        for c in decision.commands
+    )
+    _observe(decision, state)
+
+
+async def fire_due_timeouts(sctx: ServiceContext, policy: Policy, *, limit: int = 50) -> int:
+    """Apply ``Timeout`` to every saga whose deadline passed. Safe with several instances."""
+    now = datetime.now(UTC)
+    t = store.sagas
+    fired = 0
+    async with sctx.engine.begin() as conn:
+        rows = (
+            await conn.execute(
+                select(t.c.saga_id)
+                .where(t.c.deadline_at <= now, t.c.status.not_in([s.value for s in TERMINAL]))
+                .order_by(t.c.deadline_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+        ).all()
+        out: list[OutgoingMessage] = []
+        for (saga_id,) in rows:
+            loaded = await store.load(conn, saga_id)
+            assert loaded is not None
+            parent = telemetry.extract({"traceparent": loaded.traceparent or ""})
+            with sctx.tracer.start_as_current_span(
+                "saga timeout", context=parent, kind=trace.SpanKind.INTERNAL,
+                attributes={"sagabus.saga.id": str(saga_id),
+                            "sagabus.saga.step": loaded.state.awaiting or ""},
+            ):
+                decision = decide(loaded.state, Timeout(loaded.state.seq), now=now, policy=policy)
+                await _apply(conn, loaded, decision, out, message_id=None,
+                             message_type="sagabus.Timeout", causation_id=None, now=now)
+            fired += 1
+        await sctx.outbox.write(conn, out)
+    if out:
+        sctx.outbox.committed()
+    return fired
+
+
+def definition(settings: Settings) -> ServiceDefinition:
+    policy = policy_from(settings)
+
+    async def timeouts(sctx: ServiceContext) -> None:
+        while not sctx.stop.is_set():
+            fired = await fire_due_timeouts(sctx, policy)
+            if fired == 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(sctx.stop.wait(), settings.timeout_poll_s)
+
+    return ServiceDefinition(
+        name=SERVICE,
+        schema=store.SCHEMA,
+        metadata=store.metadata,
+        handlers=make_handlers(policy),  # type: ignore[arg-type]
+        background=(timeouts,),
+    )
