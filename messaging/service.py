@@ -19,8 +19,9 @@ from opentelemetry import trace
 from sqlalchemy import MetaData, Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from messaging import telemetry, topology
+from messaging import deadletters, telemetry, topology
 from messaging.consumer import Consumer, Handler
+from messaging.deadletters import Collector
 from messaging.db import create_schema, inbox_table, make_engine, outbox_table
 from messaging.outbox import Outbox, Relay
 from messaging.publisher import Publisher
@@ -73,8 +74,11 @@ class Runtime:
         settings: Settings,
         *,
         engine: AsyncEngine | None = None,
+        dead_letters: bool = False,
     ) -> None:
         self.definitions = list(definitions)
+        self.collect_dead_letters = dead_letters
+        self.collector: Collector | None = None
         self.settings = settings
         self._own_engine = engine is None
         self.engine = engine or make_engine(settings)
@@ -87,12 +91,21 @@ class Runtime:
 
     async def start(self) -> None:
         await migrate(self.definitions, self.engine)
+        if self.collect_dead_letters:
+            await create_schema(self.engine, deadletters.SCHEMA, deadletters.metadata)
         self.connection = await aio_pika.connect_robust(self.settings.amqp_url)
         declare_channel = await self.connection.channel()
         await topology.declare(
-            declare_channel, self.settings, tuple(d.name for d in self.definitions)
+            declare_channel,
+            self.settings,
+            topology.SERVICES
+            if self.collect_dead_letters
+            else tuple(d.name for d in self.definitions),
         )
         await declare_channel.close()
+        if self.collect_dead_letters:
+            self.collector = Collector(self.engine, telemetry.tracer(deadletters.SERVICE))
+            await self.collector.start(self.connection, topology.SERVICES)
         for d in self.definitions:
             tracer = telemetry.tracer(d.name)
             publisher = await Publisher.open(self.connection)

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     compensation_timeout_s: float = Field(default=30.0, gt=0)
     max_compensation_attempts: int = Field(default=5, ge=1)
     timeout_poll_s: float = Field(default=0.5, gt=0)
+    #: a saga alive longer than this is moved to FAILED_NEEDS_MANUAL by the sweeper
+    saga_ttl_s: float = Field(default=3600.0, gt=0)
+    sweeper_interval_s: float = Field(default=30.0, gt=0)
 
     #: shipping: the simulated carrier
     carrier_failure_rate: float = Field(default=0.0, ge=0, le=1)

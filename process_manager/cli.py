@@ -138,7 +138,7 @@ def migrate() -> None:
 
 
 SERVICE_CHOICES = ["all", "process-manager", "order", "payment", "inventory", "shipping",
-                   "notification", "analytics"]
+                   "notification", "analytics", "dead-letters"]
 
 
 @cli.command()
@@ -148,8 +148,9 @@ def run(services: tuple[str, ...]) -> None:
     from messaging import telemetry
 
     s = settings()
-    names = None if "all" in services else list(dict.fromkeys(services))
-    if names and len(names) == 1:
+    collect = "all" in services or "dead-letters" in services
+    names = None if "all" in services else [n for n in dict.fromkeys(services) if n != "dead-letters"]
+    if names is not None and len(services) == 1:
         os.environ.setdefault("SAGABUS_SINGLE_SERVICE", "1")
     telemetry.configure_logging(s.log_format, s.log_level)
 
@@ -159,7 +160,8 @@ def run(services: tuple[str, ...]) -> None:
         from process_manager import bootstrap
 
         await ensure_database(s)
-        runtime = Runtime(bootstrap.definitions(s, names), s)
+        defs = bootstrap.definitions(s, names) if names is None or names else []
+        runtime = Runtime(defs, s, dead_letters=collect)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -386,6 +388,252 @@ def inventory_show(as_json: bool) -> None:
     else:
         for r in rows:
             click.echo(f"{r['sku']}\t{r['available']}")
+
+
+def _saga_id(value: str) -> uuid.UUID:
+    from schemas.checkout import saga_id_for_order
+
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return saga_id_for_order(value)
+
+
+def _operator(saga: str, action: Any) -> None:
+    from process_manager.service import operator_action
+
+    s = settings()
+    decision = _with_engine(lambda e: operator_action(e, s, _saga_id(saga), action))
+    if decision is None:
+        raise Failed(f"no saga {saga!r}")
+    if decision.outcome == "ignored":
+        raise Failed(f"nothing done: {decision.note}")
+    assert decision.state is not None
+    click.echo(f"saga {decision.state.saga_id}: {decision.note}; now {decision.state.status}"
+               + (f", sent {', '.join(c.body.TYPE for c in decision.commands)}"
+                  if decision.commands else ""))
+
+
+@cli.command()
+@click.argument("saga")
+def resume(saga: str) -> None:
+    """Re-send a stuck saga's awaited step (same idempotency key), or retry the compensation of a
+    saga that needs manual attention. The process manager's relay publishes the command."""
+    from process_manager.saga import Resume
+
+    _operator(saga, Resume())
+
+
+@cli.command()
+@click.argument("saga")
+@click.option("--reason", default="forced by operator", show_default=True)
+def compensate(saga: str, reason: str) -> None:
+    """Force a saga that is not terminal to compensate what it has done."""
+    from process_manager.saga import ForceCompensate
+
+    _operator(saga, ForceCompensate(reason))
+
+
+@cli.command()
+@click.option("--all", "show_all", is_flag=True, help="Include resolved cases.")
+@click.option("--json", "as_json", is_flag=True)
+def cases(show_all: bool, as_json: bool) -> None:
+    """Manual cases: sagas that could not finish or compensate on their own."""
+    from sqlalchemy import select
+
+    from process_manager import store
+
+    async def go(engine: Any) -> list[dict[str, Any]]:
+        t = store.manual_cases
+        stmt = select(t).order_by(t.c.opened_at.desc())
+        if not show_all:
+            stmt = stmt.where(t.c.resolved_at.is_(None))
+        async with engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [{"saga_id": str(r.saga_id), "order_id": r.order_id, "reason": r.reason,
+                 "opened_at": r.opened_at.isoformat(),
+                 "resolved_at": r.resolved_at.isoformat() if r.resolved_at else None,
+                 "resolution": r.resolution} for r in rows]
+
+    rows = _with_engine(go)
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("saga", "order", "opened", "reason", "resolved")
+    for r in rows:
+        table.add_row(r["saga_id"], r["order_id"], r["opened_at"][:19], r["reason"],
+                      (r["resolved_at"] or "")[:19])
+    Console().print(table)
+
+
+# -- dead letters ---------------------------------------------------------------------------
+
+
+@cli.group()
+def dlq() -> None:
+    """Inspect, group, replay and purge dead letters (collected into PostgreSQL)."""
+
+
+def _filters(ids: tuple[str, ...] = (), queue: str | None = None, type_: str | None = None,
+             saga: str | None = None, error: str | None = None, since: timedelta | None = None,
+             group: str | None = None, status: str | None = "open") -> Any:
+    from messaging.deadletters import Filters
+
+    parsed = []
+    for i in ids:
+        try:
+            parsed.append(uuid.UUID(i))
+        except ValueError:
+            raise click.BadParameter(f"{i!r} is not a dead-letter id (a UUID)") from None
+    return Filters(ids=tuple(parsed), queue=queue, message_type=type_, saga_id=saga, error=error,
+                   since=since, group=group, status=status)
+
+
+def _filter_options(fn: Any) -> Any:
+    for opt in reversed([
+        click.option("--queue", help="Work queue the message failed on, e.g. sagabus.payment."),
+        click.option("--type", "type_", help="Message type, e.g. payment.AuthorizePayment.v1."),
+        click.option("--saga", help="Saga id."),
+        click.option("--error", help="Text in the error class or message."),
+        click.option("--since", type=Duration(), help="Failed within this long, e.g. 1h."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _dlq_engine_call(fn: Callable[[Any], Awaitable[T]]) -> T:
+    async def go(engine: Any) -> T:
+        from messaging import deadletters
+        from messaging.db import create_schema
+
+        await create_schema(engine, deadletters.SCHEMA, deadletters.metadata)
+        return await fn(engine)
+
+    return _with_engine(go)
+
+
+@dlq.command("list")
+@click.argument("ids", nargs=-1)
+@_filter_options
+@click.option("--status", type=click.Choice(["open", "replayed", "purged", "any"]), default="open",
+              show_default=True)
+@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def dlq_list(ids: tuple[str, ...], queue: str | None, type_: str | None, saga: str | None,
+             error: str | None, since: timedelta | None, status: str, limit: int,
+             as_json: bool) -> None:
+    """List dead letters, newest first."""
+    from messaging import deadletters
+
+    f = _filters(ids, queue, type_, saga, error, since, None, None if status == "any" else status)
+    rows = _dlq_engine_call(lambda e: deadletters.list_dead_letters(e, f, limit))
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("id", "failed", "queue", "type", "error", "group", "status")
+    for r in rows:
+        table.add_row(r["id"], r["failed_at"][:19], r["queue"], r["message_type"] or "-",
+                      f"{r['error_class']}: {r['error_message']}"[:70], r["group"], r["status"])
+    Console().print(table)
+
+
+@dlq.command("show")
+@click.argument("dead_letter_id")
+@click.option("--json", "as_json", is_flag=True)
+def dlq_show(dead_letter_id: str, as_json: bool) -> None:
+    """Body, headers, reason and trace id of one dead letter."""
+    from messaging import deadletters
+
+    f = _filters((dead_letter_id,))
+    row = _dlq_engine_call(lambda e: deadletters.show(e, f.ids[0]))
+    if row is None:
+        raise Failed(f"no dead letter {dead_letter_id}")
+    emit_json(row) if as_json else Console().print_json(json.dumps(row, default=str))
+
+
+@dlq.command("groups")
+@_filter_options
+@click.option("--json", "as_json", is_flag=True)
+def dlq_groups(queue: str | None, type_: str | None, saga: str | None, error: str | None,
+               since: timedelta | None, as_json: bool) -> None:
+    """Open dead letters grouped by failure fingerprint (error class, normalised message, queue,
+    type)."""
+    from messaging import deadletters
+
+    f = _filters((), queue, type_, saga, error, since)
+    rows = _dlq_engine_call(lambda e: deadletters.groups(e, f))
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("group", "count", "queue", "type", "error", "last failed")
+    for r in rows:
+        table.add_row(r["group"], str(r["count"]), r["queue"], r["message_type"] or "-",
+                      f"{r['error_class']}: {r['example']}"[:70], r["last_failed_at"][:19])
+    Console().print(table)
+
+
+@dlq.command("replay")
+@click.argument("ids", nargs=-1)
+@_filter_options
+@click.option("--group", help="Failure group (see `sagabus dlq groups`).")
+@click.option("--dry-run", is_flag=True, help="Show what would be replayed.")
+@click.option("--limit", type=click.IntRange(1, 1_000_000), default=1000, show_default=True)
+@click.option("--rate", type=click.FloatRange(min=0.01), default=None, help="At most this many per second.")
+@click.option("--json", "as_json", is_flag=True)
+def dlq_replay(ids: tuple[str, ...], queue: str | None, type_: str | None, saga: str | None,
+               error: str | None, since: timedelta | None, group: str | None, dry_run: bool,
+               limit: int, rate: float | None, as_json: bool) -> None:
+    """Republish dead letters to the queue that failed them, with their original message id."""
+    from messaging import deadletters, telemetry
+    from messaging.publisher import Publisher
+
+    f = _filters(ids, queue, type_, saga, error, since, group)
+    if not f.any():
+        raise click.UsageError("name dead-letter ids, a --group, or at least one filter")
+    s = settings()
+
+    async def go(engine: Any) -> list[dict[str, Any]]:
+        import aio_pika
+
+        if dry_run:
+            return await deadletters.replay(engine, None, f, limit=limit, dry_run=True)  # type: ignore[arg-type]
+        connection = await aio_pika.connect_robust(s.amqp_url)
+        async with connection:
+            publisher = await Publisher.open(connection)
+            try:
+                return await deadletters.replay(engine, publisher, f, limit=limit, rate=rate)
+            finally:
+                telemetry.shutdown_tracing()
+
+    rows = _dlq_engine_call(go)
+    if as_json:
+        emit_json({"dry_run": dry_run, "count": len(rows), "dead_letters": rows})
+    else:
+        verb = "would replay" if dry_run else "replayed"
+        click.echo(f"{verb} {len(rows)} dead letter(s)")
+        for r in rows:
+            click.echo(f"  {r['id']}  {r['queue']}  {r['message_type']}")
+
+
+@dlq.command("purge")
+@click.argument("ids", nargs=-1)
+@_filter_options
+@click.option("--group", help="Failure group.")
+@click.option("--limit", type=click.IntRange(1, 1_000_000), default=100_000, show_default=True)
+@click.option("--yes", is_flag=True, help="Confirm: archive the matching open dead letters.")
+def dlq_purge(ids: tuple[str, ...], queue: str | None, type_: str | None, saga: str | None,
+              error: str | None, since: timedelta | None, group: str | None, limit: int,
+              yes: bool) -> None:
+    """Archive dead letters (status purged; rows are kept, never destroyed)."""
+    from messaging import deadletters
+
+    f = _filters(ids, queue, type_, saga, error, since, group)
+    if not f.any():
+        raise click.UsageError("name dead-letter ids, a --group, or at least one filter")
+    if not yes:
+        raise click.UsageError("purge needs --yes")
+    n = _dlq_engine_call(lambda e: deadletters.purge(e, f, limit=limit))
+    click.echo(f"archived {n} dead letter(s)")
 
 
 @cli.command()

@@ -141,7 +141,7 @@ async def run_demo(base: Settings, n: int, console: Console, *, seed: int | None
             races += 1
         starts.append((name, build(run, i, name, (races + 1) // 2)))
     engine = make_engine(settings)
-    runtime = Runtime(bootstrap.definitions(settings), settings, engine=engine)
+    runtime = Runtime(bootstrap.definitions(settings), settings, engine=engine, dead_letters=True)
     console.print(f"[bold]sagabus demo[/] run [cyan]{run}[/], {n} sagas, seed {seed}")
     await runtime.start()
     try:

@@ -287,7 +287,14 @@ class Resume:
     """An operator asks to re-send the awaited step now (same idempotency key)."""
 
 
-Input = Start | Reply | Timeout | ForceCompensate | Resume
+@dataclass(frozen=True)
+class Expire:
+    """The sweeper found the saga alive beyond its time-to-live: stop and call a human."""
+
+    reason: str
+
+
+Input = Start | Reply | Timeout | ForceCompensate | Resume | Expire
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,6 +449,12 @@ def decide(state: SagaState | None, message: Input, *, now: datetime, policy: Po
         d = _on_timeout(state, message, now=now, policy=policy)
     elif isinstance(message, ForceCompensate):
         d = _on_force_compensate(state, message, now=now, policy=policy)
+    elif isinstance(message, Expire):
+        d = (
+            Decision(state, outcome="ignored", note=f"already {state.status}")
+            if state.status.terminal
+            else _needs_manual(state, message.reason)
+        )
     else:
         d = _on_resume(state, now=now, policy=policy)
     after = d.state.status if d.state is not None else None

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 from opentelemetry import trace
@@ -32,8 +33,11 @@ from process_manager.saga import (
     Decision,
     InvalidTransition,
     Policy,
+    Expire,
+    Input,
     Reply,
     SagaState,
+    SagaStatus,
     Start,
     Timeout,
     decide,
@@ -182,6 +186,13 @@ async def _apply(
     state = decision.state or loaded.state
     if decision.state is not None and decision.state != loaded.state:
         await store.save(conn, loaded, decision.state, now)
+        before = loaded.state.status
+        if state.status is SagaStatus.FAILED_NEEDS_MANUAL and before is not state.status:
+            await store.open_case(conn, state, now)
+            log.warning("saga_needs_manual", saga_id=str(state.saga_id),
+                        reason=state.failure_reason)
+        elif before is SagaStatus.FAILED_NEEDS_MANUAL and state.status is not before:
+            await store.resolve_case(conn, state.saga_id, f"operator moved it to {state.status}", now)
     await store.record(conn, state.saga_id, decision, seq=state.seq, message_id=message_id,
                        message_type=message_type)
     out.extend(
@@ -226,8 +237,59 @@ async def fire_due_timeouts(sctx: ServiceContext, policy: Policy, *, limit: int 
     return fired
 
 
+async def sweep_expired(sctx: ServiceContext, policy: Policy, ttl: timedelta, *,
+                        limit: int = 100) -> int:
+    """Move sagas alive beyond their time-to-live to FAILED_NEEDS_MANUAL (with a case)."""
+    now = datetime.now(UTC)
+    t = store.sagas
+    async with sctx.engine.begin() as conn:
+        rows = (
+            await conn.execute(
+                select(t.c.saga_id)
+                .where(t.c.started_at < now - ttl, t.c.status.not_in([s.value for s in TERMINAL]))
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+        ).all()
+        out: list[OutgoingMessage] = []
+        for (saga_id,) in rows:
+            loaded = await store.load(conn, saga_id)
+            assert loaded is not None
+            reason = f"saga exceeded its time-to-live of {ttl} in {loaded.state.status}"
+            decision = decide(loaded.state, Expire(reason), now=now, policy=policy)
+            await _apply(conn, loaded, decision, out, message_id=None,
+                         message_type="sagabus.Expired", causation_id=None, now=now)
+        await sctx.outbox.write(conn, out)
+    if rows:
+        log.warning("stuck_sagas_swept", count=len(rows))
+    return len(rows)
+
+
+async def operator_action(
+    engine: Any, settings: Settings, saga_id: uuid.UUID, action: Input
+) -> Decision | None:
+    """Apply an operator's Resume or ForceCompensate in one transaction, like any message."""
+    from messaging.outbox import Outbox
+
+    d = definition(settings)
+    outbox = Outbox(d.outbox, d.schema)
+    now = datetime.now(UTC)
+    policy = policy_from(settings)
+    async with engine.begin() as conn:
+        loaded = await store.load(conn, saga_id, lock=True)
+        if loaded is None:
+            return None
+        decision = decide(loaded.state, action, now=now, policy=policy)
+        out: list[OutgoingMessage] = []
+        await _apply(conn, loaded, decision, out, message_id=None,
+                     message_type=f"operator.{type(action).__name__}", causation_id=None, now=now)
+        await outbox.write(conn, out)
+    return decision
+
+
 def definition(settings: Settings) -> ServiceDefinition:
     policy = policy_from(settings)
+    ttl = timedelta(seconds=settings.saga_ttl_s)
 
     async def timeouts(sctx: ServiceContext) -> None:
         while not sctx.stop.is_set():
@@ -236,10 +298,16 @@ def definition(settings: Settings) -> ServiceDefinition:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(sctx.stop.wait(), settings.timeout_poll_s)
 
+    async def sweeper(sctx: ServiceContext) -> None:
+        while not sctx.stop.is_set():
+            await sweep_expired(sctx, policy, ttl)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(sctx.stop.wait(), settings.sweeper_interval_s)
+
     return ServiceDefinition(
         name=SERVICE,
         schema=store.SCHEMA,
         metadata=store.metadata,
         handlers=make_handlers(policy),  # type: ignore[arg-type]
-        background=(timeouts,),
+        background=(timeouts, sweeper),
     )

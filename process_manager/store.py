@@ -72,6 +72,18 @@ history = Table(
 )
 
 
+manual_cases = Table(
+    "manual_cases",
+    metadata,
+    Column("saga_id", Uuid, primary_key=True),
+    Column("order_id", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("opened_at", DateTime(timezone=True), nullable=False),
+    Column("resolved_at", DateTime(timezone=True), nullable=True),
+    Column("resolution", Text, nullable=True),
+)
+
+
 @dataclass(frozen=True)
 class Loaded:
     state: SagaState
@@ -190,4 +202,28 @@ async def record(
             outcome=decision.outcome,
             note=decision.note,
         )
+    )
+
+
+async def open_case(conn: AsyncConnection, state: SagaState, now: datetime) -> None:
+    """A saga that needs a human gets one open case (reopened if it fails again)."""
+    stmt = pg_insert(manual_cases).values(
+        saga_id=state.saga_id, order_id=state.order_id,
+        reason=state.failure_reason or "unknown", opened_at=now,
+    )
+    await conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["saga_id"],
+            set_={"reason": stmt.excluded.reason, "opened_at": now, "resolved_at": None,
+                  "resolution": None},
+        )
+    )
+
+
+async def resolve_case(conn: AsyncConnection, saga_id: uuid.UUID, resolution: str,
+                       now: datetime) -> None:
+    await conn.execute(
+        update(manual_cases)
+        .where(manual_cases.c.saga_id == saga_id, manual_cases.c.resolved_at.is_(None))
+        .values(resolved_at=now, resolution=resolution)
     )
