@@ -43,10 +43,11 @@ class ServiceDefinition:
     def __post_init__(self) -> None:
         if self.metadata.schema != self.schema:
             raise ValueError(f"metadata schema {self.metadata.schema!r} != {self.schema!r}")
-        self.outbox = self.metadata.tables.get(f"{self.schema}.outbox") or outbox_table(
-            self.metadata
-        )
-        self.inbox = self.metadata.tables.get(f"{self.schema}.inbox") or inbox_table(self.metadata)
+        tables = self.metadata.tables
+        outbox = tables.get(f"{self.schema}.outbox")
+        inbox = tables.get(f"{self.schema}.inbox")
+        self.outbox = outbox if outbox is not None else outbox_table(self.metadata)
+        self.inbox = inbox if inbox is not None else inbox_table(self.metadata)
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Runtime:
         self.relays: dict[str, Relay] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._publishers: list[Publisher] = []
+        self._stopped = False
 
     async def start(self) -> None:
         await migrate(self.definitions, self.engine)
@@ -95,13 +97,9 @@ class Runtime:
             await create_schema(self.engine, deadletters.SCHEMA, deadletters.metadata)
         self.connection = await aio_pika.connect_robust(self.settings.amqp_url)
         declare_channel = await self.connection.channel()
-        await topology.declare(
-            declare_channel,
-            self.settings,
-            topology.SERVICES
-            if self.collect_dead_letters
-            else tuple(d.name for d in self.definitions),
-        )
+        # The whole topology, not just our queues: a command to a participant that is not
+        # running yet must wait in its queue, not bounce as unroutable.
+        await topology.declare(declare_channel, self.settings)
         await declare_channel.close()
         if self.collect_dead_letters:
             self.collector = Collector(self.engine, telemetry.tracer(deadletters.SERVICE))
@@ -141,6 +139,9 @@ class Runtime:
             log.info("service_started", service=d.name, queue=topology.QUEUES[d.name].name)
 
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self.stop_event.set()
         for consumer in self.consumers.values():
             await consumer.stop()
