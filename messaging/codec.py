@@ -88,8 +88,8 @@ def decode(delivery: AbstractIncomingMessage, *, max_bytes: int) -> Incoming:
         raise PermanentError(str(e)) from None
     try:
         raw = json.loads(delivery.body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PermanentError(f"body is not JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError included
+        raise PermanentError(f"body is not JSON: {str(e)[:200] or type(e).__name__}") from None
     try:
         body = model.model_validate(raw)
     except ValidationError as e:

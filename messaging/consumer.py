@@ -252,6 +252,12 @@ class Consumer:
                 span.set_status(trace.StatusCode.ERROR, str(e))
                 await self.dead_letter(delivery, e)
                 return
+            except Exception as e:  # a decoder surprise is still this message's fault
+                span.record_exception(e)
+                await self.dead_letter(
+                    delivery, PermanentError(f"undecodable: {type(e).__name__}: {e}"[:500])
+                )
+                return
             env = incoming.envelope
             span.set_attribute("sagabus.saga.id", str(env.saga_id))
             if env.step:

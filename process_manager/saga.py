@@ -243,6 +243,8 @@ class SagaState:
     #: compensations that finished
     compensated: tuple[str, ...] = ()
     failure_reason: str | None = None
+    #: a forward step whose outcome was unknown when compensation began (its effect may exist)
+    unknown_step: str | None = None
     started_at: datetime | None = None
     definition_version: str = DEFINITION_VERSION
 
@@ -380,7 +382,8 @@ def compensation_plan(completed: tuple[str, ...], unknown: str | None = None) ->
         comp = FORWARD_BY_NAME[name].compensation
         if comp is None:
             continue
-        if comp == "void_authorization" and "capture" in completed:
+        if comp == "void_authorization" and "capture" in steps:
+            # the refund settles the payment either way: it voids what was never captured
             continue
         plan.append(comp)
     return tuple(plan)
@@ -390,7 +393,9 @@ def _begin_compensation(
     state: SagaState, reason: str, *, unknown: str | None, now: datetime, policy: Policy
 ) -> tuple[SagaState, tuple[Command, ...]]:
     plan = compensation_plan(state.completed, unknown)
-    state = replace(state, failure_reason=reason, compensation_plan=plan, compensated=())
+    state = replace(
+        state, failure_reason=reason, compensation_plan=plan, compensated=(), unknown_step=unknown
+    )
     return _next_compensation(state, now=now, policy=policy)
 
 
@@ -535,6 +540,9 @@ def _forward_step_succeeded_by(kind: type[Message]) -> str | None:
 
 
 def _needs_manual(state: SagaState, reason: str) -> Decision:
+    if state.awaiting in FORWARD_BY_NAME and state.unknown_step is None:
+        # stopped while a forward step was in flight: remember it, its effect may exist
+        state = replace(state, unknown_step=state.awaiting)
     reason = (
         f"{state.failure_reason}; then {reason}"
         if state.failure_reason and state.failure_reason != reason
@@ -582,7 +590,7 @@ def _on_force_compensate(
 def _on_resume(state: SagaState, *, now: datetime, policy: Policy) -> Decision:
     if state.status is SagaStatus.FAILED_NEEDS_MANUAL:
         # An operator fixed the cause: retry compensating from where it stopped.
-        plan = compensation_plan(state.completed)
+        plan = compensation_plan(state.completed, state.unknown_step)
         remaining = tuple(s for s in plan if s not in state.compensated)
         state = replace(state, compensation_plan=remaining)
         state, cmds = _next_compensation(state, now=now, policy=policy)

@@ -100,6 +100,7 @@ def _dump(state: SagaState) -> dict[str, Any]:
         "attempt": state.attempt,
         "compensation_plan": list(state.compensation_plan),
         "compensated": list(state.compensated),
+        "unknown_step": state.unknown_step,
     }
 
 
@@ -117,6 +118,7 @@ def _load(row: Any) -> SagaState:
         compensation_plan=tuple(s["compensation_plan"]),
         compensated=tuple(s["compensated"]),
         failure_reason=row.failure_reason,
+        unknown_step=s.get("unknown_step"),
         started_at=row.started_at,
         definition_version=row.definition_version,
     )

@@ -1,0 +1,100 @@
+"""One valid instance of every wire type. ``test_contract`` fails when a type has no sample, so
+a new message cannot skip the contract checks."""
+
+from __future__ import annotations
+
+from schemas.base import Message
+from schemas.checkout import StartCheckout
+from schemas.common import LineItem, ShippingAddress
+from schemas.inventory import (
+    InventoryReleased,
+    InventoryReserved,
+    InventoryUnavailable,
+    ReleaseInventory,
+    ReserveInventory,
+)
+from schemas.order import (
+    CancelOrder,
+    CompleteOrder,
+    CreateOrder,
+    OrderCancelled,
+    OrderCompleted,
+    OrderCreated,
+)
+from schemas.payment import (
+    AuthorizationVoided,
+    AuthorizePayment,
+    CapturePayment,
+    GetPaymentStatus,
+    PaymentAuthorized,
+    PaymentCaptured,
+    PaymentCaptureFailed,
+    PaymentDeclined,
+    PaymentRefunded,
+    PaymentRefundFailed,
+    PaymentStatusReported,
+    RefundPayment,
+    VoidAuthorization,
+)
+from schemas.shipping import (
+    CancelShipment,
+    CreateShipment,
+    ShipmentCancelled,
+    ShipmentCreated,
+    ShipmentFailed,
+)
+
+OID = "ord-42"
+ITEMS = (LineItem(sku="SKU-1", quantity=2, unit_price_minor=1250),)
+ADDRESS = ShippingAddress(line1="1 Test Street", city="Utrecht", postal_code="3511AA", country="NL")
+
+_ALL: tuple[Message, ...] = (
+    StartCheckout(
+        order_id=OID,
+        customer_id="cus_1",
+        currency="EUR",
+        items=ITEMS,
+        payment_token="tok_visa",
+        shipping_address=ADDRESS,
+    ),
+    CreateOrder(order_id=OID, customer_id="cus_1", amount_minor=2500, currency="EUR"),
+    CompleteOrder(order_id=OID),
+    CancelOrder(order_id=OID, reason="checkout compensated"),
+    OrderCreated(order_id=OID),
+    OrderCompleted(
+        order_id=OID, customer_id="cus_1", amount_minor=2500, currency="EUR", duration_ms=10
+    ),
+    OrderCancelled(
+        order_id=OID,
+        customer_id="cus_1",
+        amount_minor=2500,
+        currency="EUR",
+        duration_ms=10,
+        reason="declined",
+    ),
+    AuthorizePayment(order_id=OID, amount_minor=2500, currency="EUR", payment_token="tok_visa"),
+    CapturePayment(order_id=OID, amount_minor=2500, currency="EUR"),
+    VoidAuthorization(order_id=OID),
+    RefundPayment(order_id=OID, amount_minor=2500, currency="EUR"),
+    GetPaymentStatus(order_id=OID),
+    PaymentAuthorized(order_id=OID, authorization_id="auth_1", amount_minor=2500),
+    PaymentDeclined(order_id=OID, reason="insufficient funds"),
+    PaymentCaptured(order_id=OID, authorization_id="auth_1", amount_minor=2500),
+    PaymentCaptureFailed(order_id=OID, reason="expired"),
+    AuthorizationVoided(order_id=OID, had_authorization=True),
+    PaymentRefunded(order_id=OID, amount_minor=2500),
+    PaymentRefundFailed(order_id=OID, reason="card closed"),
+    PaymentStatusReported(order_id=OID, status="captured"),
+    ReserveInventory(order_id=OID, items=ITEMS),
+    ReleaseInventory(order_id=OID),
+    InventoryReserved(order_id=OID, reservation_id="res-1"),
+    InventoryUnavailable(order_id=OID, skus=("SKU-1",)),
+    InventoryReleased(order_id=OID, units_released=2),
+    CreateShipment(order_id=OID, items=ITEMS, shipping_address=ADDRESS),
+    CancelShipment(order_id=OID),
+    ShipmentCreated(order_id=OID, tracking_number="TRK-1"),
+    ShipmentFailed(order_id=OID, reason="carrier down"),
+    ShipmentCancelled(order_id=OID, had_shipment=True),
+)
+
+SAMPLES: dict[str, Message] = {m.TYPE: m for m in _ALL}

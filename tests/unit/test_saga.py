@@ -1,0 +1,1023 @@
+"""Table-driven tests of the pure checkout saga: every path through ``start`` and ``decide``."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+
+from process_manager import saga
+from process_manager.saga import (
+    COMPENSATION_OF,
+    FORWARD,
+    Command,
+    Decision,
+    Expire,
+    ForceCompensate,
+    Input,
+    InvalidTransition,
+    Policy,
+    Reply,
+    Resume,
+    SagaState,
+    SagaStatus,
+    Start,
+    Timeout,
+    command_id,
+    compensation_plan,
+    decide,
+    idempotency_key,
+    start,
+)
+from schemas.base import Message
+from schemas.checkout import saga_id_for_order
+from schemas.inventory import (
+    InventoryReleased,
+    InventoryReserved,
+    ReleaseInventory,
+    ReserveInventory,
+)
+from schemas.order import CancelOrder, CompleteOrder, CreateOrder, OrderCompleted, OrderCreated
+from schemas.payment import (
+    AuthorizePayment,
+    CapturePayment,
+    PaymentAuthorized,
+    PaymentCaptured,
+    RefundPayment,
+    VoidAuthorization,
+)
+from schemas.shipping import CancelShipment, CreateShipment, ShipmentCreated
+from tests.unit.sagakit import (
+    AMOUNT,
+    CHECKOUT,
+    FORWARD_NAMES,
+    LATER,
+    NOW,
+    POLICY,
+    START_ID,
+    all_forward_done,
+    answer,
+    awaiting,
+    drain_compensations,
+    failure_body,
+    reply,
+    started,
+    step,
+    success_body,
+)
+
+pytestmark = pytest.mark.unit
+
+SAGA_ID = saga_id_for_order(CHECKOUT.order_id)
+
+S = SagaStatus
+Maker = Callable[[], SagaState]
+
+
+def only(d: Decision) -> Command:
+    assert len(d.commands) == 1, d.commands
+    return d.commands[0]
+
+
+def state_of(d: Decision) -> SagaState:
+    assert d.state is not None
+    return d.state
+
+
+def assert_ignored(before: SagaState, d: Decision, note: str) -> None:
+    assert d.outcome == "ignored"
+    assert d.state == before
+    assert d.commands == ()
+    assert note in d.note
+
+
+def timed_out(state: SagaState, times: int) -> tuple[SagaState, Decision]:
+    """Fire ``times`` timeouts for the current fence."""
+    d = Decision(state)
+    for _ in range(times):
+        d = step(state, Timeout(state.seq))
+        state = state_of(d)
+    return state, d
+
+
+# ---------------------------------------------------------------------------------------------
+# Definition
+
+
+def test_definition_is_the_six_forward_steps_in_order() -> None:
+    assert FORWARD_NAMES == (
+        "order",
+        "authorization",
+        "inventory",
+        "shipment",
+        "capture",
+        "completion",
+    )
+    assert COMPENSATION_OF == {
+        "cancel_order": "order",
+        "void_authorization": "authorization",
+        "release_inventory": "inventory",
+        "cancel_shipment": "shipment",
+        "refund_payment": "capture",
+    }
+
+
+@pytest.mark.parametrize(
+    ("status", "terminal"),
+    [(s, s in {S.COMPLETED, S.COMPENSATED, S.FAILED_NEEDS_MANUAL}) for s in SagaStatus],
+)
+def test_terminal_statuses(status: SagaStatus, terminal: bool) -> None:
+    assert status.terminal is terminal
+
+
+# ---------------------------------------------------------------------------------------------
+# Start
+
+
+def test_start_creates_the_saga_and_sends_create_order() -> None:
+    d = started()
+    state = state_of(d)
+    cmd = only(d)
+
+    assert d.outcome == "applied"
+    assert d.transition == (None, S.PENDING_ORDER)
+    assert state.saga_id == SAGA_ID
+    assert state.checkout == CHECKOUT
+    assert state.order_id == "ord-1"
+    assert state.status is S.PENDING_ORDER
+    assert (state.seq, state.attempt, state.awaiting) == (1, 1, "order")
+    assert state.completed == ()
+    assert state.started_at == NOW
+    assert state.deadline == NOW + POLICY.step_timeout
+    assert state.definition_version == saga.DEFINITION_VERSION
+
+    assert cmd == Command(
+        message_id=command_id(SAGA_ID, "order", 1, 1),
+        participant="order",
+        step="order",
+        attempt=1,
+        fence=1,
+        idempotency_key=f"{SAGA_ID}:order",
+        body=CreateOrder(
+            order_id="ord-1", customer_id="cus_1", amount_minor=AMOUNT, currency="EUR"
+        ),
+    )
+
+
+def test_decide_start_without_state_is_start() -> None:
+    msg = Start(CHECKOUT, START_ID)
+    assert decide(None, msg, now=NOW, policy=POLICY) == start(msg, now=NOW, policy=POLICY)
+
+
+@pytest.mark.parametrize(
+    "make_state",
+    [
+        pytest.param(lambda: state_of(started()), id="pending"),
+        pytest.param(all_forward_done, id="completed"),
+    ],
+)
+def test_duplicate_start_is_ignored(make_state: Maker) -> None:
+    state = make_state()
+    d = step(state, Start(CHECKOUT, uuid.uuid4()), now=LATER)
+    assert_ignored(state, d, "duplicate StartCheckout")
+
+
+# ---------------------------------------------------------------------------------------------
+# Happy path
+
+HAPPY = [
+    # awaited step, status while awaited, participant, command body
+    (
+        "order",
+        S.PENDING_ORDER,
+        "order",
+        CreateOrder(order_id="ord-1", customer_id="cus_1", amount_minor=AMOUNT, currency="EUR"),
+    ),
+    (
+        "authorization",
+        S.PENDING_PAYMENT,
+        "payment",
+        AuthorizePayment(
+            order_id="ord-1", amount_minor=AMOUNT, currency="EUR", payment_token="tok_visa"
+        ),
+    ),
+    (
+        "inventory",
+        S.PENDING_INVENTORY,
+        "inventory",
+        ReserveInventory(order_id="ord-1", items=CHECKOUT.items),
+    ),
+    (
+        "shipment",
+        S.PENDING_SHIPMENT,
+        "shipping",
+        CreateShipment(
+            order_id="ord-1", items=CHECKOUT.items, shipping_address=CHECKOUT.shipping_address
+        ),
+    ),
+    (
+        "capture",
+        S.PENDING_CAPTURE,
+        "payment",
+        CapturePayment(order_id="ord-1", amount_minor=AMOUNT, currency="EUR"),
+    ),
+    ("completion", S.COMPLETING, "order", CompleteOrder(order_id="ord-1")),
+]
+
+
+def test_happy_path_walks_all_six_steps_to_completed() -> None:
+    d = started()
+    sent: list[Command] = []
+    for i, (name, status, participant, body) in enumerate(HAPPY, start=1):
+        state = state_of(d)
+        cmd = only(d)
+        sent.append(cmd)
+        assert state.status is status
+        assert state.awaiting == name
+        assert state.completed == FORWARD_NAMES[: i - 1]
+        assert (state.seq, state.attempt) == (i, 1)
+        assert state.deadline == NOW + (i - 1) * timedelta(seconds=1) + POLICY.step_timeout
+        assert cmd.step == name
+        assert cmd.participant == participant
+        assert cmd.body == body
+        assert (cmd.fence, cmd.attempt) == (i, 1)
+        assert cmd.idempotency_key == idempotency_key(SAGA_ID, name)
+        assert cmd.message_id == command_id(SAGA_ID, name, i, 1)
+        # each reply arrives one second later
+        d = answer(state, now=NOW + i * timedelta(seconds=1))
+        assert d.outcome == "applied"
+        assert d.note == f"{name} succeeded"
+
+    final = state_of(d)
+    assert d.commands == ()
+    assert d.transition == (S.COMPLETING, S.COMPLETED)
+    assert final.status is S.COMPLETED
+    assert final.completed == FORWARD_NAMES
+    assert final.awaiting is None
+    assert final.deadline is None
+    assert final.attempt == 0
+    assert final.compensated == ()
+    assert final.compensation_plan == ()
+    assert final.failure_reason is None
+    assert len({c.message_id for c in sent}) == 6
+
+
+@pytest.mark.parametrize(("name", "status", "participant", "body"), HAPPY[:-1])
+def test_each_success_reports_the_transition(
+    name: str, status: SagaStatus, participant: str, body: Message
+) -> None:
+    state = awaiting(name)
+    d = answer(state)
+    nxt = FORWARD_NAMES[FORWARD_NAMES.index(name) + 1]
+    assert d.transition == (status, state_of(d).status)
+    assert state_of(d).awaiting == nxt
+
+
+# ---------------------------------------------------------------------------------------------
+# Business failures and compensation
+
+FAILURES = [
+    # failing step, reply, compensations sent in order
+    ("authorization", "PaymentDeclined", [CancelOrder]),
+    ("inventory", "InventoryUnavailable", [VoidAuthorization, CancelOrder]),
+    ("shipment", "ShipmentFailed", [ReleaseInventory, VoidAuthorization, CancelOrder]),
+    (
+        "capture",
+        "PaymentCaptureFailed",
+        [CancelShipment, ReleaseInventory, VoidAuthorization, CancelOrder],
+    ),
+]
+
+
+@pytest.mark.parametrize(("failing", "reply_name", "expected"), FAILURES)
+def test_business_failure_compensates_completed_steps_in_reverse(
+    failing: str, reply_name: str, expected: list[type[Message]]
+) -> None:
+    state = awaiting(failing)
+    d = answer(state, ok=False)
+    comp = state_of(d)
+    first = only(d)
+
+    assert d.outcome == "applied"
+    assert d.transition == (state.status, S.COMPENSATING)
+    assert comp.status is S.COMPENSATING
+    assert comp.completed == state.completed  # the failed step is not completed
+    assert comp.seq == state.seq + 1
+    assert comp.deadline == NOW + POLICY.compensation_timeout
+    assert comp.failure_reason is not None
+    assert comp.failure_reason.startswith(f"{failing} failed: {reply_name}")
+    reason = getattr(failure_body(failing), "reason", None)
+    if reason:
+        assert comp.failure_reason.endswith(f"({reason})")
+    assert first.fence == comp.seq
+    assert first.attempt == 1
+    assert first.message_id == command_id(SAGA_ID, first.step, comp.seq, 1)
+    assert first.idempotency_key == idempotency_key(SAGA_ID, first.step)
+
+    bodies = [type(first.body)]
+    while comp.awaiting is not None:
+        d = answer(comp)
+        assert d.outcome == "applied"
+        bodies.extend(type(c.body) for c in d.commands)
+        comp = state_of(d)
+
+    assert bodies == expected
+    assert comp.status is S.COMPENSATED
+    assert comp.compensated == compensation_plan(state.completed)
+    assert len(comp.compensated) == len(expected)
+    assert comp.awaiting is None and comp.deadline is None
+    assert d.transition == (S.COMPENSATING, S.COMPENSATED)
+
+
+def test_compensation_commands_carry_the_checkout() -> None:
+    d = step(awaiting("completion"), ForceCompensate("test"))
+    sent = [only(d)]
+    state = state_of(d)
+    while state.awaiting is not None:
+        d = answer(state)
+        sent.extend(d.commands)
+        state = state_of(d)
+    assert [(c.participant, c.body) for c in sent] == [
+        ("payment", RefundPayment(order_id="ord-1", amount_minor=AMOUNT, currency="EUR")),
+        ("shipping", CancelShipment(order_id="ord-1")),
+        ("inventory", ReleaseInventory(order_id="ord-1")),
+        ("order", CancelOrder(order_id="ord-1", reason="checkout compensated")),
+    ]
+
+
+PLANS = [
+    # completed, unknown, plan
+    ((), None, ()),
+    (("order",), None, ("cancel_order",)),
+    (("order", "authorization"), None, ("void_authorization", "cancel_order")),
+    (
+        ("order", "authorization", "inventory"),
+        None,
+        ("release_inventory", "void_authorization", "cancel_order"),
+    ),
+    (
+        ("order", "authorization", "inventory", "shipment"),
+        None,
+        ("cancel_shipment", "release_inventory", "void_authorization", "cancel_order"),
+    ),
+    # payment ladder: captured -> refund, and no authorization left to void
+    (
+        FORWARD_NAMES[:5],
+        None,
+        ("refund_payment", "cancel_shipment", "release_inventory", "cancel_order"),
+    ),
+    (
+        FORWARD_NAMES,
+        None,
+        ("refund_payment", "cancel_shipment", "release_inventory", "cancel_order"),
+    ),
+    # unknown outcome: compensate the step too (idempotent, a no-op if nothing happened)
+    ((), "order", ("cancel_order",)),
+    (("order",), "authorization", ("void_authorization", "cancel_order")),
+    (
+        FORWARD_NAMES[:3],
+        "shipment",
+        ("cancel_shipment", "release_inventory", "void_authorization", "cancel_order"),
+    ),
+    # capture unknown: the refund settles it either way (it voids what was never captured)
+    (
+        FORWARD_NAMES[:4],
+        "capture",
+        ("refund_payment", "cancel_shipment", "release_inventory", "cancel_order"),
+    ),
+    (
+        FORWARD_NAMES[:5],
+        "completion",
+        ("refund_payment", "cancel_shipment", "release_inventory", "cancel_order"),
+    ),
+    # an unknown step that is already completed is not compensated twice
+    (("order", "authorization"), "authorization", ("void_authorization", "cancel_order")),
+]
+
+
+@pytest.mark.parametrize(("completed", "unknown", "plan"), PLANS)
+def test_compensation_plan(
+    completed: tuple[str, ...], unknown: str | None, plan: tuple[str, ...]
+) -> None:
+    assert compensation_plan(completed, unknown) == plan
+
+
+def test_payment_ladder_refunds_after_capture_and_never_voids() -> None:
+    state = awaiting("completion")
+    assert "capture" in state.completed
+    state, d = timed_out(state, POLICY.max_step_attempts)
+    assert only(d).body == RefundPayment(order_id="ord-1", amount_minor=AMOUNT, currency="EUR")
+    final, sent = drain_compensations(state)
+    assert [only(d).step, *sent] == [
+        "refund_payment",
+        "cancel_shipment",
+        "release_inventory",
+        "cancel_order",
+    ]
+    assert "void_authorization" not in final.compensated
+    assert final.status is S.COMPENSATED
+
+
+def test_refund_failure_needs_a_human() -> None:
+    state = awaiting("completion")
+    state, d = timed_out(state, POLICY.max_step_attempts)
+    assert state.awaiting == "refund_payment"
+    d = answer(state, ok=False)
+    final = state_of(d)
+    assert d.outcome == "applied"
+    assert d.commands == ()
+    assert d.transition == (S.COMPENSATING, S.FAILED_NEEDS_MANUAL)
+    assert final.status is S.FAILED_NEEDS_MANUAL
+    assert final.awaiting is None and final.deadline is None
+    assert final.compensated == ()
+    assert final.failure_reason == (
+        "completion timed out after 3 attempts; "
+        "then refund_payment failed: PaymentRefundFailed (card closed)"
+    )
+    assert d.note == f"needs manual: {final.failure_reason}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Replies that must not apply
+
+
+def _pending_inventory() -> SagaState:
+    state = awaiting("inventory")
+    assert state.seq == 3
+    return state
+
+
+IGNORED_REPLIES = [
+    # reply builder on a saga awaiting inventory at seq 3, expected note fragment
+    pytest.param(reply("order", 1), "stale fence 1 (current 3)", id="duplicate-earlier-success"),
+    pytest.param(reply("authorization", 1), "stale fence 1", id="wrong-type-old-fence"),
+    pytest.param(reply("inventory", 2), "stale fence 2 (current 3)", id="right-type-old-fence"),
+    pytest.param(reply("inventory", 4), "stale fence 4 (current 3)", id="future-fence"),
+    pytest.param(
+        reply("inventory", 2, ok=False), "stale fence 2", id="stale-failure-does-not-compensate"
+    ),
+    pytest.param(
+        reply("shipment", 3),
+        "unexpected ShipmentCreated while awaiting inventory",
+        id="unexpected-type",
+    ),
+    pytest.param(
+        reply("release_inventory", 3),
+        "unexpected InventoryReleased while awaiting inventory",
+        id="compensation-reply-while-forward",
+    ),
+    pytest.param(
+        reply("shipment", 3, ok=False),
+        "unexpected ShipmentFailed while awaiting inventory",
+        id="unexpected-failure-type",
+    ),
+]
+
+
+@pytest.mark.parametrize(("msg", "note"), IGNORED_REPLIES)
+def test_replies_that_do_not_match_are_ignored(msg: Reply, note: str) -> None:
+    state = _pending_inventory()
+    d = step(state, msg, now=LATER)
+    assert_ignored(state, d, note)
+    assert d.transition == (S.PENDING_INVENTORY, S.PENDING_INVENTORY)
+
+
+def test_duplicate_reply_is_ignored() -> None:
+    state = awaiting("shipment")
+    first = reply("shipment", state.seq)
+    after = state_of(step(state, first))
+    assert after.status is S.PENDING_CAPTURE
+    d = step(after, first)
+    assert_ignored(after, d, "stale fence")
+
+
+def test_reply_on_a_terminal_saga_is_ignored() -> None:
+    state = all_forward_done()
+    d = step(state, reply("completion", 6))
+    assert_ignored(state, d, "saga is not waiting for a reply")
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        reply("order", 1),
+        Timeout(1),
+        ForceCompensate("why"),
+        Resume(),
+        Expire("too old"),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_message_for_a_saga_that_does_not_exist_is_invalid(msg: Input) -> None:
+    with pytest.raises(InvalidTransition, match="for a saga that does not exist"):
+        decide(None, msg, now=NOW, policy=POLICY)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timeouts
+
+
+@pytest.mark.parametrize("name", FORWARD_NAMES)
+def test_timeout_resends_the_same_step_with_the_same_key(name: str) -> None:
+    state = awaiting(name)
+    first_cmd_id = command_id(SAGA_ID, name, state.seq, 1)
+    ids = {first_cmd_id}
+    for attempt in range(2, POLICY.max_step_attempts + 1):
+        d = step(state, Timeout(state.seq), now=LATER)
+        nxt = state_of(d)
+        cmd = only(d)
+        assert d.outcome == "applied"
+        assert d.note == f"{name} timed out: re-sent as attempt {attempt}"
+        assert nxt.status is state.status
+        assert nxt.seq == state.seq  # same fence: a reply to any attempt is accepted
+        assert nxt.attempt == attempt
+        assert nxt.deadline == LATER + POLICY.step_timeout
+        assert nxt.awaiting == name
+        assert cmd.step == name
+        assert cmd.fence == state.seq
+        assert cmd.attempt == attempt
+        assert cmd.idempotency_key == idempotency_key(SAGA_ID, name)
+        assert cmd.body == FORWARD[FORWARD_NAMES.index(name)].build(CHECKOUT)
+        assert cmd.message_id == command_id(SAGA_ID, name, state.seq, attempt)
+        ids.add(cmd.message_id)
+        state = nxt
+    assert len(ids) == POLICY.max_step_attempts  # every send has its own message id
+
+
+def test_reply_to_an_earlier_attempt_is_accepted() -> None:
+    state = awaiting("shipment")
+    state, _ = timed_out(state, 2)
+    assert state.attempt == 3
+    d = step(state, reply("shipment", state.seq))
+    assert state_of(d).status is S.PENDING_CAPTURE
+
+
+EXHAUSTED = [
+    # timed-out step, full compensation plan (the unknown step's own compensation first)
+    ("order", ("cancel_order",)),
+    ("authorization", ("void_authorization", "cancel_order")),
+    ("inventory", ("release_inventory", "void_authorization", "cancel_order")),
+    (
+        "shipment",
+        ("cancel_shipment", "release_inventory", "void_authorization", "cancel_order"),
+    ),
+    (
+        "capture",
+        ("refund_payment", "cancel_shipment", "release_inventory", "cancel_order"),
+    ),
+    (
+        "completion",
+        ("refund_payment", "cancel_shipment", "release_inventory", "cancel_order"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "plan"), EXHAUSTED)
+def test_exhausted_timeouts_compensate_including_the_unknown_step(
+    name: str, plan: tuple[str, ...]
+) -> None:
+    state = awaiting(name)
+    seq = state.seq
+    state, _ = timed_out(state, POLICY.max_step_attempts - 1)
+    assert state.attempt == POLICY.max_step_attempts
+    d = step(state, Timeout(seq), now=LATER)
+    comp = state_of(d)
+    cmd = only(d)
+    reason = f"{name} timed out after {POLICY.max_step_attempts} attempts"
+    assert d.note == reason
+    assert comp.failure_reason == reason
+    assert comp.status is S.COMPENSATING
+    assert comp.completed == state.completed
+    assert comp.seq == seq + 1
+    assert comp.attempt == 1
+    assert comp.deadline == LATER + POLICY.compensation_timeout
+    assert (cmd.step, *comp.compensation_plan) == plan
+
+    final, sent = drain_compensations(comp)
+    assert (cmd.step, *sent) == plan
+    assert final.compensated == plan
+    assert final.status is S.COMPENSATED
+
+
+def test_policy_with_one_attempt_compensates_on_the_first_timeout() -> None:
+    policy = Policy(max_step_attempts=1)
+    state = state_of(started(policy=policy))
+    d = decide(state, Timeout(state.seq), now=NOW, policy=policy)
+    assert state_of(d).status is S.COMPENSATING
+    assert only(d).step == "cancel_order"
+
+
+@pytest.mark.parametrize("delta", [-1, 1, 100])
+def test_stale_timeout_is_ignored(delta: int) -> None:
+    state = awaiting("shipment")
+    d = step(state, Timeout(state.seq + delta), now=LATER)
+    assert_ignored(state, d, f"stale timeout for fence {state.seq + delta}")
+
+
+@pytest.mark.parametrize(
+    "make_state",
+    [
+        all_forward_done,
+        lambda: drain_compensations(state_of(answer(awaiting("inventory"), ok=False)))[0],
+    ],
+    ids=["completed", "compensated"],
+)
+def test_timeout_on_a_terminal_saga_is_ignored(make_state: Maker) -> None:
+    state = make_state()
+    assert state.status.terminal
+    d = step(state, Timeout(state.seq), now=LATER)
+    assert_ignored(state, d, "stale timeout")
+
+
+def test_timeout_of_the_old_step_after_a_reply_is_ignored() -> None:
+    state = awaiting("authorization")
+    old = state.seq
+    state = state_of(answer(state))
+    d = step(state, Timeout(old), now=LATER)
+    assert_ignored(state, d, f"stale timeout for fence {old}")
+
+
+def test_compensation_timeouts_resend_then_need_a_human() -> None:
+    state = awaiting("authorization")
+    comp = state_of(answer(state, ok=False))
+    assert comp.awaiting == "cancel_order"
+    seq = comp.seq
+    for attempt in range(2, POLICY.max_compensation_attempts + 1):
+        d = step(comp, Timeout(seq), now=LATER)
+        comp = state_of(d)
+        cmd = only(d)
+        assert cmd.step == "cancel_order"
+        assert (cmd.attempt, cmd.fence, comp.seq) == (attempt, seq, seq)
+        assert cmd.idempotency_key == idempotency_key(SAGA_ID, "cancel_order")
+        assert comp.deadline == LATER + POLICY.compensation_timeout
+        assert comp.status is S.COMPENSATING
+
+    d = step(comp, Timeout(seq), now=LATER)
+    final = state_of(d)
+    assert d.commands == ()
+    assert final.status is S.FAILED_NEEDS_MANUAL
+    assert final.awaiting is None and final.deadline is None
+    assert final.failure_reason == (
+        "authorization failed: PaymentDeclined (card declined); "
+        f"then cancel_order timed out after {POLICY.max_compensation_attempts} attempts"
+    )
+
+
+def test_compensation_attempts_are_bounded_separately_from_forward_attempts() -> None:
+    assert POLICY.max_compensation_attempts != POLICY.max_step_attempts
+    comp = state_of(answer(awaiting("authorization"), ok=False))
+    comp, _ = timed_out(comp, POLICY.max_step_attempts)
+    assert comp.status is S.COMPENSATING  # still re-sending: the compensation limit is higher
+
+
+# ---------------------------------------------------------------------------------------------
+# Late successes: effects that appeared after we gave up
+
+
+def _shipment_given_up() -> tuple[SagaState, int]:
+    """Shipment timed out three times; compensation started. Returns (state, shipment fence)."""
+    state = awaiting("shipment")
+    fence = state.seq
+    state, _ = timed_out(state, POLICY.max_step_attempts)
+    assert state.status is S.COMPENSATING
+    return state, fence
+
+
+def test_late_success_while_compensating_is_undone_and_does_not_revive() -> None:
+    state, fence = _shipment_given_up()
+    late = reply("shipment", fence, copy=7)
+    d = step(state, late, now=LATER)
+    cmd = only(d)
+
+    assert d.outcome == "ignored"
+    assert d.state == state  # not revived, not completed, plan untouched
+    assert "shipment" not in state.completed
+    assert d.note == (
+        f"late ShipmentCreated (fence {fence}) after compensation: sent cancel_shipment"
+    )
+    assert cmd == Command(
+        message_id=uuid.uuid5(SAGA_ID, f"late:cancel_shipment:{late.message_id}"),
+        participant="shipping",
+        step="cancel_shipment",
+        attempt=1,
+        fence=fence,
+        idempotency_key=idempotency_key(SAGA_ID, "cancel_shipment"),
+        body=CancelShipment(order_id="ord-1"),
+    )
+
+
+def test_late_success_after_compensated_is_undone_and_stays_compensated() -> None:
+    state, fence = _shipment_given_up()
+    final, _ = drain_compensations(state)
+    assert final.status is S.COMPENSATED
+    d = step(final, reply("shipment", fence), now=LATER)
+    assert d.outcome == "ignored"
+    assert d.state == final
+    assert d.transition == (S.COMPENSATED, S.COMPENSATED)
+    assert type(only(d).body) is CancelShipment
+
+
+def test_late_success_after_needs_manual_is_undone() -> None:
+    state = awaiting("capture")
+    fence = state.seq
+    state = state_of(step(state, ForceCompensate("stuck")))
+    assert state.awaiting == "refund_payment"
+    manual = state_of(answer(state, ok=False))
+    assert manual.status is S.FAILED_NEEDS_MANUAL
+    d = step(manual, reply("capture", fence))
+    assert d.state == manual
+    assert type(only(d).body) is RefundPayment
+
+
+def test_late_authorization_after_decline_is_voided() -> None:
+    state = awaiting("authorization")
+    fence = state.seq
+    comp = state_of(answer(state, ok=False))
+    d = step(comp, reply("authorization", fence, copy=1))
+    assert type(only(d).body) is VoidAuthorization
+    assert d.state == comp
+
+
+def test_late_success_is_idempotent_per_reply() -> None:
+    state, fence = _shipment_given_up()
+    late = reply("shipment", fence)
+    assert step(state, late) == step(state, late, now=LATER)
+    other = step(state, reply("shipment", fence, copy=1))
+    assert only(other).message_id != only(step(state, late)).message_id
+
+
+@pytest.mark.parametrize(
+    ("make_state", "msg"),
+    [
+        # a step that is already completed (its compensation is in the plan already)
+        pytest.param(
+            lambda: _shipment_given_up()[0], reply("inventory", 3), id="completed-step-duplicate"
+        ),
+        # the last step has no compensation
+        pytest.param(
+            lambda: state_of(step(awaiting("completion"), ForceCompensate("x"))),
+            reply("completion", 6),
+            id="completion-has-no-compensation",
+        ),
+        # while going forward a stale success is just a duplicate
+        pytest.param(lambda: awaiting("shipment"), reply("order", 1), id="forward"),
+        # after completion everything succeeded: nothing to undo
+        pytest.param(all_forward_done, reply("shipment", 4), id="completed"),
+    ],
+)
+def test_late_success_that_needs_no_compensation(make_state: Maker, msg: Reply) -> None:
+    state = make_state()
+    d = step(state, msg, now=LATER)
+    assert_ignored(state, d, "ignored")
+
+
+# ---------------------------------------------------------------------------------------------
+# Operator actions
+
+
+@pytest.mark.parametrize(("name", "plan"), EXHAUSTED)
+def test_force_compensate_from_every_forward_step(name: str, plan: tuple[str, ...]) -> None:
+    state = awaiting(name)
+    d = step(state, ForceCompensate("customer called"), now=LATER)
+    comp = state_of(d)
+    assert d.outcome == "applied"
+    assert d.note == "operator: customer called"
+    assert comp.failure_reason == "operator: customer called"
+    assert comp.status is S.COMPENSATING
+    assert comp.seq == state.seq + 1
+    assert (only(d).step, *comp.compensation_plan) == plan
+    final, sent = drain_compensations(comp)
+    assert (only(d).step, *sent) == plan
+    assert final.status is S.COMPENSATED
+
+
+def test_forward_reply_after_force_compensate_is_late() -> None:
+    state = awaiting("shipment")
+    fence = state.seq
+    comp = state_of(step(state, ForceCompensate("x")))
+    d = step(comp, reply("shipment", fence))
+    assert d.outcome == "ignored"
+    assert d.state == comp
+    assert only(d).step == "cancel_shipment"
+
+
+@pytest.mark.parametrize(
+    ("make_state", "note"),
+    [
+        (lambda: state_of(answer(awaiting("inventory"), ok=False)), "already compensating"),
+        (all_forward_done, "already COMPLETED"),
+        (
+            lambda: drain_compensations(state_of(answer(awaiting("inventory"), ok=False)))[0],
+            "already COMPENSATED",
+        ),
+    ],
+    ids=["compensating", "completed", "compensated"],
+)
+def test_force_compensate_is_ignored_when_compensating_or_terminal(
+    make_state: Maker, note: str
+) -> None:
+    state = make_state()
+    assert_ignored(state, step(state, ForceCompensate("x")), note)
+
+
+@pytest.mark.parametrize("name", FORWARD_NAMES)
+def test_resume_resends_the_awaited_forward_step(name: str) -> None:
+    state = awaiting(name)
+    d = step(state, Resume(), now=LATER)
+    nxt = state_of(d)
+    cmd = only(d)
+    assert d.note == f"operator re-sent {name}"
+    assert (nxt.seq, nxt.attempt, nxt.status) == (state.seq, 2, state.status)
+    assert nxt.deadline == LATER + POLICY.step_timeout
+    assert (cmd.step, cmd.fence, cmd.attempt) == (name, state.seq, 2)
+    assert cmd.idempotency_key == idempotency_key(SAGA_ID, name)
+    assert cmd.message_id == command_id(SAGA_ID, name, state.seq, 2)
+
+
+def test_resume_resends_the_awaited_compensation() -> None:
+    comp = state_of(answer(awaiting("inventory"), ok=False))
+    d = step(comp, Resume(), now=LATER)
+    cmd = only(d)
+    assert (cmd.step, cmd.attempt, cmd.fence) == ("void_authorization", 2, comp.seq)
+    assert state_of(d).deadline == LATER + POLICY.compensation_timeout
+
+
+@pytest.mark.parametrize(
+    "make_state",
+    [
+        all_forward_done,
+        lambda: drain_compensations(state_of(answer(awaiting("inventory"), ok=False)))[0],
+    ],
+    ids=["completed", "compensated"],
+)
+def test_resume_of_a_finished_saga_is_ignored(make_state: Maker) -> None:
+    state = make_state()
+    assert_ignored(state, step(state, Resume()), f"nothing to resume in {state.status}")
+
+
+def test_resume_after_refund_failure_retries_the_refund_then_the_rest() -> None:
+    state = awaiting("completion")
+    state, _ = timed_out(state, POLICY.max_step_attempts)
+    manual = state_of(answer(state, ok=False))
+    assert manual.status is S.FAILED_NEEDS_MANUAL
+
+    d = step(manual, Resume(), now=LATER)
+    resumed = state_of(d)
+    assert d.note == "operator resumed compensation"
+    assert d.transition == (S.FAILED_NEEDS_MANUAL, S.COMPENSATING)
+    assert only(d).step == "refund_payment"
+    assert resumed.seq == manual.seq + 1
+    final, sent = drain_compensations(resumed)
+    assert sent == ["cancel_shipment", "release_inventory", "cancel_order"]
+    assert final.status is S.COMPENSATED
+
+
+def test_resume_after_compensation_timeouts_skips_what_is_already_compensated() -> None:
+    comp = state_of(answer(awaiting("capture"), ok=False))
+    assert comp.awaiting == "cancel_shipment"
+    comp = state_of(answer(comp))
+    assert comp.awaiting == "release_inventory"
+    manual, _ = timed_out(comp, POLICY.max_compensation_attempts)
+    assert manual.status is S.FAILED_NEEDS_MANUAL
+
+    d = step(manual, Resume(), now=LATER)
+    final, sent = drain_compensations(state_of(d))
+    assert [only(d).step, *sent] == ["release_inventory", "void_authorization", "cancel_order"]
+    assert final.compensated == (
+        "cancel_shipment",
+        "release_inventory",
+        "void_authorization",
+        "cancel_order",
+    )
+    assert final.status is S.COMPENSATED
+
+
+def test_resume_keeps_the_unknown_steps_compensation() -> None:
+    state = awaiting("capture")
+    state, d = timed_out(state, POLICY.max_step_attempts)
+    assert only(d).step == "refund_payment"  # capture outcome unknown: refund it
+    manual = state_of(answer(state, ok=False))  # PaymentRefundFailed
+    assert manual.status is S.FAILED_NEEDS_MANUAL
+
+    d = step(manual, Resume(), now=LATER)
+    assert only(d).step == "refund_payment"
+
+
+def test_resume_keeps_the_unknown_shipment_cancellation() -> None:
+    state, _ = _shipment_given_up()
+    assert state.awaiting == "cancel_shipment"
+    manual, _ = timed_out(state, POLICY.max_compensation_attempts)
+    assert manual.status is S.FAILED_NEEDS_MANUAL
+    final, _ = drain_compensations(state_of(step(manual, Resume())))
+    assert final.status is S.COMPENSATED
+    assert "cancel_shipment" in final.compensated
+
+
+def test_resume_after_expire_compensates_the_in_flight_step() -> None:
+    state = awaiting("shipment")
+    forced = only(step(state, ForceCompensate("x"))).step
+    assert forced == "cancel_shipment"
+    manual = state_of(step(state, Expire("alive too long")))
+    d = step(manual, Resume())
+    assert only(d).step == forced
+
+
+@pytest.mark.parametrize("name", FORWARD_NAMES)
+def test_expire_stops_a_live_saga_for_a_human(name: str) -> None:
+    state = awaiting(name)
+    d = step(state, Expire("alive for 2 days"), now=LATER)
+    final = state_of(d)
+    assert d.commands == ()
+    assert d.transition == (state.status, S.FAILED_NEEDS_MANUAL)
+    assert final.status is S.FAILED_NEEDS_MANUAL
+    assert final.awaiting is None and final.deadline is None
+    assert final.failure_reason == "alive for 2 days"
+
+
+def test_expire_of_a_terminal_saga_is_ignored() -> None:
+    state = all_forward_done()
+    assert_ignored(state, step(state, Expire("old")), "already COMPLETED")
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism
+
+DETERMINISM_CASES = [
+    pytest.param(lambda: None, Start(CHECKOUT, START_ID), id="start"),
+    pytest.param(lambda: awaiting("inventory"), reply("inventory", 3), id="success"),
+    pytest.param(lambda: awaiting("shipment"), reply("shipment", 4, ok=False), id="failure"),
+    pytest.param(lambda: awaiting("capture"), Timeout(5), id="timeout-resend"),
+    pytest.param(lambda: timed_out(awaiting("capture"), 2)[0], Timeout(5), id="timeout-compensate"),
+    pytest.param(lambda: _shipment_given_up()[0], reply("shipment", 4), id="late-success"),
+    pytest.param(lambda: awaiting("shipment"), ForceCompensate("x"), id="force"),
+    pytest.param(lambda: awaiting("shipment"), Resume(), id="resume"),
+]
+
+
+@pytest.mark.parametrize(("make_state", "msg"), DETERMINISM_CASES)
+def test_deciding_twice_gives_identical_commands(
+    make_state: Callable[[], SagaState | None], msg: Input
+) -> None:
+    a = decide(make_state(), msg, now=LATER, policy=POLICY)
+    b = decide(make_state(), msg, now=LATER, policy=POLICY)
+    assert a == b
+    assert a.commands, "every case here emits a command"
+    for cmd in a.commands:
+        assert cmd.message_id.version == 5  # derived, not random
+
+
+def test_command_ids_depend_on_the_saga_step_fence_and_attempt() -> None:
+    base = command_id(SAGA_ID, "order", 1, 1)
+    assert base == uuid.uuid5(SAGA_ID, "1:order:1")
+    others = {
+        command_id(SAGA_ID, "order", 1, 2),
+        command_id(SAGA_ID, "order", 2, 1),
+        command_id(SAGA_ID, "cancel_order", 1, 1),
+        command_id(saga_id_for_order("ord-2"), "order", 1, 1),
+    }
+    assert base not in others and len(others) == 4
+
+
+def test_two_runs_of_the_same_story_emit_the_same_ids() -> None:
+    def story() -> list[uuid.UUID]:
+        ids: list[uuid.UUID] = []
+        d = started()
+        ids += [c.message_id for c in d.commands]
+        state = state_of(d)
+        for _ in range(3):
+            d = answer(state)
+            ids += [c.message_id for c in d.commands]
+            state = state_of(d)
+        d = answer(state, ok=False)  # shipment fails
+        ids += [c.message_id for c in d.commands]
+        final, _ = drain_compensations(state_of(d))
+        assert final.status is S.COMPENSATED
+        return ids
+
+    first = story()
+    assert first == story()
+    assert len(set(first)) == len(first)
+
+
+def test_decide_uses_the_given_clock_only() -> None:
+    state = awaiting("shipment")
+    a = step(state, Timeout(state.seq), now=NOW)
+    b = step(state, Timeout(state.seq), now=LATER)
+    assert state_of(a).deadline == NOW + POLICY.step_timeout
+    assert state_of(b).deadline == LATER + POLICY.step_timeout
+    assert a.commands == b.commands  # the clock never leaks into ids
+
+
+def test_replies_are_typed_by_the_real_models() -> None:
+    # the builders used throughout this module produce the awaited types
+    for spec in FORWARD:
+        assert type(success_body(spec.name)) in spec.success
+    assert isinstance(success_body("order"), OrderCreated)
+    assert isinstance(success_body("authorization"), PaymentAuthorized)
+    assert isinstance(success_body("inventory"), InventoryReserved)
+    assert isinstance(success_body("shipment"), ShipmentCreated)
+    assert isinstance(success_body("capture"), PaymentCaptured)
+    assert isinstance(success_body("completion"), OrderCompleted)
+    assert isinstance(success_body("release_inventory"), InventoryReleased)

@@ -1,0 +1,341 @@
+"""Properties of the saga over generated interleavings of replies, duplicates, late replies and
+timeouts. A small driver plays the participants; the invariants are checked after every step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from process_manager.saga import (
+    COMPENSATION_OF,
+    COMPENSATIONS,
+    FORWARD,
+    FORWARD_BY_NAME,
+    Command,
+    Decision,
+    Input,
+    Reply,
+    SagaState,
+    SagaStatus,
+    Timeout,
+    command_id,
+    compensation_plan,
+    decide,
+    idempotency_key,
+)
+from tests.unit.sagakit import (
+    FORWARD_NAMES,
+    NOW,
+    POLICY,
+    has_failure,
+    reply,
+    started,
+)
+
+pytestmark = pytest.mark.unit
+
+S = SagaStatus
+FORWARD_STATUS = {s.name: s.status for s in FORWARD}
+ALL_STEPS = (*FORWARD_NAMES, *COMPENSATIONS)
+#: more steps than any run needs: 6 forward + 5 compensations, each re-sent a few times
+DRAIN_BOUND = (len(FORWARD) + len(COMPENSATIONS)) * (POLICY.max_compensation_attempts + 1)
+
+ACTIONS = (
+    "reply_ok",
+    "reply_fail",
+    "duplicate",
+    "stale",
+    "timeout_current",
+    "timeout_old",
+    "stray",
+)
+
+
+@dataclass
+class World:
+    """The driver's memory of what happened: what the saga sent, what it was told."""
+
+    state: SagaState
+    sent: list[Command] = field(default_factory=list)
+    delivered: list[Reply] = field(default_factory=list)
+    #: the full compensation plan, fixed when compensation began
+    plan: tuple[str, ...] | None = None
+    #: first sends of planned compensations, in order
+    compensations_sent: list[str] = field(default_factory=list)
+    #: applied sends per (step, fence)
+    sends: dict[tuple[str, int], int] = field(default_factory=dict)
+    copies: int = 0
+
+    def record(self, d: Decision) -> None:
+        self.sent.extend(d.commands)
+        if d.outcome != "applied":
+            return
+        for c in d.commands:
+            key = (c.step, c.fence)
+            self.sends[key] = self.sends.get(key, 0) + 1
+
+
+def _index_undone(comp: str) -> int:
+    return FORWARD_NAMES.index(COMPENSATION_OF[comp])
+
+
+def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
+    """Every invariant that must hold after any single decision."""
+    assert d.state is not None
+    new = d.state
+
+    # pure and deterministic
+    assert decide(prev, msg, now=NOW, policy=POLICY) == d
+    assert d.transition == (prev.status, new.status)
+
+    # fencing only moves forward; completed steps only grow, in definition order
+    assert new.seq >= prev.seq
+    assert new.completed[: len(prev.completed)] == prev.completed
+    assert new.completed == FORWARD_NAMES[: len(new.completed)]
+    # compensated steps only grow
+    assert new.compensated[: len(prev.compensated)] == prev.compensated
+
+    # a live saga always waits for something, with a deadline; a finished one for nothing
+    if new.status.terminal:
+        assert new.awaiting is None and new.deadline is None
+    else:
+        assert new.awaiting is not None and new.deadline is not None
+
+    if prev.status.terminal:
+        # nothing in this driver may take a saga out of its terminal state
+        assert new == prev
+        assert d.outcome == "ignored"
+        assert all(c.step in COMPENSATIONS for c in d.commands)
+
+    if d.outcome == "ignored":
+        assert new == prev
+        # a success we gave up on left an effect: it must be undone, every time it shows up
+        late_step = (
+            next((s.name for s in FORWARD if type(msg.body) in s.success), None)
+            if isinstance(msg, Reply)
+            else None
+        )
+        must_undo = (
+            late_step is not None
+            and FORWARD_BY_NAME[late_step].compensation is not None
+            and late_step not in prev.completed
+            and prev.status in (S.COMPENSATING, S.COMPENSATED, S.FAILED_NEEDS_MANUAL)
+        )
+        assert [c.step for c in d.commands] == (
+            [FORWARD_BY_NAME[late_step].compensation] if must_undo and late_step else []
+        )
+        for c in d.commands:  # only the undoing of a late success
+            assert isinstance(msg, Reply)
+            late = COMPENSATION_OF[c.step]
+            assert type(msg.body) in FORWARD_BY_NAME[late].success
+            assert late not in prev.completed
+            assert prev.status in (S.COMPENSATING, S.COMPENSATED, S.FAILED_NEEDS_MANUAL)
+            assert (c.attempt, c.fence) == (1, msg.fence)
+            assert c.idempotency_key == idempotency_key(prev.saga_id, c.step)
+        return
+
+    # applied: at most one command, and it is exactly what the saga now awaits
+    assert len(d.commands) <= 1
+    for c in d.commands:
+        assert c.step == new.awaiting
+        assert (c.fence, c.attempt) == (new.seq, new.attempt)
+        assert c.message_id == command_id(new.saga_id, c.step, c.fence, c.attempt)
+        assert c.idempotency_key == idempotency_key(new.saga_id, c.step)
+        if c.step in FORWARD_BY_NAME:
+            assert world.plan is None, "forward command after compensation began"
+            assert new.status is FORWARD_STATUS[c.step]
+            assert c.step == FORWARD_NAMES[len(new.completed)]
+        else:
+            assert new.status is S.COMPENSATING
+        limit = (
+            POLICY.max_step_attempts
+            if c.step in FORWARD_BY_NAME
+            else POLICY.max_compensation_attempts
+        )
+        assert world.sends.get((c.step, c.fence), 0) < limit
+
+    # compensation begins: the plan is the reverse of the completed steps (+ the unknown one)
+    if new.status is S.COMPENSATING and prev.status is not S.COMPENSATING:
+        assert not prev.status.terminal
+        assert world.plan is None
+        (first,) = d.commands
+        plan = (first.step, *new.compensation_plan)
+        unknown = prev.awaiting if isinstance(msg, Timeout) else None
+        assert plan == compensation_plan(new.completed, unknown)
+        undone = [_index_undone(s) for s in plan]
+        assert undone == sorted(undone, reverse=True), "compensations not in reverse order"
+        assert len(set(undone)) == len(undone)
+        needed = set(compensation_plan(new.completed, new.unknown_step))
+        assert needed <= set(plan)
+        if "capture" in new.completed:  # payment ladder
+            assert "refund_payment" in plan and "void_authorization" not in plan
+        world.plan = plan
+
+    for c in d.commands:
+        if c.step in COMPENSATIONS:
+            assert world.plan is not None
+            if c.attempt == 1:
+                world.compensations_sent.append(c.step)
+                n = len(world.compensations_sent)
+                assert tuple(world.compensations_sent) == world.plan[:n]
+            else:
+                assert c.step == world.compensations_sent[-1]
+
+    if new.status is S.COMPLETED:
+        assert new.completed == FORWARD_NAMES
+        assert world.plan is None
+        assert new.compensated == ()
+        assert all(c.step in FORWARD_BY_NAME for c in (*world.sent, *d.commands))
+
+    if new.status is S.COMPENSATED:
+        assert world.plan is not None
+        assert new.compensated == world.plan
+        assert set(compensation_plan(new.completed, new.unknown_step)) <= set(new.compensated)
+        if "capture" in new.completed:
+            assert "void_authorization" not in new.compensated
+            assert "refund_payment" in new.compensated
+
+    if new.status is S.FAILED_NEEDS_MANUAL:
+        assert prev.status is S.COMPENSATING
+        assert new.failure_reason
+
+
+def apply(world: World, msg: Input) -> Decision:
+    prev = world.state
+    d = decide(prev, msg, now=NOW, policy=POLICY)
+    check(world, prev, msg, d)
+    world.record(d)
+    if isinstance(msg, Reply):
+        world.delivered.append(msg)
+    assert d.state is not None
+    world.state = d.state
+    return d
+
+
+def begin() -> World:
+    d = started()
+    assert d.state is not None
+    world = World(d.state)
+    world.record(d)
+    return world
+
+
+def choose(data: st.DataObject, world: World, action: str) -> Input | None:
+    """Turn an action name into a message, or None when it does not apply right now."""
+    state = world.state
+    if action in ("reply_ok", "reply_fail"):
+        if state.awaiting is None:
+            return None
+        ok = action == "reply_ok" or not has_failure(state.awaiting)
+        world.copies += 1
+        return reply(state.awaiting, state.seq, ok=ok, copy=world.copies)
+    if action == "duplicate":
+        if not world.delivered:
+            return None
+        return data.draw(st.sampled_from(world.delivered), label="duplicate")
+    if action == "stale":
+        old = [c for c in world.sent if c.fence < state.seq]
+        if not old:
+            return None
+        c = data.draw(st.sampled_from(old), label="stale of")
+        ok = data.draw(st.booleans(), label="stale ok") or not has_failure(c.step)
+        world.copies += 1
+        return reply(c.step, c.fence, ok=ok, copy=world.copies)
+    if action == "timeout_current":
+        return Timeout(state.seq)
+    if action == "timeout_old":
+        return Timeout(data.draw(st.integers(0, state.seq - 1), label="old seq"))
+    # stray: any reply type, any fence near the current one
+    name = data.draw(st.sampled_from(ALL_STEPS), label="stray step")
+    ok = data.draw(st.booleans(), label="stray ok") or not has_failure(name)
+    fence = data.draw(st.integers(0, state.seq + 1), label="stray fence")
+    world.copies += 1
+    return reply(name, fence, ok=ok, copy=world.copies)
+
+
+def drain(world: World) -> None:
+    """Keep delivering correct successful replies: the saga must finish, in bounded steps."""
+    for _ in range(DRAIN_BOUND):
+        if world.state.status.terminal:
+            return
+        assert world.state.awaiting is not None
+        world.copies += 1
+        apply(world, reply(world.state.awaiting, world.state.seq, copy=world.copies))
+    raise AssertionError(f"not terminal after {DRAIN_BOUND} correct replies: {world.state}")
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), actions=st.lists(st.sampled_from(ACTIONS), max_size=40))
+def test_invariants_hold_over_any_interleaving(data: st.DataObject, actions: list[str]) -> None:
+    world = begin()
+    for action in actions:
+        msg = choose(data, world, action)
+        if msg is not None:
+            apply(world, msg)
+    drain(world)
+    assert world.state.status in (S.COMPLETED, S.COMPENSATED, S.FAILED_NEEDS_MANUAL)
+    # once terminal, nothing in the driver's repertoire moves it
+    final = world.state
+    for action in ACTIONS:
+        msg = choose(data, world, action)
+        if msg is not None:
+            apply(world, msg)
+    assert world.state == final
+
+
+NOISE = ("duplicate", "stale", "timeout_old", "reply_ok")
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), actions=st.lists(st.sampled_from(NOISE), max_size=40))
+def test_noise_never_changes_a_successful_checkout(data: st.DataObject, actions: list[str]) -> None:
+    """Duplicates, stale replies and old timeouts are ignored: with only successes delivered,
+    the saga completes and sends exactly the commands of the clean run."""
+    clean = begin()
+    drain(clean)
+    assert clean.state.status is S.COMPLETED
+
+    world = begin()
+    for action in actions:
+        msg = choose(data, world, action)
+        if msg is not None:
+            apply(world, msg)
+    drain(world)
+    assert world.state.status is S.COMPLETED
+    assert world.sent == clean.sent
+    assert world.state.completed == FORWARD_NAMES
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    failing=st.sampled_from(FORWARD_NAMES),
+    timeouts=st.integers(0, POLICY.max_step_attempts + 2),
+    business_failure=st.booleans(),
+)
+def test_any_failure_point_ends_compensated_in_reverse_order(
+    failing: str, timeouts: int, business_failure: bool
+) -> None:
+    """Drive to ``failing``, let it time out ``timeouts`` times, then fail it (by its business
+    failure if it has one, or by running out of attempts) and check the whole compensation."""
+    world = begin()
+    while world.state.awaiting != failing:
+        apply(world, reply(world.state.awaiting or "", world.state.seq))
+    done = world.state.completed
+    for _ in range(min(timeouts, POLICY.max_step_attempts - 1)):
+        apply(world, Timeout(world.state.seq))
+    if business_failure and has_failure(failing):
+        apply(world, reply(failing, world.state.seq, ok=False))
+        expected = compensation_plan(done)
+    else:
+        while world.state.status is not S.COMPENSATING:
+            apply(world, Timeout(world.state.seq))
+        expected = compensation_plan(done, failing)
+    drain(world)
+    assert world.state.status is S.COMPENSATED
+    assert world.state.compensated == expected
+    assert [c.step for c in world.sent if c.step in COMPENSATIONS and c.attempt == 1] == list(
+        expected
+    )
