@@ -126,6 +126,14 @@ def is_transient_db_error(e: BaseException) -> bool:
     return isinstance(e, OSError | asyncio.TimeoutError | ConnectionError)
 
 
+def _where(e: BaseException) -> str:
+    """file:line of the innermost frame: enough to find a bug without a slow, huge traceback."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
+
+
 def _retries(delivery: AbstractIncomingMessage) -> int:
     try:
         return int(dict(delivery.headers or {}).get(HeaderNames.RETRY_COUNT, 0))
@@ -299,7 +307,11 @@ class Consumer:
                 else:
                     # An unexpected error (a bug, a surprise from a library): retry a bounded
                     # number of times like a transient one, then dead-letter with the reason.
-                    log.error("handler_failed", error=f"{type(e).__name__}: {e}", exc_info=True)
+                    log.error(
+                        "handler_failed",
+                        error=f"{type(e).__name__}: {str(e)[:500]}",
+                        where=_where(e),
+                    )
                     await self.retry_later(delivery, e)
                 return
             break

@@ -84,12 +84,15 @@ dead_letters = Table(
 
 _UUIDISH = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 _NUMBER = re.compile(r"\d+")
+_HEXISH = re.compile(r"\b(?=[\w-]*\d)[\w-]{8,}\b")
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 
 
 def normalise(message: str) -> str:
-    """Strip ids, numbers and quoted values so that the same failure groups together."""
-    m = _UUIDISH.sub("<id>", message)
+    """Strip ids, numbers, quoted values and detail lines so the same failure groups together."""
+    m = (message.strip().splitlines() or [""])[0]
+    m = _UUIDISH.sub("<id>", m)
+    m = _HEXISH.sub("<id>", m)
     m = _QUOTED.sub("<value>", m)
     return _NUMBER.sub("<n>", m)[:300]
 

@@ -121,7 +121,8 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
         lvl = logging.INFO
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer: Any = (
-        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        if use_console else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[

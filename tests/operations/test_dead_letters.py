@@ -1,0 +1,167 @@
+"""Dead letters: collected into PostgreSQL with their reason, grouped, replayed after the cause is
+fixed with each effect applied once, and a replay killed midway loses and doubles nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import aio_pika
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from messaging import deadletters
+from messaging.deadletters import Filters
+from messaging.publisher import Publisher
+from messaging.settings import Settings
+from participants.notification import service as notification
+from process_manager import ops
+from tests.operations.conftest import Start
+from tests.support import checkout, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _env(s: Settings) -> dict[str, str]:
+    return {**os.environ, "SAGABUS_AMQP_URL": s.amqp_url, "SAGABUS_DATABASE_URL": s.database_url}
+
+
+async def _open(engine: AsyncEngine, **kw: Any) -> list[dict[str, Any]]:
+    return await deadletters.list_dead_letters(engine, Filters(**kw), 10_000)
+
+
+async def test_permanent_error_is_stored_with_its_reason(
+    start_services: Start, ops_settings: Settings, ops_engine: AsyncEngine
+) -> None:
+    await start_services("process-manager", dead_letters=True)
+    mid = str(uuid.uuid4())
+    connection = await aio_pika.connect(ops_settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        ex = await channel.get_exchange("sagabus.commands")
+        await ex.publish(aio_pika.Message(b'{"order_id": 42', message_id=mid,
+                                          type="checkout.StartCheckout.v1",
+                                          content_type="application/json",
+                                          headers={"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"}),
+                         routing_key="checkout.start")
+    rows = await wait_for(lambda: _open(ops_engine, ids=(), status="open", queue="sagabus.process-manager"),
+                          what="dead letter collected")
+    row = next(r for r in rows if r["message_id"] == mid)
+    full = await deadletters.show(ops_engine, uuid.UUID(row["id"]))
+    assert full is not None
+    assert full["error_class"] == "PermanentError"
+    assert "not JSON" in full["error_message"]
+    assert full["failure_kind"] == "permanent" and full["retry_count"] == 0
+    assert full["original_exchange"] == "sagabus.commands"
+    assert full["original_routing_key"] == "checkout.start"
+    assert full["body"] == '{"order_id": 42'
+    assert full["trace_id"] == "ab" * 16
+    assert full["headers"]["sagabus-failed-at"]
+    # The CLI shows the same record as JSON.
+    out = subprocess.run([sys.executable, "-m", "process_manager.cli", "dlq", "show", row["id"], "--json"],
+                         env=_env(ops_settings), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert mid in out.stdout
+
+
+async def _break_notifications(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE notification.notifications ADD CONSTRAINT "
+                                "outage CHECK (false) NOT VALID"))
+
+
+async def _fix_notifications(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE notification.notifications DROP CONSTRAINT outage"))
+
+
+async def _notifications(engine: AsyncEngine, order_ids: list[str]) -> dict[str, int]:
+    t = notification.notifications
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(t.c.order_id, func.count()).where(t.c.order_id.in_(order_ids))
+                                   .group_by(t.c.order_id))).all()
+    return {o: n for o, n in rows}
+
+
+async def test_group_replayed_after_fix_applies_each_effect_once_even_if_killed_midway(
+    start_services: Start, ops_settings: Settings, ops_engine: AsyncEngine
+) -> None:
+    sku = f"SKU-DLQ-{uuid.uuid4().hex[:6]}"
+    async with ops_engine.begin() as conn:
+        from participants.inventory import service as inventory
+
+        await inventory.seed(conn, {sku: 100})
+    await start_services("process-manager", "order", "payment", "inventory", "shipping",
+                         "notification", "analytics", dead_letters=True)
+    await _break_notifications(ops_engine)
+    try:
+        cmds = [checkout(sku=sku) for _ in range(6)]
+        order_ids = [c.order_id for c in cmds]
+        await ops.publish_starts(ops_settings.amqp_url, [ops.start_message(c) for c in cmds])
+
+        async def all_dead() -> list[dict[str, Any]] | None:
+            rows = await _open(ops_engine, queue="sagabus.notification", status="open")
+            mine = [r for r in rows if r["saga_id"] in {str(ops_saga(o)) for o in order_ids}]
+            return mine if len(mine) == len(order_ids) else None
+
+        dead = await wait_for(all_dead, timeout=60, what="notification failures dead-lettered")
+        assert {r["failure_kind"] for r in dead} == {"retries_exhausted"}
+        assert all(r["retry_count"] == ops_settings.max_attempts - 1 for r in dead)
+        group_list = await deadletters.groups(ops_engine, Filters(queue="sagabus.notification"))
+        assert len(group_list) == 1, group_list  # same cause, same group, whatever the ids
+        group = group_list[0]["group"]
+        assert group_list[0]["count"] >= len(order_ids)
+    finally:
+        await _fix_notifications(ops_engine)
+
+    # Replay slowly in a separate process and kill it after two replays.
+    env = _env(ops_settings)
+    proc = subprocess.Popen([sys.executable, "-m", "process_manager.cli", "dlq", "replay",
+                             "--group", group, "--rate", "2"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    async def two_replayed() -> bool:
+        rows = await _open(ops_engine, group=group, status="replayed")
+        return len(rows) >= 2
+
+    await wait_for(two_replayed, timeout=60, what="replay under way")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    partial = await _open(ops_engine, group=group, status="open")
+    assert partial, "the kill should leave some dead letters still open"
+
+    # Run it again to completion; then replay one message a second time on purpose.
+    out = subprocess.run([sys.executable, "-m", "process_manager.cli", "dlq", "replay", "--group",
+                          group, "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert await _open(ops_engine, group=group, status="open") == []
+    async with ops_engine.begin() as conn:
+        await conn.execute(text("UPDATE dead_letters.dead_letters SET status = 'open' WHERE id = "
+                                "(SELECT id FROM dead_letters.dead_letters WHERE fingerprint = :g LIMIT 1)"),
+                           {"g": group})
+    connection = await aio_pika.connect_robust(ops_settings.amqp_url)
+    async with connection:
+        await deadletters.replay(ops_engine, await Publisher.open(connection), Filters(group=group), limit=10)
+
+    async def delivered_once() -> dict[str, int] | None:
+        got = await _notifications(ops_engine, order_ids)
+        return got if len(got) == len(order_ids) else None
+
+    got = await wait_for(delivered_once, timeout=60, what="every notification stored")
+    assert set(got.values()) == {1}, got
+    await asyncio.sleep(0)  # let nothing else sneak in: counts are checked once more below
+    rows = await _open(ops_engine, group=group, status="replayed")
+    assert all(r["replay_count"] >= 1 and r["last_replayed_by"] for r in rows)
+    assert set((await _notifications(ops_engine, order_ids)).values()) == {1}
+
+
+def ops_saga(order_id: str) -> uuid.UUID:
+    from schemas.checkout import saga_id_for_order
+
+    return saga_id_for_order(order_id)
