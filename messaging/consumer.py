@@ -361,7 +361,9 @@ class Consumer:
             app_id=delivery.app_id,
         )
 
-    def _reason_headers(self, delivery: AbstractIncomingMessage, e: BaseException) -> dict[str, Any]:
+    def _reason_headers(
+        self, delivery: AbstractIncomingMessage, e: BaseException
+    ) -> dict[str, Any]:
         headers = dict(delivery.headers or {})
         return {
             HeaderNames.ERROR_CLASS: type(e).__name__,
@@ -383,7 +385,9 @@ class Consumer:
         extra = self._reason_headers(delivery, e)
         extra[HeaderNames.FAILURE_KIND] = kind
         extra[HeaderNames.RETRY_COUNT] = _retries(delivery)
-        await self.publisher.publish(DEAD_LETTER_EXCHANGE, self.spec.name, self._copy(delivery, extra))
+        await self.publisher.publish(
+            DEAD_LETTER_EXCHANGE, self.spec.name, self._copy(delivery, extra)
+        )
         await delivery.ack()
         self.counts["dead_lettered"] += 1
         log.warning(

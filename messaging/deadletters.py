@@ -146,14 +146,18 @@ def row_from_delivery(delivery: AbstractIncomingMessage, dlq: str) -> dict[str, 
     traceparent = _s(headers.get(HeaderNames.TRACEPARENT))
     trace_id = traceparent.split("-")[1] if traceparent and traceparent.count("-") == 3 else None
     message_id = delivery.message_id
-    dl_id = uuid.uuid5(DL_NAMESPACE, f"{message_id}|{queue}|{failed_at_raw or delivery.delivery_tag}")
+    dl_id = uuid.uuid5(
+        DL_NAMESPACE, f"{message_id}|{queue}|{failed_at_raw or delivery.delivery_tag}"
+    )
     properties = {
         "content_type": delivery.content_type,
         "content_encoding": delivery.content_encoding,
         "correlation_id": delivery.correlation_id,
         "message_id": message_id,
         "type": delivery.type,
-        "timestamp": delivery.timestamp.isoformat() if isinstance(delivery.timestamp, datetime) else None,
+        "timestamp": delivery.timestamp.isoformat()
+        if isinstance(delivery.timestamp, datetime)
+        else None,
         "app_id": delivery.app_id,
         "priority": delivery.priority,
         "reply_to": delivery.reply_to,
@@ -188,8 +192,9 @@ class Collector:
         self.tracer = tracer
         self.collected = 0
 
-    async def start(self, connection: aio_pika.abc.AbstractRobustConnection,
-                    services: Sequence[str]) -> None:
+    async def start(
+        self, connection: aio_pika.abc.AbstractRobustConnection, services: Sequence[str]
+    ) -> None:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=32)
         for service in services:
@@ -202,20 +207,30 @@ class Collector:
             row = row_from_delivery(delivery, dlq)
             parent = telemetry.extract(dict(delivery.headers or {}))
             with self.tracer.start_as_current_span(
-                f"process {dlq}", context=parent, kind=trace.SpanKind.CONSUMER,
-                attributes={"messaging.system": "rabbitmq", "messaging.operation.type": "process",
-                            "messaging.destination.name": dlq,
-                            "messaging.message.id": delivery.message_id or "",
-                            "sagabus.dead_letter.id": str(row["id"]),
-                            "sagabus.dead_letter.error_class": row["error_class"]},
+                f"process {dlq}",
+                context=parent,
+                kind=trace.SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "rabbitmq",
+                    "messaging.operation.type": "process",
+                    "messaging.destination.name": dlq,
+                    "messaging.message.id": delivery.message_id or "",
+                    "sagabus.dead_letter.id": str(row["id"]),
+                    "sagabus.dead_letter.error_class": row["error_class"],
+                },
             ):
                 async with self.engine.begin() as conn:
                     await conn.execute(insert(dead_letters).values(**row).on_conflict_do_nothing())
             await delivery.ack()
             self.collected += 1
-            log.info("dead_letter_collected", dead_letter_id=str(row["id"]), queue=row["queue"],
-                     message_id=row["message_id"], error_class=row["error_class"],
-                     saga_id=row["saga_id"])
+            log.info(
+                "dead_letter_collected",
+                dead_letter_id=str(row["id"]),
+                queue=row["queue"],
+                message_id=row["message_id"],
+                error_class=row["error_class"],
+                saga_id=row["saga_id"],
+            )
         except Exception as e:  # keep it on the DLQ; it will come back
             log.error("dead_letter_collect_failed", error=f"{type(e).__name__}: {e}")
             await asyncio.sleep(0.5)
@@ -237,8 +252,15 @@ class Filters:
     status: str | None = "open"
 
     def any(self) -> bool:
-        return bool(self.ids or self.queue or self.message_type or self.saga_id or self.error
-                    or self.since or self.group)
+        return bool(
+            self.ids
+            or self.queue
+            or self.message_type
+            or self.saga_id
+            or self.error
+            or self.since
+            or self.group
+        )
 
 
 def _where(stmt: Any, f: Filters) -> Any:
@@ -252,7 +274,9 @@ def _where(stmt: Any, f: Filters) -> Any:
     if f.saga_id:
         stmt = stmt.where(t.c.saga_id == f.saga_id)
     if f.error:
-        stmt = stmt.where((t.c.error_message.ilike(f"%{f.error}%")) | (t.c.error_class.ilike(f"%{f.error}%")))
+        stmt = stmt.where(
+            (t.c.error_message.ilike(f"%{f.error}%")) | (t.c.error_class.ilike(f"%{f.error}%"))
+        )
     if f.since:
         stmt = stmt.where(t.c.failed_at >= datetime.now(UTC) - f.since)
     if f.group:
@@ -311,26 +335,46 @@ async def groups(engine: AsyncEngine, f: Filters) -> list[dict[str, Any]]:
     t = dead_letters
     stmt = _where(
         select(
-            t.c.fingerprint, t.c.error_class, t.c.queue, t.c.message_type,
-            func.count().label("count"), func.min(t.c.error_message).label("example"),
-            func.min(t.c.failed_at).label("first"), func.max(t.c.failed_at).label("last"),
+            t.c.fingerprint,
+            t.c.error_class,
+            t.c.queue,
+            t.c.message_type,
+            func.count().label("count"),
+            func.min(t.c.error_message).label("example"),
+            func.min(t.c.failed_at).label("first"),
+            func.max(t.c.failed_at).label("last"),
         ).group_by(t.c.fingerprint, t.c.error_class, t.c.queue, t.c.message_type),
         f,
     ).order_by(func.count().desc())
     async with engine.connect() as conn:
         rows = (await conn.execute(stmt)).all()
     return [
-        {"group": r.fingerprint, "count": r.count, "error_class": r.error_class, "queue": r.queue,
-         "message_type": r.message_type, "example": normalise(r.example),
-         "first_failed_at": r.first.isoformat(), "last_failed_at": r.last.isoformat()}
+        {
+            "group": r.fingerprint,
+            "count": r.count,
+            "error_class": r.error_class,
+            "queue": r.queue,
+            "message_type": r.message_type,
+            "example": normalise(r.example),
+            "first_failed_at": r.first.isoformat(),
+            "last_failed_at": r.last.isoformat(),
+        }
         for r in rows
     ]
 
 
 _STRIP = {
-    HeaderNames.ERROR_CLASS, HeaderNames.ERROR_MESSAGE, HeaderNames.FAILED_QUEUE,
-    HeaderNames.FAILED_AT, HeaderNames.FAILURE_KIND, HeaderNames.RETRY_COUNT, "x-death",
-    "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason", "x-delivery-count",
+    HeaderNames.ERROR_CLASS,
+    HeaderNames.ERROR_MESSAGE,
+    HeaderNames.FAILED_QUEUE,
+    HeaderNames.FAILED_AT,
+    HeaderNames.FAILURE_KIND,
+    HeaderNames.RETRY_COUNT,
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-delivery-count",
 }
 
 
@@ -343,11 +387,17 @@ def replay_message(row: Any, tracer: trace.Tracer) -> tuple[aio_pika.Message, tr
         context=original,
         kind=trace.SpanKind.PRODUCER,
         links=[trace.Link(original_ctx, {"sagabus.link": "replayed_message"})]
-        if original_ctx.is_valid else [],
-        attributes={"messaging.system": "rabbitmq", "messaging.operation.type": "publish",
-                    "messaging.destination.name": "", "messaging.rabbitmq.destination.routing_key": row.queue,
-                    "messaging.message.id": row.message_id or "", "sagabus.dead_letter.id": str(row.id),
-                    "sagabus.replay": True},
+        if original_ctx.is_valid
+        else [],
+        attributes={
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "publish",
+            "messaging.destination.name": "",
+            "messaging.rabbitmq.destination.routing_key": row.queue,
+            "messaging.message.id": row.message_id or "",
+            "sagabus.dead_letter.id": str(row.id),
+            "sagabus.replay": True,
+        },
     )
     headers.update(telemetry.inject(trace.set_span_in_context(span)))
     headers[HeaderNames.REPLAYED_FROM] = str(row.id)
@@ -405,12 +455,20 @@ async def replay(
             await conn.execute(
                 update(dead_letters)
                 .where(dead_letters.c.id == row.id)
-                .values(status="replayed", replay_count=dead_letters.c.replay_count + 1,
-                        last_replayed_at=datetime.now(UTC), last_replayed_by=who)
+                .values(
+                    status="replayed",
+                    replay_count=dead_letters.c.replay_count + 1,
+                    last_replayed_at=datetime.now(UTC),
+                    last_replayed_by=who,
+                )
             )
         done.append(to_json(row))
-        log.info("dead_letter_replayed", dead_letter_id=str(row.id), queue=row.queue,
-                 message_id=row.message_id)
+        log.info(
+            "dead_letter_replayed",
+            dead_letter_id=str(row.id),
+            queue=row.queue,
+            message_id=row.message_id,
+        )
         if progress is not None:
             progress()
         if rate:
@@ -425,7 +483,8 @@ async def purge(engine: AsyncEngine, f: Filters, *, limit: int) -> int:
         ids = select(t.c.id).where(t.c.status == "open")
         ids = _where(ids, f).limit(limit).scalar_subquery()
         result = await conn.execute(
-            update(t).where(t.c.id.in_(ids)).values(status="purged", purged_at=datetime.now(UTC),
-                                                     purged_by=who)
+            update(t)
+            .where(t.c.id.in_(ids))
+            .values(status="purged", purged_at=datetime.now(UTC), purged_by=who)
         )
     return int(result.rowcount)

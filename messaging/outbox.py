@@ -67,7 +67,9 @@ class Outbox:
         ]
         stmt = insert(self.table).values(rows).on_conflict_do_nothing(index_elements=["message_id"])
         await conn.execute(stmt)
-        await conn.execute(text("SELECT pg_notify(:ch, :schema)"), {"ch": OUTBOX_CHANNEL, "schema": self.schema})
+        await conn.execute(
+            text("SELECT pg_notify(:ch, :schema)"), {"ch": OUTBOX_CHANNEL, "schema": self.schema}
+        )
 
     def committed(self) -> None:
         """Called after the writing transaction commits: wake this process's relay now."""
@@ -171,7 +173,9 @@ class Relay:
             self.published += len(rows)
             for row in rows:
                 log.debug(
-                    "command_published" if row.exchange.endswith("commands") else "message_published",
+                    "command_published"
+                    if row.exchange.endswith("commands")
+                    else "message_published",
                     service=self.service,
                     message_id=str(row.message_id),
                     message_type=row.message_type,
@@ -243,4 +247,3 @@ async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float) ->
     finally:
         for w in waiters:
             w.cancel()
-

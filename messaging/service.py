@@ -21,8 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from messaging import deadletters, telemetry, topology
 from messaging.consumer import Consumer, Handler
-from messaging.deadletters import Collector
 from messaging.db import create_schema, inbox_table, make_engine, outbox_table
+from messaging.deadletters import Collector
 from messaging.outbox import Outbox, Relay
 from messaging.publisher import Publisher
 from messaging.settings import Settings
@@ -131,7 +131,9 @@ class Runtime:
             )
             self.consumers[d.name] = consumer
             self._tasks.append(asyncio.create_task(relay.run(self.stop_event)))
-            ctx = ServiceContext(d, self.settings, self.engine, outbox, publisher, tracer, self.stop_event)
+            ctx = ServiceContext(
+                d, self.settings, self.engine, outbox, publisher, tracer, self.stop_event
+            )
             for loop in d.background:
                 self._tasks.append(asyncio.create_task(_guard(d.name, loop, ctx)))
             channel = await self.connection.channel()

@@ -25,7 +25,9 @@ FACTORIES: dict[str, Callable[[Settings], ServiceDefinition]] = {
 }
 
 
-def definitions(settings: Settings, names: list[str] | tuple[str, ...] | None = None) -> list[ServiceDefinition]:
+def definitions(
+    settings: Settings, names: list[str] | tuple[str, ...] | None = None
+) -> list[ServiceDefinition]:
     chosen = list(FACTORIES) if not names else list(names)
     unknown = [n for n in chosen if n not in FACTORIES]
     if unknown:

@@ -88,16 +88,30 @@ def run_async(fn: Callable[[], Awaitable[T]]) -> T:
 
 def _is_connect(e: BaseException) -> bool:
     text = f"{type(e).__name__} {e}".lower()
-    return any(k in text for k in ("connect", "refused", "does not exist", "authentication",
-                                   "access_refused", "vhost", "unreachable"))
+    return any(
+        k in text
+        for k in (
+            "connect",
+            "refused",
+            "does not exist",
+            "authentication",
+            "access_refused",
+            "vhost",
+            "unreachable",
+        )
+    )
 
 
 def _describe_unreachable(e: BaseException) -> str:
     s = Settings()
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    target = "RabbitMQ" if "amqp" in f"{type(e).__module__} {msg}".lower() else "PostgreSQL or RabbitMQ"
-    return (f"cannot reach {target} ({msg}); check SAGABUS_AMQP_URL={_redact(s.amqp_url)} and "
-            f"SAGABUS_DATABASE_URL={_redact(s.database_url)}")
+    target = (
+        "RabbitMQ" if "amqp" in f"{type(e).__module__} {msg}".lower() else "PostgreSQL or RabbitMQ"
+    )
+    return (
+        f"cannot reach {target} ({msg}); check SAGABUS_AMQP_URL={_redact(s.amqp_url)} and "
+        f"SAGABUS_DATABASE_URL={_redact(s.database_url)}"
+    )
 
 
 def _redact(url: str) -> str:
@@ -137,8 +151,17 @@ def migrate() -> None:
     run_async(go)
 
 
-SERVICE_CHOICES = ["all", "process-manager", "order", "payment", "inventory", "shipping",
-                   "notification", "analytics", "dead-letters"]
+SERVICE_CHOICES = [
+    "all",
+    "process-manager",
+    "order",
+    "payment",
+    "inventory",
+    "shipping",
+    "notification",
+    "analytics",
+    "dead-letters",
+]
 
 
 @cli.command()
@@ -149,7 +172,9 @@ def run(services: tuple[str, ...]) -> None:
 
     s = settings()
     collect = "all" in services or "dead-letters" in services
-    names = None if "all" in services else [n for n in dict.fromkeys(services) if n != "dead-letters"]
+    names = (
+        None if "all" in services else [n for n in dict.fromkeys(services) if n != "dead-letters"]
+    )
     if names is not None and len(services) == 1:
         os.environ.setdefault("SAGABUS_SINGLE_SERVICE", "1")
     telemetry.configure_logging(s.log_format, s.log_level)
@@ -203,8 +228,11 @@ def _parse_item(value: str) -> Any:
     if len(parts) not in (2, 3):
         raise click.BadParameter(f"{value!r}: expected SKU:QTY or SKU:QTY:UNIT_PRICE_MINOR")
     try:
-        return LineItem(sku=parts[0], quantity=int(parts[1]),
-                        unit_price_minor=int(parts[2]) if len(parts) == 3 else 1000)
+        return LineItem(
+            sku=parts[0],
+            quantity=int(parts[1]),
+            unit_price_minor=int(parts[2]) if len(parts) == 3 else 1000,
+        )
     except Exception as e:
         raise click.BadParameter(f"{value!r}: {str(e).splitlines()[-1].strip()}") from None
 
@@ -212,19 +240,37 @@ def _parse_item(value: str) -> Any:
 @cli.command()
 @click.option("--order-id", default=None, help="Order id (default: a new one).")
 @click.option("--customer", "customer_id", default="cus_demo", show_default=True)
-@click.option("--item", "items", multiple=True, required=True,
-              help="SKU:QTY[:UNIT_PRICE_MINOR], repeatable.")
+@click.option(
+    "--item", "items", multiple=True, required=True, help="SKU:QTY[:UNIT_PRICE_MINOR], repeatable."
+)
 @click.option("--currency", default="EUR", show_default=True)
-@click.option("--token", "payment_token", default="tok_visa", show_default=True,
-              help="Payment token; tok_decline and tok_insufficient_funds decline.")
-@click.option("--postal-code", default="3511AA", show_default=True,
-              help="00000 is undeliverable; 99999 makes the carrier unavailable.")
+@click.option(
+    "--token",
+    "payment_token",
+    default="tok_visa",
+    show_default=True,
+    help="Payment token; tok_decline and tok_insufficient_funds decline.",
+)
+@click.option(
+    "--postal-code",
+    default="3511AA",
+    show_default=True,
+    help="00000 is undeliverable; 99999 makes the carrier unavailable.",
+)
 @click.option("--message-id", default=None, help="AMQP message id (default: random).")
 @click.option("--traceparent", default=None, help="W3C traceparent to continue.")
 @click.option("--json", "as_json", is_flag=True, help="Print the saga id as JSON.")
-def start(order_id: str | None, customer_id: str, items: tuple[str, ...], currency: str,
-          payment_token: str, postal_code: str, message_id: str | None,
-          traceparent: str | None, as_json: bool) -> None:
+def start(
+    order_id: str | None,
+    customer_id: str,
+    items: tuple[str, ...],
+    currency: str,
+    payment_token: str,
+    postal_code: str,
+    message_id: str | None,
+    traceparent: str | None,
+    as_json: bool,
+) -> None:
     """Publish a StartCheckout command, as any AMQP client would."""
     from pydantic import ValidationError
 
@@ -234,9 +280,12 @@ def start(order_id: str | None, customer_id: str, items: tuple[str, ...], curren
     from schemas.common import ShippingAddress
 
     s = settings()
-    if traceparent and not re.match(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$", traceparent):
-        raise click.BadParameter("not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)",
-                                 param_hint="--traceparent")
+    if traceparent and not re.match(
+        r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$", traceparent
+    ):
+        raise click.BadParameter(
+            "not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)", param_hint="--traceparent"
+        )
     mid = None
     if message_id:
         try:
@@ -250,13 +299,17 @@ def start(order_id: str | None, customer_id: str, items: tuple[str, ...], curren
             currency=currency,
             items=tuple(_parse_item(i) for i in items),
             payment_token=payment_token,
-            shipping_address=ShippingAddress(line1="1 Main Street", city="Utrecht",
-                                             postal_code=postal_code, country="NL"),
+            shipping_address=ShippingAddress(
+                line1="1 Main Street", city="Utrecht", postal_code=postal_code, country="NL"
+            ),
         )
     except ValidationError as e:
         raise click.UsageError(summarize(e)) from None
-    run_async(lambda: ops.publish_starts(s.amqp_url, [ops.start_message(cmd, message_id=mid,
-                                                                        traceparent=traceparent)]))
+    run_async(
+        lambda: ops.publish_starts(
+            s.amqp_url, [ops.start_message(cmd, message_id=mid, traceparent=traceparent)]
+        )
+    )
     saga_id = str(saga_id_for_order(cmd.order_id))
     if as_json:
         emit_json({"saga_id": saga_id, "order_id": cmd.order_id})
@@ -293,9 +346,11 @@ def status(saga: str, as_json: bool) -> None:
         emit_json(data)
         return
     console = Console()
-    console.print(f"saga [cyan]{data['saga_id']}[/] order {data['order_id']}: "
-                  f"[bold]{data['state']}[/] (step {data['current_step'] or '-'}, "
-                  f"attempt {data['attempt']}, fence {data['seq']})")
+    console.print(
+        f"saga [cyan]{data['saga_id']}[/] order {data['order_id']}: "
+        f"[bold]{data['state']}[/] (step {data['current_step'] or '-'}, "
+        f"attempt {data['attempt']}, fence {data['seq']})"
+    )
     if data["failure_reason"]:
         console.print(f"reason: {data['failure_reason']}")
     if data["trace_id"]:
@@ -303,34 +358,61 @@ def status(saga: str, as_json: bool) -> None:
         console.print(f"trace {data['trace_id']}: {jaeger}/trace/{data['trace_id']}")
     table = Table("at", "seq", "message", "transition", "outcome", "note")
     for h in data["history"]:
-        table.add_row(h["at"][11:23], str(h["seq"]), h["message_type"],
-                      f"{h['from'] or ''} -> {h['to'] or ''}", h["outcome"], h["note"])
+        table.add_row(
+            h["at"][11:23],
+            str(h["seq"]),
+            h["message_type"],
+            f"{h['from'] or ''} -> {h['to'] or ''}",
+            h["outcome"],
+            h["note"],
+        )
     console.print(table)
 
 
 @cli.command("list")
-@click.option("--state", type=click.Choice(["PENDING_ORDER", "PENDING_PAYMENT", "PENDING_INVENTORY",
-                                            "PENDING_SHIPMENT", "PENDING_CAPTURE", "COMPLETING",
-                                            "COMPENSATING", "COMPLETED", "COMPENSATED",
-                                            "FAILED_NEEDS_MANUAL"]))
+@click.option(
+    "--state",
+    type=click.Choice(
+        [
+            "PENDING_ORDER",
+            "PENDING_PAYMENT",
+            "PENDING_INVENTORY",
+            "PENDING_SHIPMENT",
+            "PENDING_CAPTURE",
+            "COMPLETING",
+            "COMPENSATING",
+            "COMPLETED",
+            "COMPENSATED",
+            "FAILED_NEEDS_MANUAL",
+        ]
+    ),
+)
 @click.option("--older-than", type=Duration(), default=None, help="Not updated for this long.")
 @click.option("--stuck", is_flag=True, help="Only sagas not in a terminal state.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def list_cmd(state: str | None, older_than: timedelta | None, stuck: bool, limit: int,
-             as_json: bool) -> None:
+def list_cmd(
+    state: str | None, older_than: timedelta | None, stuck: bool, limit: int, as_json: bool
+) -> None:
     """List sagas, newest first."""
     from process_manager import ops
 
-    rows = _with_engine(lambda e: ops.list_sagas(e, state=state, older_than=older_than,
-                                                 stuck=stuck, limit=limit))
+    rows = _with_engine(
+        lambda e: ops.list_sagas(e, state=state, older_than=older_than, stuck=stuck, limit=limit)
+    )
     if as_json:
         emit_json(rows)
         return
     table = Table("saga", "order", "state", "step", "updated", "reason")
     for r in rows:
-        table.add_row(r["saga_id"], r["order_id"], r["state"], r["current_step"] or "-",
-                      r["updated_at"][:19], (r["failure_reason"] or "")[:60])
+        table.add_row(
+            r["saga_id"],
+            r["order_id"],
+            r["state"],
+            r["current_step"] or "-",
+            r["updated_at"][:19],
+            (r["failure_reason"] or "")[:60],
+        )
     Console().print(table)
 
 
@@ -366,7 +448,10 @@ def inventory_seed(levels: tuple[str, ...], add: bool) -> None:
             await inv.seed(conn, parsed, add=add)
 
     _with_engine(go)
-    click.echo(f"stock {'increased' if add else 'set'}: " + ", ".join(f"{k}={v}" for k, v in parsed.items()))
+    click.echo(
+        f"stock {'increased' if add else 'set'}: "
+        + ", ".join(f"{k}={v}" for k, v in parsed.items())
+    )
 
 
 @inventory.command("show")
@@ -409,9 +494,14 @@ def _operator(saga: str, action: Any) -> None:
     if decision.outcome == "ignored":
         raise Failed(f"nothing done: {decision.note}")
     assert decision.state is not None
-    click.echo(f"saga {decision.state.saga_id}: {decision.note}; now {decision.state.status}"
-               + (f", sent {', '.join(c.body.TYPE for c in decision.commands)}"
-                  if decision.commands else ""))
+    click.echo(
+        f"saga {decision.state.saga_id}: {decision.note}; now {decision.state.status}"
+        + (
+            f", sent {', '.join(c.body.TYPE for c in decision.commands)}"
+            if decision.commands
+            else ""
+        )
+    )
 
 
 @cli.command()
@@ -450,10 +540,17 @@ def cases(show_all: bool, as_json: bool) -> None:
             stmt = stmt.where(t.c.resolved_at.is_(None))
         async with engine.connect() as conn:
             rows = (await conn.execute(stmt)).all()
-        return [{"saga_id": str(r.saga_id), "order_id": r.order_id, "reason": r.reason,
-                 "opened_at": r.opened_at.isoformat(),
-                 "resolved_at": r.resolved_at.isoformat() if r.resolved_at else None,
-                 "resolution": r.resolution} for r in rows]
+        return [
+            {
+                "saga_id": str(r.saga_id),
+                "order_id": r.order_id,
+                "reason": r.reason,
+                "opened_at": r.opened_at.isoformat(),
+                "resolved_at": r.resolved_at.isoformat() if r.resolved_at else None,
+                "resolution": r.resolution,
+            }
+            for r in rows
+        ]
 
     rows = _with_engine(go)
     if as_json:
@@ -461,8 +558,13 @@ def cases(show_all: bool, as_json: bool) -> None:
         return
     table = Table("saga", "order", "opened", "reason", "resolved")
     for r in rows:
-        table.add_row(r["saga_id"], r["order_id"], r["opened_at"][:19], r["reason"],
-                      (r["resolved_at"] or "")[:19])
+        table.add_row(
+            r["saga_id"],
+            r["order_id"],
+            r["opened_at"][:19],
+            r["reason"],
+            (r["resolved_at"] or "")[:19],
+        )
     Console().print(table)
 
 
@@ -474,9 +576,16 @@ def dlq() -> None:
     """Inspect, group, replay and purge dead letters (collected into PostgreSQL)."""
 
 
-def _filters(ids: tuple[str, ...] = (), queue: str | None = None, type_: str | None = None,
-             saga: str | None = None, error: str | None = None, since: timedelta | None = None,
-             group: str | None = None, status: str | None = "open") -> Any:
+def _filters(
+    ids: tuple[str, ...] = (),
+    queue: str | None = None,
+    type_: str | None = None,
+    saga: str | None = None,
+    error: str | None = None,
+    since: timedelta | None = None,
+    group: str | None = None,
+    status: str | None = "open",
+) -> Any:
     from messaging.deadletters import Filters
 
     parsed = []
@@ -485,18 +594,28 @@ def _filters(ids: tuple[str, ...] = (), queue: str | None = None, type_: str | N
             parsed.append(uuid.UUID(i))
         except ValueError:
             raise click.BadParameter(f"{i!r} is not a dead-letter id (a UUID)") from None
-    return Filters(ids=tuple(parsed), queue=queue, message_type=type_, saga_id=saga, error=error,
-                   since=since, group=group, status=status)
+    return Filters(
+        ids=tuple(parsed),
+        queue=queue,
+        message_type=type_,
+        saga_id=saga,
+        error=error,
+        since=since,
+        group=group,
+        status=status,
+    )
 
 
 def _filter_options(fn: Any) -> Any:
-    for opt in reversed([
-        click.option("--queue", help="Work queue the message failed on, e.g. sagabus.payment."),
-        click.option("--type", "type_", help="Message type, e.g. payment.AuthorizePayment.v1."),
-        click.option("--saga", help="Saga id."),
-        click.option("--error", help="Text in the error class or message."),
-        click.option("--since", type=Duration(), help="Failed within this long, e.g. 1h."),
-    ]):
+    for opt in reversed(
+        [
+            click.option("--queue", help="Work queue the message failed on, e.g. sagabus.payment."),
+            click.option("--type", "type_", help="Message type, e.g. payment.AuthorizePayment.v1."),
+            click.option("--saga", help="Saga id."),
+            click.option("--error", help="Text in the error class or message."),
+            click.option("--since", type=Duration(), help="Failed within this long, e.g. 1h."),
+        ]
+    ):
         fn = opt(fn)
     return fn
 
@@ -515,13 +634,25 @@ def _dlq_engine_call(fn: Callable[[Any], Awaitable[T]]) -> T:
 @dlq.command("list")
 @click.argument("ids", nargs=-1)
 @_filter_options
-@click.option("--status", type=click.Choice(["open", "replayed", "purged", "any"]), default="open",
-              show_default=True)
+@click.option(
+    "--status",
+    type=click.Choice(["open", "replayed", "purged", "any"]),
+    default="open",
+    show_default=True,
+)
 @click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def dlq_list(ids: tuple[str, ...], queue: str | None, type_: str | None, saga: str | None,
-             error: str | None, since: timedelta | None, status: str, limit: int,
-             as_json: bool) -> None:
+def dlq_list(
+    ids: tuple[str, ...],
+    queue: str | None,
+    type_: str | None,
+    saga: str | None,
+    error: str | None,
+    since: timedelta | None,
+    status: str,
+    limit: int,
+    as_json: bool,
+) -> None:
     """List dead letters, newest first."""
     from messaging import deadletters
 
@@ -532,8 +663,15 @@ def dlq_list(ids: tuple[str, ...], queue: str | None, type_: str | None, saga: s
         return
     table = Table("id", "failed", "queue", "type", "error", "group", "status")
     for r in rows:
-        table.add_row(r["id"], r["failed_at"][:19], r["queue"], r["message_type"] or "-",
-                      f"{r['error_class']}: {r['error_message']}"[:70], r["group"], r["status"])
+        table.add_row(
+            r["id"],
+            r["failed_at"][:19],
+            r["queue"],
+            r["message_type"] or "-",
+            f"{r['error_class']}: {r['error_message']}"[:70],
+            r["group"],
+            r["status"],
+        )
     Console().print(table)
 
 
@@ -554,8 +692,14 @@ def dlq_show(dead_letter_id: str, as_json: bool) -> None:
 @dlq.command("groups")
 @_filter_options
 @click.option("--json", "as_json", is_flag=True)
-def dlq_groups(queue: str | None, type_: str | None, saga: str | None, error: str | None,
-               since: timedelta | None, as_json: bool) -> None:
+def dlq_groups(
+    queue: str | None,
+    type_: str | None,
+    saga: str | None,
+    error: str | None,
+    since: timedelta | None,
+    as_json: bool,
+) -> None:
     """Open dead letters grouped by failure fingerprint (error class, normalised message, queue,
     type)."""
     from messaging import deadletters
@@ -567,8 +711,14 @@ def dlq_groups(queue: str | None, type_: str | None, saga: str | None, error: st
         return
     table = Table("group", "count", "queue", "type", "error", "last failed")
     for r in rows:
-        table.add_row(r["group"], str(r["count"]), r["queue"], r["message_type"] or "-",
-                      f"{r['error_class']}: {r['example']}"[:70], r["last_failed_at"][:19])
+        table.add_row(
+            r["group"],
+            str(r["count"]),
+            r["queue"],
+            r["message_type"] or "-",
+            f"{r['error_class']}: {r['example']}"[:70],
+            r["last_failed_at"][:19],
+        )
     Console().print(table)
 
 
@@ -578,11 +728,23 @@ def dlq_groups(queue: str | None, type_: str | None, saga: str | None, error: st
 @click.option("--group", help="Failure group (see `sagabus dlq groups`).")
 @click.option("--dry-run", is_flag=True, help="Show what would be replayed.")
 @click.option("--limit", type=click.IntRange(1, 1_000_000), default=1000, show_default=True)
-@click.option("--rate", type=click.FloatRange(min=0.01), default=None, help="At most this many per second.")
+@click.option(
+    "--rate", type=click.FloatRange(min=0.01), default=None, help="At most this many per second."
+)
 @click.option("--json", "as_json", is_flag=True)
-def dlq_replay(ids: tuple[str, ...], queue: str | None, type_: str | None, saga: str | None,
-               error: str | None, since: timedelta | None, group: str | None, dry_run: bool,
-               limit: int, rate: float | None, as_json: bool) -> None:
+def dlq_replay(
+    ids: tuple[str, ...],
+    queue: str | None,
+    type_: str | None,
+    saga: str | None,
+    error: str | None,
+    since: timedelta | None,
+    group: str | None,
+    dry_run: bool,
+    limit: int,
+    rate: float | None,
+    as_json: bool,
+) -> None:
     """Republish dead letters to the queue that failed them, with their original message id."""
     from messaging import deadletters, telemetry
     from messaging.publisher import Publisher
@@ -621,9 +783,17 @@ def dlq_replay(ids: tuple[str, ...], queue: str | None, type_: str | None, saga:
 @click.option("--group", help="Failure group.")
 @click.option("--limit", type=click.IntRange(1, 1_000_000), default=100_000, show_default=True)
 @click.option("--yes", is_flag=True, help="Confirm: archive the matching open dead letters.")
-def dlq_purge(ids: tuple[str, ...], queue: str | None, type_: str | None, saga: str | None,
-              error: str | None, since: timedelta | None, group: str | None, limit: int,
-              yes: bool) -> None:
+def dlq_purge(
+    ids: tuple[str, ...],
+    queue: str | None,
+    type_: str | None,
+    saga: str | None,
+    error: str | None,
+    since: timedelta | None,
+    group: str | None,
+    limit: int,
+    yes: bool,
+) -> None:
     """Archive dead letters (status purged; rows are kept, never destroyed)."""
     from messaging import deadletters
 
@@ -646,8 +816,9 @@ def demo(sagas: int, seed: int | None, verbose: bool) -> None:
     from process_manager.demo import run_demo
 
     s = settings()
-    telemetry.configure_logging("console" if verbose else s.log_format,
-                                s.log_level if verbose else "error")
+    telemetry.configure_logging(
+        "console" if verbose else s.log_format, s.log_level if verbose else "error"
+    )
     ok = run_async(lambda: run_demo(s, sagas, Console(), seed=seed))
     if not ok:
         sys.exit(EXIT_FAILED)

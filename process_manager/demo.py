@@ -113,7 +113,8 @@ async def invariants(engine: AsyncEngine, prefix: str) -> dict[str, int]:
         "dangling_reservations": "SELECT count(*) FROM inventory.reservations r JOIN "
         "process_manager.sagas s ON s.order_id = r.order_id WHERE r.order_id LIKE :p "
         "AND r.status = 'RESERVED' AND s.status = 'COMPENSATED'",
-        "unsent_outbox_rows": "SELECT (SELECT count(*) FROM process_manager.outbox WHERE sent_at IS NULL)"
+        "unsent_outbox_rows": "SELECT "
+        "(SELECT count(*) FROM process_manager.outbox WHERE sent_at IS NULL)"
         " + (SELECT count(*) FROM orders.outbox WHERE sent_at IS NULL)"
         " + (SELECT count(*) FROM payment.outbox WHERE sent_at IS NULL)"
         " + (SELECT count(*) FROM inventory.outbox WHERE sent_at IS NULL)"
@@ -126,8 +127,14 @@ async def invariants(engine: AsyncEngine, prefix: str) -> dict[str, int]:
     return out
 
 
-async def run_demo(base: Settings, n: int, console: Console, *, seed: int | None = None,
-                   timeout_s: float | None = None) -> bool:
+async def run_demo(
+    base: Settings,
+    n: int,
+    console: Console,
+    *,
+    seed: int | None = None,
+    timeout_s: float | None = None,
+) -> bool:
     settings = demo_settings(base)
     await ensure_database(settings)
     run = secrets.token_hex(3)
@@ -153,13 +160,19 @@ async def run_demo(base: Settings, n: int, console: Console, *, seed: int | None
         await ops.publish_starts(settings.amqp_url, [ops.start_message(c) for _, c in starts])
         deadline = started + (timeout_s if timeout_s is not None else 60 + n * 0.5)
         with Progress(
-            TextColumn("sagas terminal"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, transient=False,
+            TextColumn("sagas terminal"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
         ) as progress:
             task = progress.add_task("sagas", total=n)
             while True:
                 counts = await ops.counts_by_status(engine, prefix)
-                done = sum(counts.get(s, 0) for s in ("COMPLETED", "COMPENSATED", "FAILED_NEEDS_MANUAL"))
+                done = sum(
+                    counts.get(s, 0) for s in ("COMPLETED", "COMPENSATED", "FAILED_NEEDS_MANUAL")
+                )
                 progress.update(task, completed=done)
                 if done >= n or time.monotonic() > deadline:
                     break
@@ -178,7 +191,8 @@ async def run_demo(base: Settings, n: int, console: Console, *, seed: int | None
             charged = (
                 await conn.execute(
                     select(func.coalesce(func.sum(payment.ledger.c.amount_minor), 0)).where(
-                        payment.ledger.c.order_id.startswith(prefix), payment.ledger.c.kind == "capture"
+                        payment.ledger.c.order_id.startswith(prefix),
+                        payment.ledger.c.kind == "capture",
                     )
                 )
             ).scalar_one()
@@ -202,9 +216,13 @@ async def run_demo(base: Settings, n: int, console: Console, *, seed: int | None
                 ok = got[s.expected] == total
                 expected = f"{total} {s.expected}"
             all_ok &= ok
-            table.add_row(s.name, str(total), expected,
-                          ", ".join(f"{v} {k}" for k, v in sorted(got.items())),
-                          "[green]yes[/]" if ok else "[red]NO[/]")
+            table.add_row(
+                s.name,
+                str(total),
+                expected,
+                ", ".join(f"{v} {k}" for k, v in sorted(got.items())),
+                "[green]yes[/]" if ok else "[red]NO[/]",
+            )
         console.print(table)
         inv = await invariants(engine, prefix)
         inv_table = Table(title="Invariants")
@@ -214,8 +232,11 @@ async def run_demo(base: Settings, n: int, console: Console, *, seed: int | None
             inv_table.add_row(k.replace("_", " "), f"[green]{v}[/]" if v == 0 else f"[red]{v}[/]")
             all_ok &= v == 0
         console.print(inv_table)
-        console.print(f"captured {charged / 100:.2f} EUR across {by_scenario.get('success', Counter())['COMPLETED']} "
-                      f"successful checkouts")
+        console.print(
+            f"captured {charged / 100:.2f} EUR across "
+            f"{by_scenario.get('success', Counter())['COMPLETED']} "
+            f"successful checkouts"
+        )
         console.print("[bold green]demo passed[/]" if all_ok else "[bold red]demo FAILED[/]")
         return all_ok
     finally:

@@ -77,7 +77,9 @@ async def saga_status(engine: AsyncEngine, key: str) -> dict[str, Any] | None:
     except ValueError:
         saga_id = saga_id_for_order(key)
     async with engine.connect() as conn:
-        row = (await conn.execute(select(store.sagas).where(store.sagas.c.saga_id == saga_id))).first()
+        row = (
+            await conn.execute(select(store.sagas).where(store.sagas.c.saga_id == saga_id))
+        ).first()
         if row is None:
             return None
         h = store.history

@@ -66,6 +66,7 @@ from schemas.shipping import (
 
 DEFINITION_VERSION = "checkout.v1"
 
+
 class SagaStatus(enum.StrEnum):
     PENDING_ORDER = "PENDING_ORDER"
     PENDING_PAYMENT = "PENDING_PAYMENT"

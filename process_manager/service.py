@@ -31,10 +31,10 @@ from process_manager.saga import (
     TERMINAL,
     Command,
     Decision,
-    InvalidTransition,
-    Policy,
     Expire,
     Input,
+    InvalidTransition,
+    Policy,
     Reply,
     SagaState,
     SagaStatus,
@@ -110,7 +110,9 @@ def make_handlers(policy: Policy) -> dict[str, object]:
     async def on_start(ctx: Context) -> None:
         env = ctx.envelope
         assert isinstance(ctx.incoming.body, StartCheckout)
-        decision = decide(None, Start(ctx.incoming.body, env.message_id), now=ctx.now, policy=policy)
+        decision = decide(
+            None, Start(ctx.incoming.body, env.message_id), now=ctx.now, policy=policy
+        )
         assert decision.state is not None
         state = decision.state
         inserted = await store.insert_new(
@@ -138,12 +140,21 @@ def make_handlers(policy: Policy) -> dict[str, object]:
             log.info("saga_start_duplicate", saga_id=str(state.saga_id), order_id=state.order_id)
             return
         await store.record(
-            ctx.conn, state.saga_id, decision, seq=state.seq, message_id=env.message_id,
+            ctx.conn,
+            state.saga_id,
+            decision,
+            seq=state.seq,
+            message_id=env.message_id,
             message_type=env.type,
         )
         ctx.outgoing.extend(
-            outgoing(c, state, correlation_id=env.correlation_id, causation_id=env.message_id,
-                     now=ctx.now)
+            outgoing(
+                c,
+                state,
+                correlation_id=env.correlation_id,
+                causation_id=env.message_id,
+                now=ctx.now,
+            )
             for c in decision.commands
         )
         _observe(decision, state)
@@ -162,8 +173,16 @@ def make_handlers(policy: Policy) -> dict[str, object]:
             )
         except InvalidTransition as e:
             raise PermanentError(str(e)) from None
-        await _apply(ctx.conn, loaded, decision, ctx.outgoing, message_id=env.message_id,
-                     message_type=env.type, causation_id=env.message_id, now=ctx.now)
+        await _apply(
+            ctx.conn,
+            loaded,
+            decision,
+            ctx.outgoing,
+            message_id=env.message_id,
+            message_type=env.type,
+            causation_id=env.message_id,
+            now=ctx.now,
+        )
 
     handlers: dict[str, object] = {StartCheckout.TYPE: on_start}
     for type_name, model in REGISTRY.items():
@@ -189,12 +208,21 @@ async def _apply(
         before = loaded.state.status
         if state.status is SagaStatus.FAILED_NEEDS_MANUAL and before is not state.status:
             await store.open_case(conn, state, now)
-            log.warning("saga_needs_manual", saga_id=str(state.saga_id),
-                        reason=state.failure_reason)
+            log.warning(
+                "saga_needs_manual", saga_id=str(state.saga_id), reason=state.failure_reason
+            )
         elif before is SagaStatus.FAILED_NEEDS_MANUAL and state.status is not before:
-            await store.resolve_case(conn, state.saga_id, f"operator moved it to {state.status}", now)
-    await store.record(conn, state.saga_id, decision, seq=state.seq, message_id=message_id,
-                       message_type=message_type)
+            await store.resolve_case(
+                conn, state.saga_id, f"operator moved it to {state.status}", now
+            )
+    await store.record(
+        conn,
+        state.saga_id,
+        decision,
+        seq=state.seq,
+        message_id=message_id,
+        message_type=message_type,
+    )
     out.extend(
         outgoing(c, state, correlation_id=loaded.correlation_id, causation_id=causation_id, now=now)
         for c in decision.commands
@@ -223,13 +251,25 @@ async def fire_due_timeouts(sctx: ServiceContext, policy: Policy, *, limit: int 
             assert loaded is not None
             parent = telemetry.extract({"traceparent": loaded.traceparent or ""})
             with sctx.tracer.start_as_current_span(
-                "saga timeout", context=parent, kind=trace.SpanKind.INTERNAL,
-                attributes={"sagabus.saga.id": str(saga_id),
-                            "sagabus.saga.step": loaded.state.awaiting or ""},
+                "saga timeout",
+                context=parent,
+                kind=trace.SpanKind.INTERNAL,
+                attributes={
+                    "sagabus.saga.id": str(saga_id),
+                    "sagabus.saga.step": loaded.state.awaiting or "",
+                },
             ):
                 decision = decide(loaded.state, Timeout(loaded.state.seq), now=now, policy=policy)
-                await _apply(conn, loaded, decision, out, message_id=None,
-                             message_type="sagabus.Timeout", causation_id=None, now=now)
+                await _apply(
+                    conn,
+                    loaded,
+                    decision,
+                    out,
+                    message_id=None,
+                    message_type="sagabus.Timeout",
+                    causation_id=None,
+                    now=now,
+                )
             fired += 1
         await sctx.outbox.write(conn, out)
     if out:
@@ -237,8 +277,9 @@ async def fire_due_timeouts(sctx: ServiceContext, policy: Policy, *, limit: int 
     return fired
 
 
-async def sweep_expired(sctx: ServiceContext, policy: Policy, ttl: timedelta, *,
-                        limit: int = 100) -> int:
+async def sweep_expired(
+    sctx: ServiceContext, policy: Policy, ttl: timedelta, *, limit: int = 100
+) -> int:
     """Move sagas alive beyond their time-to-live to FAILED_NEEDS_MANUAL (with a case)."""
     now = datetime.now(UTC)
     t = store.sagas
@@ -257,8 +298,16 @@ async def sweep_expired(sctx: ServiceContext, policy: Policy, ttl: timedelta, *,
             assert loaded is not None
             reason = f"saga exceeded its time-to-live of {ttl} in {loaded.state.status}"
             decision = decide(loaded.state, Expire(reason), now=now, policy=policy)
-            await _apply(conn, loaded, decision, out, message_id=None,
-                         message_type="sagabus.Expired", causation_id=None, now=now)
+            await _apply(
+                conn,
+                loaded,
+                decision,
+                out,
+                message_id=None,
+                message_type="sagabus.Expired",
+                causation_id=None,
+                now=now,
+            )
         await sctx.outbox.write(conn, out)
     if rows:
         log.warning("stuck_sagas_swept", count=len(rows))
@@ -281,8 +330,16 @@ async def operator_action(
             return None
         decision = decide(loaded.state, action, now=now, policy=policy)
         out: list[OutgoingMessage] = []
-        await _apply(conn, loaded, decision, out, message_id=None,
-                     message_type=f"operator.{type(action).__name__}", causation_id=None, now=now)
+        await _apply(
+            conn,
+            loaded,
+            decision,
+            out,
+            message_id=None,
+            message_type=f"operator.{type(action).__name__}",
+            causation_id=None,
+            now=now,
+        )
         await outbox.write(conn, out)
     return decision
 

@@ -210,20 +210,27 @@ async def record(
 async def open_case(conn: AsyncConnection, state: SagaState, now: datetime) -> None:
     """A saga that needs a human gets one open case (reopened if it fails again)."""
     stmt = pg_insert(manual_cases).values(
-        saga_id=state.saga_id, order_id=state.order_id,
-        reason=state.failure_reason or "unknown", opened_at=now,
+        saga_id=state.saga_id,
+        order_id=state.order_id,
+        reason=state.failure_reason or "unknown",
+        opened_at=now,
     )
     await conn.execute(
         stmt.on_conflict_do_update(
             index_elements=["saga_id"],
-            set_={"reason": stmt.excluded.reason, "opened_at": now, "resolved_at": None,
-                  "resolution": None},
+            set_={
+                "reason": stmt.excluded.reason,
+                "opened_at": now,
+                "resolved_at": None,
+                "resolution": None,
+            },
         )
     )
 
 
-async def resolve_case(conn: AsyncConnection, saga_id: uuid.UUID, resolution: str,
-                       now: datetime) -> None:
+async def resolve_case(
+    conn: AsyncConnection, saga_id: uuid.UUID, resolution: str, now: datetime
+) -> None:
     await conn.execute(
         update(manual_cases)
         .where(manual_cases.c.saga_id == saga_id, manual_cases.c.resolved_at.is_(None))

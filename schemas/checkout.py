@@ -10,7 +10,6 @@ from pydantic import Field, model_validator
 from schemas.base import Message
 from schemas.common import Currency, LineItem, OrderId, ShippingAddress, Token
 
-
 #: Namespace for saga ids derived from order ids. Never change it: it keys every saga.
 SAGA_NAMESPACE = uuid.UUID("6f1f3c2e-3f0e-4a53-9d0c-5a8b2d4c7e10")
 

@@ -7,12 +7,16 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
+import aio_pika
 import pytest
 import pytest_asyncio
+from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from messaging.db import ensure_database, make_engine
+from messaging.service import Runtime
 from messaging.settings import Settings
+from process_manager import bootstrap
 from tests import support
 
 PG_ADMIN = os.environ.get("SAGABUS_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -62,3 +66,31 @@ async def engine(database: Settings) -> AsyncIterator[AsyncEngine]:
     e = make_engine(database)
     yield e
     await e.dispose()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def services(database: Settings, engine: AsyncEngine) -> AsyncIterator[Runtime]:
+    """Every service running in-process against the session's database and vhost."""
+    runtime = Runtime(bootstrap.definitions(database), database, engine=engine)
+    await runtime.start()
+    yield runtime
+    await runtime.stop()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def amqp(settings: Settings) -> AsyncIterator[AbstractRobustConnection]:
+    """A broker connection of the tests' own (for publishing, inspecting and declaring)."""
+    connection = await aio_pika.connect_robust(settings.amqp_url)
+    yield connection
+    await connection.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def dead_letters(amqp: AbstractRobustConnection) -> support.DeadLetters:
+    return support.DeadLetters(amqp)
+
+
+@pytest.fixture
+def uid() -> str:
+    """A short unique suffix for order ids, SKUs and throwaway broker objects."""
+    return uuid.uuid4().hex[:10]

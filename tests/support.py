@@ -1,9 +1,11 @@
-"""Helpers for tests against the real RabbitMQ and PostgreSQL: isolation and polling."""
+"""Helpers for tests against the real RabbitMQ and PostgreSQL: isolation, polling, and looking
+into queues, dead-letter queues and tables."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import shutil
 import subprocess
@@ -12,11 +14,17 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+import aio_pika
 import asyncpg
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from sqlalchemy import Table, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from messaging.service import Runtime
+from process_manager import ops
 from schemas.checkout import StartCheckout
 from schemas.common import LineItem, ShippingAddress
 
@@ -28,7 +36,7 @@ ADDRESS = ShippingAddress(line1="1 Test Street", city="Utrecht", postal_code="35
 async def wait_for(
     probe: Callable[[], Awaitable[T]],
     *,
-    timeout: float = 30,
+    timeout: float = 30,  # noqa: ASYNC109 - a polling deadline that names what it waited for
     interval: float = 0.05,
     what: str = "condition",
 ) -> T:
@@ -61,6 +69,195 @@ def checkout(
         payment_token=token,
         shipping_address=ADDRESS.model_copy(update={"postal_code": postal_code}),
     )
+
+
+async def wait_until(predicate: Callable[[], Any], **kwargs: Any) -> Any:
+    """``wait_for`` with a plain (synchronous) predicate, such as a counter reaching a value."""
+
+    async def probe() -> Any:
+        return predicate()
+
+    return await wait_for(probe, **kwargs)
+
+
+async def wait_terminal(
+    engine: AsyncEngine,
+    order_id: str,
+    *,
+    timeout: float = 30,  # noqa: ASYNC109
+) -> dict[str, Any]:
+    """Poll until the saga of ``order_id`` is in a terminal state; returns ``ops.saga_status``."""
+
+    async def probe() -> dict[str, Any] | None:
+        s = await ops.saga_status(engine, order_id)
+        return s if s and s["terminal"] else None
+
+    return await wait_for(probe, timeout=timeout, what=f"saga of {order_id} to finish")
+
+
+def text(value: Any) -> Any:
+    """AMQP header values may arrive as bytes; compare them as text."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def headers_of(message: AbstractIncomingMessage) -> dict[str, Any]:
+    return {k: text(v) for k, v in (message.headers or {}).items()}
+
+
+# -- PostgreSQL queries ------------------------------------------------------------------------
+
+
+async def count(engine: AsyncEngine, table: Table, **where: Any) -> int:
+    stmt = select(func.count()).select_from(table)
+    for column, value in where.items():
+        stmt = stmt.where(table.c[column] == value)
+    async with engine.connect() as conn:
+        return int((await conn.execute(stmt)).scalar_one())
+
+
+async def rows(engine: AsyncEngine, table: Table, **where: Any) -> list[Any]:
+    stmt = select(table)
+    for column, value in where.items():
+        stmt = stmt.where(table.c[column] == value)
+    if "id" in table.c:
+        stmt = stmt.order_by(table.c.id)
+    async with engine.connect() as conn:
+        return list((await conn.execute(stmt)).all())
+
+
+async def one(engine: AsyncEngine, table: Table, **where: Any) -> Any:
+    found = await rows(engine, table, **where)
+    assert len(found) == 1, f"expected one {table.fullname} row for {where}, found {len(found)}"
+    return found[0]
+
+
+# -- RabbitMQ ----------------------------------------------------------------------------------
+
+
+async def queue_depth(connection: AbstractConnection, queue: str) -> int:
+    """Ready messages in ``queue`` (a fresh channel: aio-pika caches declarations per channel)."""
+    channel = await connection.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+    finally:
+        await channel.close()
+
+
+async def publish(
+    connection: AbstractConnection, exchange: str, routing_key: str, message: aio_pika.Message
+) -> None:
+    """Publish with publisher confirms; unroutable messages raise."""
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    try:
+        ex = (
+            channel.default_exchange
+            if exchange == ""
+            else await channel.get_exchange(exchange, ensure=False)
+        )
+        await ex.publish(message, routing_key=routing_key, mandatory=True)
+    finally:
+        await channel.close()
+
+
+async def sent_outbox_row(
+    engine: AsyncEngine,
+    table: Table,
+    saga_id: uuid.UUID,
+    message_type: str,
+    *,
+    timeout: float = 30,  # noqa: ASYNC109
+) -> Any:
+    """Wait until the outbox row of ``message_type`` for ``saga_id`` has been published."""
+
+    async def probe() -> Any:
+        found = [
+            r
+            for r in await rows(engine, table, saga_id=saga_id, message_type=message_type)
+            if r.sent_at is not None
+        ]
+        return found[0] if found else None
+
+    return await wait_for(probe, timeout=timeout, what=f"{message_type} of {saga_id} published")
+
+
+def copy_of_outbox_row(row: Any, *, message_id: uuid.UUID | None = None) -> aio_pika.Message:
+    """The AMQP message a relay publishes for an outbox row (optionally under a new id)."""
+    return aio_pika.Message(
+        body=row.body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=str(message_id or row.message_id),
+        type=row.message_type,
+        correlation_id=str(row.correlation_id) if row.correlation_id else None,
+        headers=dict(row.headers),
+    )
+
+
+class DeadLetters:
+    """Takes messages off dead-letter queues and keeps them by (queue, message id), so tests
+    sharing one DLQ each find their own message without requeueing the others'."""
+
+    def __init__(self, connection: AbstractConnection) -> None:
+        self.connection = connection
+        self.seen: dict[tuple[str, str | None], AbstractIncomingMessage] = {}
+
+    async def _drain(self, queue: str) -> None:
+        channel = await self.connection.channel()
+        try:
+            q = await channel.get_queue(queue, ensure=False)
+            while (m := await q.get(no_ack=True, fail=False)) is not None:
+                self.seen[(queue, m.message_id)] = m
+        finally:
+            await channel.close()
+
+    async def wait(
+        self,
+        queue: str,
+        message_id: str,
+        *,
+        timeout: float = 30,  # noqa: ASYNC109
+    ) -> AbstractIncomingMessage:
+        async def probe() -> AbstractIncomingMessage | None:
+            await self._drain(queue)
+            return self.seen.get((queue, message_id))
+
+        return await wait_for(probe, timeout=timeout, what=f"{message_id} in {queue}")
+
+    async def absent(self, queue: str, message_id: str) -> bool:
+        await self._drain(queue)
+        return (queue, message_id) not in self.seen
+
+
+@contextlib.asynccontextmanager
+async def paused(runtime: Runtime, service: str) -> AsyncIterator[None]:
+    """Stop ``service`` consuming (its messages wait in its queue), then resume on exit."""
+    consumer = runtime.consumers[service]
+    await consumer.stop()
+    try:
+        yield
+    finally:
+        assert runtime.connection is not None
+        await consumer.start(await runtime.connection.channel())
+
+
+def mgmt_json(path: str) -> Any:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:15672/api/{path}",
+        headers={"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()},
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def vhost_path(vhost: str) -> str:
+    return urllib.parse.quote(vhost, safe="")
+
+
+def env_for(amqp_url: str, database_url: str, base: Mapping[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in base.items() if not k.startswith("SAGABUS_")}
+    env.update(SAGABUS_AMQP_URL=amqp_url, SAGABUS_DATABASE_URL=database_url)
+    return env
 
 
 # -- RabbitMQ vhosts -------------------------------------------------------------------------

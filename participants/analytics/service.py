@@ -42,7 +42,9 @@ async def count(ctx: Context) -> None:
             set_={
                 "count": outcomes.c.count + 1,
                 "total_duration_ms": outcomes.c.total_duration_ms + stmt.excluded.total_duration_ms,
-                "max_duration_ms": func.greatest(outcomes.c.max_duration_ms, stmt.excluded.max_duration_ms),
+                "max_duration_ms": func.greatest(
+                    outcomes.c.max_duration_ms, stmt.excluded.max_duration_ms
+                ),
                 "amount_minor": outcomes.c.amount_minor + stmt.excluded.amount_minor,
                 "updated_at": func.now(),
             },

@@ -67,8 +67,13 @@ async def _claim(ctx: Context, order_id: str, status: str, items: list[dict[str,
     """Insert our row, or wait for and lock the existing one. Returns (row, inserted)."""
     inserted = await ctx.conn.execute(
         insert(reservations)
-        .values(order_id=order_id, saga_id=ctx.envelope.saga_id, status=status, items=items,
-                updated_at=ctx.now)
+        .values(
+            order_id=order_id,
+            saga_id=ctx.envelope.saga_id,
+            status=status,
+            items=items,
+            updated_at=ctx.now,
+        )
         .on_conflict_do_nothing()
     )
     row = (
@@ -116,7 +121,9 @@ async def reserve(ctx: Context) -> None:
     ctx.reply(InventoryReserved(order_id=cmd.order_id, reservation_id=cmd.order_id))
 
 
-async def _set(conn: AsyncConnection, order_id: str, status: str, ctx: Context, **values: object) -> None:
+async def _set(
+    conn: AsyncConnection, order_id: str, status: str, ctx: Context, **values: object
+) -> None:
     await conn.execute(
         update(reservations)
         .where(reservations.c.order_id == order_id)

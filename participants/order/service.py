@@ -75,7 +75,9 @@ async def complete_order(ctx: Context) -> None:
     cmd = ctx.incoming.body
     assert isinstance(cmd, CompleteOrder)
     row = (
-        await ctx.conn.execute(select(orders).where(orders.c.order_id == cmd.order_id).with_for_update())
+        await ctx.conn.execute(
+            select(orders).where(orders.c.order_id == cmd.order_id).with_for_update()
+        )
     ).first()
     if row is None:
         raise PermanentError(f"CompleteOrder for unknown order {cmd.order_id}")
@@ -102,7 +104,9 @@ async def cancel_order(ctx: Context) -> None:
     cmd = ctx.incoming.body
     assert isinstance(cmd, CancelOrder)
     row = (
-        await ctx.conn.execute(select(orders).where(orders.c.order_id == cmd.order_id).with_for_update())
+        await ctx.conn.execute(
+            select(orders).where(orders.c.order_id == cmd.order_id).with_for_update()
+        )
     ).first()
     now = ctx.now
     if row is None:
@@ -121,8 +125,12 @@ async def cancel_order(ctx: Context) -> None:
         )
         ctx.reply(
             OrderCancelled(
-                order_id=cmd.order_id, customer_id="unknown", amount_minor=0, currency="XXX",
-                duration_ms=0, reason=cmd.reason,
+                order_id=cmd.order_id,
+                customer_id="unknown",
+                amount_minor=0,
+                currency="XXX",
+                duration_ms=0,
+                reason=cmd.reason,
             )
         )
         return
@@ -153,4 +161,3 @@ def definition(settings: Settings) -> ServiceDefinition:
         CancelOrder.TYPE: cancel_order,
     }
     return ServiceDefinition("order", SCHEMA, metadata, handlers)
-

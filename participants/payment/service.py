@@ -93,7 +93,9 @@ ledger = Table(
 
 async def _lock(ctx: Context, order_id: str):  # type: ignore[no-untyped-def]
     return (
-        await ctx.conn.execute(select(payments).where(payments.c.order_id == order_id).with_for_update())
+        await ctx.conn.execute(
+            select(payments).where(payments.c.order_id == order_id).with_for_update()
+        )
     ).first()
 
 
@@ -178,13 +180,17 @@ async def capture(ctx: Context) -> None:
             ctx.reply(PaymentCaptureFailed(order_id=cmd.order_id, reason="capture refused by PSP"))
             return
         if cmd.amount_minor > row.amount_minor:
-            ctx.reply(PaymentCaptureFailed(order_id=cmd.order_id, reason="amount exceeds authorization"))
+            ctx.reply(
+                PaymentCaptureFailed(order_id=cmd.order_id, reason="amount exceeds authorization")
+            )
             return
         await _post(ctx, cmd.order_id, "capture", cmd.amount_minor)
         await _set(ctx, cmd.order_id, status="CAPTURED")
     ctx.reply(
         PaymentCaptured(
-            order_id=cmd.order_id, authorization_id=row.authorization_id, amount_minor=cmd.amount_minor
+            order_id=cmd.order_id,
+            authorization_id=row.authorization_id,
+            amount_minor=cmd.amount_minor,
         )
     )
 
@@ -249,7 +255,9 @@ async def refund(ctx: Context) -> None:
 async def status(ctx: Context) -> None:
     cmd = ctx.incoming.body
     assert isinstance(cmd, GetPaymentStatus)
-    row = (await ctx.conn.execute(select(payments).where(payments.c.order_id == cmd.order_id))).first()
+    row = (
+        await ctx.conn.execute(select(payments).where(payments.c.order_id == cmd.order_id))
+    ).first()
     ctx.reply(
         PaymentStatusReported(order_id=cmd.order_id, status=row.status.lower() if row else "none")
     )

@@ -88,8 +88,12 @@ class Carrier:
         async with engine.begin() as conn:
             await conn.execute(
                 insert(self.table)
-                .values(idempotency_key=key, order_id=order_id, tracking_number=tracking,
-                        status="BOOKED")
+                .values(
+                    idempotency_key=key,
+                    order_id=order_id,
+                    tracking_number=tracking,
+                    status="BOOKED",
+                )
                 .on_conflict_do_nothing()
             )
         if self.rng.random() < self.lose_response_rate:

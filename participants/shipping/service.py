@@ -56,16 +56,26 @@ def _key(ctx: Context) -> str:
     return f"{ctx.envelope.saga_id}:shipment"
 
 
-async def _record(ctx: Context, order_id: str, status: str, tracking: str | None, reason: str | None) -> None:
+async def _record(
+    ctx: Context, order_id: str, status: str, tracking: str | None, reason: str | None
+) -> None:
     stmt = insert(shipments).values(
-        order_id=order_id, saga_id=ctx.envelope.saga_id, status=status,
-        tracking_number=tracking, reason=reason, updated_at=ctx.now,
+        order_id=order_id,
+        saga_id=ctx.envelope.saga_id,
+        status=status,
+        tracking_number=tracking,
+        reason=reason,
+        updated_at=ctx.now,
     )
     await ctx.conn.execute(
         stmt.on_conflict_do_update(
             index_elements=["order_id"],
-            set_={"status": status, "tracking_number": tracking, "reason": reason,
-                  "updated_at": ctx.now},
+            set_={
+                "status": status,
+                "tracking_number": tracking,
+                "reason": reason,
+                "updated_at": ctx.now,
+            },
         )
     )
 
@@ -81,9 +91,13 @@ def make_handlers(carrier: Carrier, settings: Settings) -> dict[str, Handler]:
         ).first()
         if row is not None:
             if row.status == "CREATED":
-                ctx.reply(ShipmentCreated(order_id=cmd.order_id, tracking_number=row.tracking_number))
+                ctx.reply(
+                    ShipmentCreated(order_id=cmd.order_id, tracking_number=row.tracking_number)
+                )
             else:
-                reason = row.reason or ("cancelled before creation" if row.status == "CANCELLED" else "failed")
+                reason = row.reason or (
+                    "cancelled before creation" if row.status == "CANCELLED" else "failed"
+                )
                 ctx.reply(ShipmentFailed(order_id=cmd.order_id, reason=reason))
             return
         engine = ctx.conn.engine

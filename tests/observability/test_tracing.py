@@ -41,21 +41,36 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         self.spans: list[dict[str, Any]] = []
         self.lock = threading.Lock()
 
-    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC method name)
+    def Export(self, request: Any, context: Any) -> Any:
         with self.lock:
             for rs in request.resource_spans:
-                service = next((a.value.string_value for a in rs.resource.attributes
-                                if a.key == "service.name"), "")
+                service = next(
+                    (
+                        a.value.string_value
+                        for a in rs.resource.attributes
+                        if a.key == "service.name"
+                    ),
+                    "",
+                )
                 for ss in rs.scope_spans:
                     for s in ss.spans:
-                        self.spans.append({
-                            "service": service, "name": s.name, "kind": s.kind,
-                            "trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
-                            "parent": s.parent_span_id.hex(),
-                            "links": [ln.trace_id.hex() for ln in s.links],
-                            "attrs": {a.key: a.value.string_value or a.value.int_value
-                                      or a.value.bool_value for a in s.attributes},
-                        })
+                        self.spans.append(
+                            {
+                                "service": service,
+                                "name": s.name,
+                                "kind": s.kind,
+                                "trace_id": s.trace_id.hex(),
+                                "span_id": s.span_id.hex(),
+                                "parent": s.parent_span_id.hex(),
+                                "links": [ln.trace_id.hex() for ln in s.links],
+                                "attrs": {
+                                    a.key: a.value.string_value
+                                    or a.value.int_value
+                                    or a.value.bool_value
+                                    for a in s.attributes
+                                },
+                            }
+                        )
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
@@ -79,12 +94,21 @@ async def traced(receiver: tuple[Receiver, int]) -> AsyncIterator[tuple[Settings
     engine = make_engine(s)
     await migrate(bootstrap.definitions(s), engine)
     await topology.declare_all(s)
-    env = {**os.environ, "SAGABUS_AMQP_URL": s.amqp_url, "SAGABUS_DATABASE_URL": s.database_url,
-           "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver[1]}",
-           "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_BSP_SCHEDULE_DELAY": "200",
-           "SAGABUS_LOG_FORMAT": "json"}
-    proc = subprocess.Popen([sys.executable, "-m", "process_manager.cli", "run", "all"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "SAGABUS_AMQP_URL": s.amqp_url,
+        "SAGABUS_DATABASE_URL": s.database_url,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver[1]}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+        "SAGABUS_LOG_FORMAT": "json",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "process_manager.cli", "run", "all"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         yield s, engine
     finally:
@@ -115,8 +139,18 @@ async def test_one_trace_across_every_service_continuing_the_callers_traceparent
     status = await wait_for(completed, timeout=90, what="traced saga to complete")
     assert status["trace_id"] == trace_id
 
-    wanted = {f"sagabus-{n}" for n in ("process-manager", "order", "payment", "inventory",
-                                       "shipping", "notification", "analytics")}
+    wanted = {
+        f"sagabus-{n}"
+        for n in (
+            "process-manager",
+            "order",
+            "payment",
+            "inventory",
+            "shipping",
+            "notification",
+            "analytics",
+        )
+    }
 
     async def all_services_reported() -> list[dict[str, Any]] | None:
         with rec.lock:
@@ -124,12 +158,20 @@ async def test_one_trace_across_every_service_continuing_the_callers_traceparent
         if not wanted <= {s["service"] for s in mine}:
             return None
         ids = {s["span_id"] for s in mine}
-        orphans = [s for s in mine if s["kind"] == CONSUMER and s["parent"] not in ids
-                   and s["attrs"].get("sagabus.message.type") != "checkout.StartCheckout.v1"]
+        orphans = [
+            s
+            for s in mine
+            if s["kind"] == CONSUMER
+            and s["parent"] not in ids
+            and s["attrs"].get("sagabus.message.type") != "checkout.StartCheckout.v1"
+        ]
         return None if orphans else mine  # parents may still be in a later export batch
 
-    spans = await wait_for(all_services_reported, timeout=60,
-                           what="spans from every service, with every consumer's parent")
+    spans = await wait_for(
+        all_services_reported,
+        timeout=60,
+        what="spans from every service, with every consumer's parent",
+    )
     by_id = {s["span_id"]: s for s in spans}
     consumers = [s for s in spans if s["kind"] == CONSUMER]
     producers = [s for s in spans if s["kind"] == PRODUCER]
@@ -141,13 +183,20 @@ async def test_one_trace_across_every_service_continuing_the_callers_traceparent
     # start command, off the caller's span), and links to it
     for c in consumers:
         parent = by_id.get(c["parent"])
-        assert parent is not None or c["attrs"].get("sagabus.message.type") == "checkout.StartCheckout.v1", c
+        assert (
+            parent is not None
+            or c["attrs"].get("sagabus.message.type") == "checkout.StartCheckout.v1"
+        ), c
         if parent is not None:
             assert parent["kind"] == PRODUCER
             assert parent["attrs"]["messaging.message.id"] == c["attrs"]["messaging.message.id"]
         assert trace_id in c["links"]
     # the fan-out consumers are in the same trace
-    fact_consumers = {c["service"] for c in consumers if c["attrs"]["messaging.destination.name"] == "sagabus.facts"}
+    fact_consumers = {
+        c["service"]
+        for c in consumers
+        if c["attrs"]["messaging.destination.name"] == "sagabus.facts"
+    }
     assert {"sagabus-notification", "sagabus-analytics"} <= fact_consumers
     # saga attributes on the process manager's spans
     pm = [c for c in consumers if c["service"] == "sagabus-process-manager"]

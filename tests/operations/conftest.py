@@ -53,10 +53,13 @@ async def start_services(ops_settings: Settings, ops_engine: AsyncEngine) -> Asy
     """``await start_services("order", "payment", dead_letters=True)``; all stop after the test."""
     runtimes: list[Runtime] = []
 
-    async def start(*names: str, dead_letters: bool = False, settings: Settings | None = None) -> Runtime:
+    async def start(
+        *names: str, dead_letters: bool = False, settings: Settings | None = None
+    ) -> Runtime:
         s = settings or ops_settings
-        rt = Runtime(bootstrap.definitions(s, list(names)), s, engine=ops_engine,
-                     dead_letters=dead_letters)
+        rt = Runtime(
+            bootstrap.definitions(s, list(names)), s, engine=ops_engine, dead_letters=dead_letters
+        )
         await rt.start()
         runtimes.append(rt)
         return rt

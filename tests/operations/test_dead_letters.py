@@ -45,13 +45,20 @@ async def test_permanent_error_is_stored_with_its_reason(
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         ex = await channel.get_exchange("sagabus.commands")
-        await ex.publish(aio_pika.Message(b'{"order_id": 42', message_id=mid,
-                                          type="checkout.StartCheckout.v1",
-                                          content_type="application/json",
-                                          headers={"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"}),
-                         routing_key="checkout.start")
-    rows = await wait_for(lambda: _open(ops_engine, ids=(), status="open", queue="sagabus.process-manager"),
-                          what="dead letter collected")
+        await ex.publish(
+            aio_pika.Message(
+                b'{"order_id": 42',
+                message_id=mid,
+                type="checkout.StartCheckout.v1",
+                content_type="application/json",
+                headers={"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"},
+            ),
+            routing_key="checkout.start",
+        )
+    rows = await wait_for(
+        lambda: _open(ops_engine, ids=(), status="open", queue="sagabus.process-manager"),
+        what="dead letter collected",
+    )
     row = next(r for r in rows if r["message_id"] == mid)
     full = await deadletters.show(ops_engine, uuid.UUID(row["id"]))
     assert full is not None
@@ -64,16 +71,25 @@ async def test_permanent_error_is_stored_with_its_reason(
     assert full["trace_id"] == "ab" * 16
     assert full["headers"]["sagabus-failed-at"]
     # The CLI shows the same record as JSON.
-    out = subprocess.run([sys.executable, "-m", "process_manager.cli", "dlq", "show", row["id"], "--json"],
-                         env=_env(ops_settings), capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "process_manager.cli", "dlq", "show", row["id"], "--json"],
+        env=_env(ops_settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert mid in out.stdout
 
 
 async def _break_notifications(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
-        await conn.execute(text("ALTER TABLE notification.notifications ADD CONSTRAINT "
-                                "outage CHECK (false) NOT VALID"))
+        await conn.execute(
+            text(
+                "ALTER TABLE notification.notifications ADD CONSTRAINT "
+                "outage CHECK (false) NOT VALID"
+            )
+        )
 
 
 async def _fix_notifications(engine: AsyncEngine) -> None:
@@ -84,8 +100,13 @@ async def _fix_notifications(engine: AsyncEngine) -> None:
 async def _notifications(engine: AsyncEngine, order_ids: list[str]) -> dict[str, int]:
     t = notification.notifications
     async with engine.connect() as conn:
-        rows = (await conn.execute(select(t.c.order_id, func.count()).where(t.c.order_id.in_(order_ids))
-                                   .group_by(t.c.order_id))).all()
+        rows = (
+            await conn.execute(
+                select(t.c.order_id, func.count())
+                .where(t.c.order_id.in_(order_ids))
+                .group_by(t.c.order_id)
+            )
+        ).all()
     return {o: n for o, n in rows}
 
 
@@ -97,8 +118,16 @@ async def test_group_replayed_after_fix_applies_each_effect_once_even_if_killed_
         from participants.inventory import service as inventory
 
         await inventory.seed(conn, {sku: 100})
-    await start_services("process-manager", "order", "payment", "inventory", "shipping",
-                         "notification", "analytics", dead_letters=True)
+    await start_services(
+        "process-manager",
+        "order",
+        "payment",
+        "inventory",
+        "shipping",
+        "notification",
+        "analytics",
+        dead_letters=True,
+    )
     await _break_notifications(ops_engine)
     try:
         cmds = [checkout(sku=sku) for _ in range(6)]
@@ -122,9 +151,22 @@ async def test_group_replayed_after_fix_applies_each_effect_once_even_if_killed_
 
     # Replay slowly in a separate process and kill it after two replays.
     env = _env(ops_settings)
-    proc = subprocess.Popen([sys.executable, "-m", "process_manager.cli", "dlq", "replay",
-                             "--group", group, "--rate", "2"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "process_manager.cli",
+            "dlq",
+            "replay",
+            "--group",
+            group,
+            "--rate",
+            "2",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
     async def two_replayed() -> bool:
         rows = await _open(ops_engine, group=group, status="replayed")
@@ -137,17 +179,28 @@ async def test_group_replayed_after_fix_applies_each_effect_once_even_if_killed_
     assert partial, "the kill should leave some dead letters still open"
 
     # Run it again to completion; then replay one message a second time on purpose.
-    out = subprocess.run([sys.executable, "-m", "process_manager.cli", "dlq", "replay", "--group",
-                          group, "--json"], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "process_manager.cli", "dlq", "replay", "--group", group, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert await _open(ops_engine, group=group, status="open") == []
     async with ops_engine.begin() as conn:
-        await conn.execute(text("UPDATE dead_letters.dead_letters SET status = 'open' WHERE id = "
-                                "(SELECT id FROM dead_letters.dead_letters WHERE fingerprint = :g LIMIT 1)"),
-                           {"g": group})
+        await conn.execute(
+            text(
+                "UPDATE dead_letters.dead_letters SET status = 'open' WHERE id = "
+                "(SELECT id FROM dead_letters.dead_letters WHERE fingerprint = :g LIMIT 1)"
+            ),
+            {"g": group},
+        )
     connection = await aio_pika.connect_robust(ops_settings.amqp_url)
     async with connection:
-        await deadletters.replay(ops_engine, await Publisher.open(connection), Filters(group=group), limit=10)
+        await deadletters.replay(
+            ops_engine, await Publisher.open(connection), Filters(group=group), limit=10
+        )
 
     async def delivered_once() -> dict[str, int] | None:
         got = await _notifications(ops_engine, order_ids)

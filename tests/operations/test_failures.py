@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from messaging.codec import encode
 from messaging.outbox import Outbox
 from messaging.settings import Settings
 from participants.inventory import service as inventory
@@ -21,17 +22,20 @@ from process_manager import ops, store
 from process_manager import service as pm
 from process_manager.saga import ForceCompensate, SagaStatus
 from schemas.checkout import saga_id_for_order
+from schemas.common import LineItem
 from schemas.envelope import Envelope
 from schemas.inventory import ReleaseInventory, ReserveInventory
-from schemas.common import LineItem
-from messaging.codec import encode
 from tests.operations.conftest import Start
 from tests.support import checkout, wait_for
 
 pytestmark = pytest.mark.integration
 
-ALL_BUT = lambda *skip: [n for n in ("process-manager", "order", "payment", "inventory",  # noqa: E731
-                                     "shipping", "notification", "analytics") if n not in skip]
+SERVICES = ("process-manager", "order", "payment", "inventory", "shipping", "notification",
+            "analytics")
+
+
+def ALL_BUT(*skip: str) -> list[str]:
+    return [n for n in SERVICES if n not in skip]
 
 
 async def _status(engine: AsyncEngine, order_id: str) -> dict[str, Any] | None:
@@ -78,8 +82,14 @@ async def test_step_timeout_resends_with_same_key_and_applies_once(
                 break
             held.append(m)
             if m.headers.get("sagabus-saga-id") == str(saga_id_for_order(cmd.order_id)):
-                seen.append((m.headers["sagabus-idempotency-key"], m.headers["sagabus-fence"],
-                             m.headers["sagabus-attempt"], m.message_id))
+                seen.append(
+                    (
+                        m.headers["sagabus-idempotency-key"],
+                        m.headers["sagabus-fence"],
+                        m.headers["sagabus-attempt"],
+                        m.message_id,
+                    )
+                )
         for m in held:
             await m.reject(requeue=True)
     assert len({k for k, _, _, _ in seen}) == 1, seen
@@ -88,11 +98,20 @@ async def test_step_timeout_resends_with_same_key_and_applies_once(
     assert len({mid for *_, mid in seen}) == len(seen)  # distinct message ids, same key
 
     await start_services("inventory")
-    done = await wait_for(lambda: _state_is(ops_engine, cmd.order_id, "COMPLETED", "COMPENSATED",
-                                            "FAILED_NEEDS_MANUAL"), timeout=60, what="saga end")
+    done = await wait_for(
+        lambda: _state_is(
+            ops_engine, cmd.order_id, "COMPLETED", "COMPENSATED", "FAILED_NEEDS_MANUAL"
+        ),
+        timeout=60,
+        what="saga end",
+    )
     assert done["state"] == "COMPLETED", done
     async with ops_engine.connect() as conn:
-        left = (await conn.execute(select(inventory.stock.c.available).where(inventory.stock.c.sku == sku))).scalar_one()
+        left = (
+            await conn.execute(
+                select(inventory.stock.c.available).where(inventory.stock.c.sku == sku)
+            )
+        ).scalar_one()
     assert left == 2  # one unit taken, however many ReserveInventory were delivered
 
 
@@ -106,12 +125,23 @@ async def test_lost_carrier_response_resolved_without_second_shipment(
     await start_services(*ALL_BUT())
     cmd = checkout(sku=sku)
     await ops.publish_starts(ops_settings.amqp_url, [ops.start_message(cmd)])
-    done = await wait_for(lambda: _state_is(ops_engine, cmd.order_id, "COMPLETED", "COMPENSATED"),
-                          timeout=60, what="saga end")
+    done = await wait_for(
+        lambda: _state_is(ops_engine, cmd.order_id, "COMPLETED", "COMPENSATED"),
+        timeout=60,
+        what="saga end",
+    )
     assert done["state"] == "COMPLETED"
     async with ops_engine.connect() as conn:
-        bookings = (await conn.execute(select(shipping.bookings).where(shipping.bookings.c.order_id == cmd.order_id))).all()
-        shipment = (await conn.execute(select(shipping.shipments).where(shipping.shipments.c.order_id == cmd.order_id))).one()
+        bookings = (
+            await conn.execute(
+                select(shipping.bookings).where(shipping.bookings.c.order_id == cmd.order_id)
+            )
+        ).all()
+        shipment = (
+            await conn.execute(
+                select(shipping.shipments).where(shipping.shipments.c.order_id == cmd.order_id)
+            )
+        ).one()
     assert len(bookings) == 1
     assert shipment.status == "CREATED"
     assert shipment.tracking_number == bookings[0].tracking_number
@@ -128,20 +158,43 @@ async def test_late_shipment_after_compensation_is_cancelled_and_saga_stays_comp
 
     async def compensating_shipment() -> Any:
         s = await _status(ops_engine, cmd.order_id)
-        return s if s and s["state"] == "COMPENSATING" and s["current_step"] == "cancel_shipment" else None
+        return (
+            s
+            if s and s["state"] == "COMPENSATING" and s["current_step"] == "cancel_shipment"
+            else None
+        )
 
     await wait_for(compensating_shipment, timeout=30, what="timed-out shipment being compensated")
     await start_services("shipping")  # now the late CreateShipment is processed, then the cancel
-    done = await wait_for(lambda: _state_is(ops_engine, cmd.order_id, "COMPENSATED", "COMPLETED",
-                                            "FAILED_NEEDS_MANUAL"), timeout=60, what="saga end")
+    done = await wait_for(
+        lambda: _state_is(
+            ops_engine, cmd.order_id, "COMPENSATED", "COMPLETED", "FAILED_NEEDS_MANUAL"
+        ),
+        timeout=60,
+        what="saga end",
+    )
     assert done["state"] == "COMPENSATED", done
     notes = [h["note"] for h in done["history"]]
-    assert any("ShipmentCreated" in n and "ignored" in n or "late ShipmentCreated" in n for n in notes), notes
+    assert any(
+        ("ShipmentCreated" in n and "ignored" in n) or "late ShipmentCreated" in n for n in notes
+    ), notes
     assert all(h["to"] != "COMPLETED" for h in done["history"])
     async with ops_engine.connect() as conn:
-        booking = (await conn.execute(select(shipping.bookings).where(shipping.bookings.c.order_id == cmd.order_id))).one()
-        stock = (await conn.execute(select(inventory.stock.c.available).where(inventory.stock.c.sku == sku))).scalar_one()
-        pay = (await conn.execute(select(payment.payments).where(payment.payments.c.order_id == cmd.order_id))).one()
+        booking = (
+            await conn.execute(
+                select(shipping.bookings).where(shipping.bookings.c.order_id == cmd.order_id)
+            )
+        ).one()
+        stock = (
+            await conn.execute(
+                select(inventory.stock.c.available).where(inventory.stock.c.sku == sku)
+            )
+        ).scalar_one()
+        pay = (
+            await conn.execute(
+                select(payment.payments).where(payment.payments.c.order_id == cmd.order_id)
+            )
+        ).one()
     assert booking.status == "CANCELLED"
     assert stock == 2
     assert pay.status == "VOIDED"
@@ -158,28 +211,51 @@ async def test_release_before_reserve_leaves_a_tombstone(
     from datetime import UTC, datetime
 
     def env(body: Any, step: str) -> Envelope:
-        return Envelope(message_id=uuid.uuid4(), type=body.TYPE, saga_id=saga_id,
-                        correlation_id=saga_id, idempotency_key=f"{saga_id}:{step}", step=step,
-                        fence=1, occurred_at=datetime.now(UTC))
+        return Envelope(
+            message_id=uuid.uuid4(),
+            type=body.TYPE,
+            saga_id=saga_id,
+            correlation_id=saga_id,
+            idempotency_key=f"{saga_id}:{step}",
+            step=step,
+            fence=1,
+            occurred_at=datetime.now(UTC),
+        )
 
     release = ReleaseInventory(order_id=order_id)
-    reserve = ReserveInventory(order_id=order_id, items=(LineItem(sku=sku, quantity=1, unit_price_minor=1),))
+    reserve = ReserveInventory(
+        order_id=order_id, items=(LineItem(sku=sku, quantity=1, unit_price_minor=1),)
+    )
     connection = await aio_pika.connect(ops_settings.amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         ex = await channel.get_exchange("sagabus.commands")
-        await ex.publish(encode(env(release, "release_inventory"), release), "inventory.ReleaseInventory")
+        await ex.publish(
+            encode(env(release, "release_inventory"), release), "inventory.ReleaseInventory"
+        )
         await ex.publish(encode(env(reserve, "inventory"), reserve), "inventory.ReserveInventory")
 
     async def both_handled() -> Any:
         async with ops_engine.connect() as conn:
-            n = (await conn.execute(text("SELECT count(*) FROM inventory.inbox WHERE saga_id = :s"), {"s": saga_id})).scalar_one()
+            n = (
+                await conn.execute(
+                    text("SELECT count(*) FROM inventory.inbox WHERE saga_id = :s"), {"s": saga_id}
+                )
+            ).scalar_one()
         return n == 2
 
     await wait_for(both_handled, what="both inventory commands handled")
     async with ops_engine.connect() as conn:
-        row = (await conn.execute(select(inventory.reservations).where(inventory.reservations.c.order_id == order_id))).one()
-        stock = (await conn.execute(select(inventory.stock.c.available).where(inventory.stock.c.sku == sku))).scalar_one()
+        row = (
+            await conn.execute(
+                select(inventory.reservations).where(inventory.reservations.c.order_id == order_id)
+            )
+        ).one()
+        stock = (
+            await conn.execute(
+                select(inventory.stock.c.available).where(inventory.stock.c.sku == sku)
+            )
+        ).scalar_one()
     assert row.status == "RELEASED"
     assert stock == 1  # the late reservation took nothing
 
@@ -192,7 +268,9 @@ async def test_sweeper_moves_stuck_saga_to_manual(
     await start_services("process-manager", settings=slow)
     cmd = checkout()
     await ops.publish_starts(ops_settings.amqp_url, [ops.start_message(cmd)])
-    await wait_for(lambda: _state_is(ops_engine, cmd.order_id, "PENDING_ORDER"), what="saga started")
+    await wait_for(
+        lambda: _state_is(ops_engine, cmd.order_id, "PENDING_ORDER"), what="saga started"
+    )
     d = pm.definition(slow)
     sctx = SimpleNamespace(engine=ops_engine, outbox=Outbox(d.outbox, d.schema))
     from datetime import timedelta
@@ -205,7 +283,11 @@ async def test_sweeper_moves_stuck_saga_to_manual(
     stuck = await ops.list_sagas(ops_engine, stuck=True, limit=10_000)
     assert cmd.order_id not in {r["order_id"] for r in stuck}
     async with ops_engine.connect() as conn:
-        case = (await conn.execute(select(store.manual_cases).where(store.manual_cases.c.order_id == cmd.order_id))).one()
+        case = (
+            await conn.execute(
+                select(store.manual_cases).where(store.manual_cases.c.order_id == cmd.order_id)
+            )
+        ).one()
     assert case.resolved_at is None
 
 
@@ -222,22 +304,50 @@ async def test_refund_failure_ends_in_a_manual_case(
     await start_services("process-manager", "payment", "inventory", "shipping", settings=slow)
     cmd = checkout(sku=sku, token="tok_refund_fails")
     await ops.publish_starts(ops_settings.amqp_url, [ops.start_message(cmd)])
-    await wait_for(lambda: _state_is(ops_engine, cmd.order_id, "PENDING_PAYMENT", "PENDING_INVENTORY",
-                                     "PENDING_SHIPMENT", "PENDING_CAPTURE", "COMPLETING"),
-                   what="order created")
+    await wait_for(
+        lambda: _state_is(
+            ops_engine,
+            cmd.order_id,
+            "PENDING_PAYMENT",
+            "PENDING_INVENTORY",
+            "PENDING_SHIPMENT",
+            "PENDING_CAPTURE",
+            "COMPLETING",
+        ),
+        what="order created",
+    )
     await order_rt.stop()
-    await wait_for(lambda: _state_is(ops_engine, cmd.order_id, "COMPLETING"), timeout=30,
-                   what="saga waiting for CompleteOrder")
-    decision = await pm.operator_action(ops_engine, slow, saga_id_for_order(cmd.order_id),
-                                        ForceCompensate("test"))
+    await wait_for(
+        lambda: _state_is(ops_engine, cmd.order_id, "COMPLETING"),
+        timeout=30,
+        what="saga waiting for CompleteOrder",
+    )
+    decision = await pm.operator_action(
+        ops_engine, slow, saga_id_for_order(cmd.order_id), ForceCompensate("test")
+    )
     assert decision is not None and decision.state is not None
     assert decision.state.status is SagaStatus.COMPENSATING
     assert decision.commands[0].step == "refund_payment"
-    done = await wait_for(lambda: _state_is(ops_engine, cmd.order_id, "FAILED_NEEDS_MANUAL"),
-                          timeout=30, what="manual state")
+    done = await wait_for(
+        lambda: _state_is(ops_engine, cmd.order_id, "FAILED_NEEDS_MANUAL"),
+        timeout=30,
+        what="manual state",
+    )
     assert "refund" in done["failure_reason"]
     async with ops_engine.connect() as conn:
-        case = (await conn.execute(select(store.manual_cases).where(store.manual_cases.c.order_id == cmd.order_id))).one()
-        kinds = (await conn.execute(select(payment.ledger.c.kind).where(payment.ledger.c.order_id == cmd.order_id))).scalars().all()
+        case = (
+            await conn.execute(
+                select(store.manual_cases).where(store.manual_cases.c.order_id == cmd.order_id)
+            )
+        ).one()
+        kinds = (
+            (
+                await conn.execute(
+                    select(payment.ledger.c.kind).where(payment.ledger.c.order_id == cmd.order_id)
+                )
+            )
+            .scalars()
+            .all()
+        )
     assert case.resolved_at is None
     assert sorted(kinds) == ["authorize", "capture"]  # captured once, never refunded
