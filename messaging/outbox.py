@@ -189,6 +189,8 @@ class Relay:
         backoff = 0.2
         try:
             while not stop.is_set():
+                # clear before draining: a commit signalled during the drain wakes the next one
+                self.outbox.local_wakeup.clear()
                 try:
                     await self.drain()
                     backoff = 0.2
@@ -204,7 +206,6 @@ class Relay:
                     await _wait(stop, backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                self.outbox.local_wakeup.clear()
                 await _wait_any(stop, self.outbox.local_wakeup, self.settings.outbox_poll_s)
         finally:
             listener.cancel()

@@ -825,6 +825,12 @@ def demo(sagas: int, seed: int | None, verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import logging
+
+    # Client libraries log connection failures themselves; the CLI reports them in one line.
+    # `run` and `demo` configure logging for the services they host.
+    for noisy in ("aiormq", "aio_pika", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     try:
         cli.main(args=argv, prog_name="sagabus", standalone_mode=False)
     except click.exceptions.Abort:

@@ -36,7 +36,7 @@ ADDRESS = ShippingAddress(line1="1 Test Street", city="Utrecht", postal_code="35
 async def wait_for(
     probe: Callable[[], Awaitable[T]],
     *,
-    timeout: float = 30,  # noqa: ASYNC109 - a polling deadline that names what it waited for
+    timeout: float = 30,
     interval: float = 0.05,
     what: str = "condition",
 ) -> T:
@@ -84,7 +84,7 @@ async def wait_terminal(
     engine: AsyncEngine,
     order_id: str,
     *,
-    timeout: float = 30,  # noqa: ASYNC109
+    timeout: float = 30,
 ) -> dict[str, Any]:
     """Poll until the saga of ``order_id`` is in a terminal state; returns ``ops.saga_status``."""
 
@@ -166,7 +166,7 @@ async def sent_outbox_row(
     saga_id: uuid.UUID,
     message_type: str,
     *,
-    timeout: float = 30,  # noqa: ASYNC109
+    timeout: float = 30,
 ) -> Any:
     """Wait until the outbox row of ``message_type`` for ``saga_id`` has been published."""
 
@@ -216,7 +216,7 @@ class DeadLetters:
         queue: str,
         message_id: str,
         *,
-        timeout: float = 30,  # noqa: ASYNC109
+        timeout: float = 30,
     ) -> AbstractIncomingMessage:
         async def probe() -> AbstractIncomingMessage | None:
             await self._drain(queue)
