@@ -227,14 +227,19 @@ def _parse_item(value: str) -> Any:
     parts = value.split(":")
     if len(parts) not in (2, 3):
         raise click.BadParameter(f"{value!r}: expected SKU:QTY or SKU:QTY:UNIT_PRICE_MINOR")
+    from pydantic import ValidationError
+
+    from messaging.codec import summarize
+
     try:
-        return LineItem(
-            sku=parts[0],
-            quantity=int(parts[1]),
-            unit_price_minor=int(parts[2]) if len(parts) == 3 else 1000,
-        )
-    except Exception as e:
-        raise click.BadParameter(f"{value!r}: {str(e).splitlines()[-1].strip()}") from None
+        qty = int(parts[1])
+        price = int(parts[2]) if len(parts) == 3 else 1000
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: quantity and price must be whole numbers") from None
+    try:
+        return LineItem(sku=parts[0], quantity=qty, unit_price_minor=price)
+    except ValidationError as e:
+        raise click.BadParameter(f"{value!r}: {summarize(e)}") from None
 
 
 @cli.command()
@@ -831,6 +836,9 @@ def main(argv: list[str] | None = None) -> None:
     # `run` and `demo` configure logging for the services they host.
     for noisy in ("aiormq", "aio_pika", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    from messaging import telemetry
+
+    telemetry.configure_logging("auto", "warning")  # to stderr; stdout stays for results
     try:
         cli.main(args=argv, prog_name="sagabus", standalone_mode=False)
     except click.exceptions.Abort:

@@ -10,7 +10,17 @@ from __future__ import annotations
 from datetime import datetime
 
 import structlog
-from sqlalchemy import Column, DateTime, Integer, MetaData, Table, Text, Uuid, select, update
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    MetaData,
+    Table,
+    Text,
+    Uuid,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert
 
 from messaging.consumer import Context, Handler
@@ -36,7 +46,7 @@ orders = Table(
     Column("order_id", Text, primary_key=True),
     Column("saga_id", Uuid, nullable=False),
     Column("customer_id", Text, nullable=True),
-    Column("amount_minor", Integer, nullable=True),
+    Column("amount_minor", BigInteger, nullable=True),
     Column("currency", Text, nullable=True),
     #: PENDING -> COMPLETED | CANCELLED (user visible)
     Column("status", Text, nullable=False),

@@ -24,7 +24,6 @@ from sqlalchemy import (
     Column,
     DateTime,
     Identity,
-    Integer,
     MetaData,
     Table,
     Text,
@@ -67,7 +66,7 @@ payments = Table(
     Column("order_id", Text, primary_key=True),
     Column("saga_id", Uuid, nullable=False),
     Column("payment_token", Text, nullable=True),
-    Column("amount_minor", Integer, nullable=False),
+    Column("amount_minor", BigInteger, nullable=False),
     Column("currency", Text, nullable=True),
     #: AUTHORIZED, DECLINED, CAPTURED, VOIDED, REFUNDED
     Column("status", Text, nullable=False),
@@ -84,7 +83,7 @@ ledger = Table(
     Column("saga_id", Uuid, nullable=False),
     #: authorize | capture | void | refund
     Column("kind", Text, nullable=False),
-    Column("amount_minor", Integer, nullable=False),
+    Column("amount_minor", BigInteger, nullable=False),
     Column("idempotency_key", Text, nullable=True),
     Column("at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("order_id", "kind", name="ledger_once_per_kind"),
