@@ -834,11 +834,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # Client libraries log connection failures themselves; the CLI reports them in one line.
     # `run` and `demo` configure logging for the services they host.
-    for noisy in ("aiormq", "aio_pika", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     from messaging import telemetry
 
     telemetry.configure_logging("auto", "warning")  # to stderr; stdout stays for results
+    for noisy in ("aiormq", "aio_pika", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     try:
         cli.main(args=argv, prog_name="sagabus", standalone_mode=False)
     except click.exceptions.Abort:
