@@ -228,19 +228,19 @@ class Consumer:
             context=parent,
             kind=trace.SpanKind.CONSUMER,
             links=links,
-            attributes={
-                "messaging.system": "rabbitmq",
-                "messaging.operation.type": "process",
-                "messaging.operation.name": "process",
-                "messaging.destination.name": delivery.exchange or "",
-                "messaging.rabbitmq.destination.routing_key": delivery.routing_key or "",
-                "messaging.consumer.group.name": self.spec.name,
-                "messaging.message.id": delivery.message_id or "",
-                "messaging.message.conversation_id": delivery.correlation_id or "",
-                "messaging.message.body.size": len(delivery.body),
-                "sagabus.message.type": delivery.type or "",
-                "sagabus.service": self.service,
-            },
+            attributes=telemetry.messaging_attributes(
+                "process",
+                destination=delivery.exchange or "",
+                routing_key=delivery.routing_key or "",
+                message_id=delivery.message_id or "",
+                conversation_id=delivery.correlation_id or "",
+                body_size=len(delivery.body),
+                message_type=delivery.type or "",
+                **{
+                    "messaging.consumer.group.name": self.spec.name,
+                    "sagabus.service": self.service,
+                },
+            ),
         ) as span:
             structlog.contextvars.bind_contextvars(
                 service=self.service,

@@ -210,14 +210,16 @@ class Collector:
                 f"process {dlq}",
                 context=parent,
                 kind=trace.SpanKind.CONSUMER,
-                attributes={
-                    "messaging.system": "rabbitmq",
-                    "messaging.operation.type": "process",
-                    "messaging.destination.name": dlq,
-                    "messaging.message.id": delivery.message_id or "",
-                    "sagabus.dead_letter.id": str(row["id"]),
-                    "sagabus.dead_letter.error_class": row["error_class"],
-                },
+                attributes=telemetry.messaging_attributes(
+                    "process",
+                    destination=dlq,
+                    message_id=delivery.message_id or "",
+                    message_type=delivery.type or "",
+                    **{
+                        "sagabus.dead_letter.id": str(row["id"]),
+                        "sagabus.dead_letter.error_class": row["error_class"],
+                    },
+                ),
             ):
                 async with self.engine.begin() as conn:
                     await conn.execute(insert(dead_letters).values(**row).on_conflict_do_nothing())
@@ -389,15 +391,14 @@ def replay_message(row: Any, tracer: trace.Tracer) -> tuple[aio_pika.Message, tr
         links=[trace.Link(original_ctx, {"sagabus.link": "replayed_message"})]
         if original_ctx.is_valid
         else [],
-        attributes={
-            "messaging.system": "rabbitmq",
-            "messaging.operation.type": "publish",
-            "messaging.destination.name": "",
-            "messaging.rabbitmq.destination.routing_key": row.queue,
-            "messaging.message.id": row.message_id or "",
-            "sagabus.dead_letter.id": str(row.id),
-            "sagabus.replay": True,
-        },
+        attributes=telemetry.messaging_attributes(
+            "publish",
+            destination="",
+            routing_key=row.queue,
+            message_id=row.message_id or "",
+            message_type=row.message_type or "",
+            **{"sagabus.dead_letter.id": str(row.id), "sagabus.replay": True},
+        ),
     )
     headers.update(telemetry.inject(trace.set_span_in_context(span)))
     headers[HeaderNames.REPLAYED_FROM] = str(row.id)

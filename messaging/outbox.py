@@ -135,21 +135,21 @@ class Relay:
                         f"publish {row.exchange}",
                         context=parent,
                         kind=trace.SpanKind.PRODUCER,
-                        attributes={
-                            "messaging.system": "rabbitmq",
-                            "messaging.operation.type": "publish",
-                            "messaging.operation.name": "publish",
-                            "messaging.destination.name": row.exchange,
-                            "messaging.rabbitmq.destination.routing_key": row.routing_key,
-                            "messaging.message.id": str(row.message_id),
-                            "messaging.message.conversation_id": str(row.correlation_id),
-                            "messaging.message.body.size": len(row.body),
-                            "sagabus.message.type": row.message_type,
-                            "sagabus.saga.id": str(row.saga_id),
-                            "sagabus.outbox.lag_ms": int(
-                                (datetime.now(UTC) - row.created_at).total_seconds() * 1000
-                            ),
-                        },
+                        attributes=telemetry.messaging_attributes(
+                            "publish",
+                            destination=row.exchange,
+                            routing_key=row.routing_key,
+                            message_id=row.message_id,
+                            conversation_id=row.correlation_id,
+                            body_size=len(row.body),
+                            message_type=row.message_type,
+                            **{
+                                "sagabus.saga.id": str(row.saga_id),
+                                "sagabus.outbox.lag_ms": int(
+                                    (datetime.now(UTC) - row.created_at).total_seconds() * 1000
+                                ),
+                            },
+                        ),
                     )
                     spans.append(span)
                     headers.update(telemetry.inject(trace.set_span_in_context(span)))

@@ -101,6 +101,38 @@ def inject(context: Context | None = None) -> dict[str, str]:
     return carrier
 
 
+def messaging_attributes(
+    operation: str,
+    *,
+    destination: str,
+    routing_key: str | None = None,
+    message_id: object = None,
+    conversation_id: object = None,
+    body_size: int | None = None,
+    message_type: str | None = None,
+    **extra: str | int | bool,
+) -> dict[str, str | int | bool]:
+    """Span attributes per the OpenTelemetry messaging conventions, plus ``extra`` as given."""
+    attrs: dict[str, str | int | bool] = {
+        "messaging.system": "rabbitmq",
+        "messaging.operation.type": operation,
+        "messaging.operation.name": operation,
+        "messaging.destination.name": destination,
+    }
+    if routing_key is not None:
+        attrs["messaging.rabbitmq.destination.routing_key"] = routing_key
+    if message_id is not None:
+        attrs["messaging.message.id"] = str(message_id)
+    if conversation_id is not None:
+        attrs["messaging.message.conversation_id"] = str(conversation_id)
+    if body_size is not None:
+        attrs["messaging.message.body.size"] = body_size
+    if message_type is not None:
+        attrs["sagabus.message.type"] = message_type
+    attrs.update(extra)
+    return attrs
+
+
 def trace_ids() -> dict[str, str]:
     ctx = trace.get_current_span().get_span_context()
     if not ctx.is_valid:

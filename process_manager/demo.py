@@ -9,7 +9,6 @@ import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -242,7 +241,3 @@ async def run_demo(
     finally:
         await runtime.stop()
         await engine.dispose()
-
-
-def stats_line(counts: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))

@@ -1,6 +1,6 @@
 """The sagabus wire contract: versioned message models and the envelope that carries them."""
 
-from schemas.base import Message, message_type
+from schemas.base import Message
 from schemas.envelope import Envelope, HeaderNames
 from schemas.registry import REGISTRY, UnknownMessageType, model_for
 
@@ -10,6 +10,5 @@ __all__ = [
     "HeaderNames",
     "Message",
     "UnknownMessageType",
-    "message_type",
     "model_for",
 ]

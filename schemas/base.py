@@ -20,7 +20,3 @@ class Message(BaseModel):
     #: "command" (addressed to one owner), "reply" (answer to the process manager) or
     #: "fact" (public, fanned out).
     KIND: ClassVar[str] = ""
-
-
-def message_type(model: type[Message] | Message) -> str:
-    return model.TYPE
