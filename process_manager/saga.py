@@ -47,12 +47,14 @@ from schemas.payment import (
     AuthorizationVoided,
     AuthorizePayment,
     CapturePayment,
+    GetPaymentStatus,
     PaymentAuthorized,
     PaymentCaptured,
     PaymentCaptureFailed,
     PaymentDeclined,
     PaymentRefunded,
     PaymentRefundFailed,
+    PaymentStatusReported,
     RefundPayment,
     VoidAuthorization,
 )
@@ -208,8 +210,21 @@ COMPENSATIONS: dict[str, StepSpec] = {
     )
 }
 
+#: Before giving up on a payment step whose outcome is unknown, ask the payment service.
+RECONCILE = StepSpec(
+    "payment_status",
+    "payment",
+    lambda c: GetPaymentStatus(order_id=c.order_id),
+    success=(PaymentStatusReported,),
+)
+#: forward steps reconciled by a status query, and the reported statuses that mean "it happened"
+RECONCILED: dict[str, frozenset[str]] = {
+    "authorization": frozenset({"authorized", "captured", "refunded"}),
+    "capture": frozenset({"captured", "refunded"}),
+}
+
 FORWARD_BY_NAME: dict[str, StepSpec] = {s.name: s for s in FORWARD}
-STEPS: dict[str, StepSpec] = {**FORWARD_BY_NAME, **COMPENSATIONS}
+STEPS: dict[str, StepSpec] = {**FORWARD_BY_NAME, **COMPENSATIONS, RECONCILE.name: RECONCILE}
 #: which forward step a compensation undoes (for late-success handling)
 COMPENSATION_OF: dict[str, str] = {s.compensation: s.name for s in FORWARD if s.compensation}
 
@@ -246,6 +261,8 @@ class SagaState:
     failure_reason: str | None = None
     #: a forward step whose outcome was unknown when compensation began (its effect may exist)
     unknown_step: str | None = None
+    #: the forward step whose outcome a status query is establishing, while one is awaited
+    reconciling: str | None = None
     started_at: datetime | None = None
     definition_version: str = DEFINITION_VERSION
 
@@ -349,14 +366,15 @@ def _dispatch(
     seq = state.seq + 1 if new_seq else state.seq
     attempt = 1 if new_seq else state.attempt + 1
     forward = step in FORWARD_BY_NAME
-    timeout = policy.step_timeout if forward else policy.compensation_timeout
+    query = step == RECONCILE.name
+    timeout = policy.step_timeout if forward or query else policy.compensation_timeout
     new_state = replace(
         state,
         seq=seq,
         awaiting=step,
         attempt=attempt,
         deadline=now + timeout,
-        status=spec.status if forward else SagaStatus.COMPENSATING,
+        status=spec.status if forward else state.status if query else SagaStatus.COMPENSATING,
     )
     cmd = Command(
         message_id=command_id(state.saga_id, step, seq, attempt),
@@ -510,6 +528,9 @@ def _on_reply(state: SagaState, reply: Reply, *, now: datetime, policy: Policy) 
         )
         return Decision(state, outcome="ignored", note=f"{name} ignored: {why}")
 
+    if awaited is RECONCILE:
+        assert isinstance(body, PaymentStatusReported)
+        return _on_reconciled(state, body.status, now=now, policy=policy)
     forward = awaited.name in FORWARD_BY_NAME
     if forward and kind in awaited.success:
         state = replace(state, completed=(*state.completed, awaited.name))
@@ -528,6 +549,22 @@ def _on_reply(state: SagaState, reply: Reply, *, now: datetime, policy: Policy) 
     return _needs_manual(state, reason)
 
 
+def _on_reconciled(
+    state: SagaState, status: str, *, now: datetime, policy: Policy
+) -> Decision:
+    step = state.reconciling
+    assert step is not None
+    state = replace(state, reconciling=None)
+    if status in RECONCILED[step]:
+        state = replace(state, completed=(*state.completed, step))
+        state, cmds = _next_forward(state, now=now, policy=policy)
+        return Decision(state, cmds, note=f"{step} reconciled: payment {status}")
+    # Definitely did not happen: compensate what did, nothing unknown is left.
+    reason = f"{step} timed out; payment reports {status}"
+    state, cmds = _begin_compensation(state, reason, unknown=None, now=now, policy=policy)
+    return Decision(state, cmds, note=reason)
+
+
 def _reason_suffix(body: Message) -> str:
     reason = getattr(body, "reason", None)
     return f" ({reason})" if reason else ""
@@ -541,9 +578,10 @@ def _forward_step_succeeded_by(kind: type[Message]) -> str | None:
 
 
 def _needs_manual(state: SagaState, reason: str) -> Decision:
-    if state.awaiting in FORWARD_BY_NAME and state.unknown_step is None:
+    in_flight = state.reconciling if state.awaiting == RECONCILE.name else state.awaiting
+    if in_flight in FORWARD_BY_NAME and state.unknown_step is None:
         # stopped while a forward step was in flight: remember it, its effect may exist
-        state = replace(state, unknown_step=state.awaiting)
+        state = replace(state, unknown_step=in_flight, reconciling=None)
     reason = (
         f"{state.failure_reason}; then {reason}"
         if state.failure_reason and state.failure_reason != reason
@@ -564,14 +602,28 @@ def _on_timeout(state: SagaState, timeout: Timeout, *, now: datetime, policy: Po
         return Decision(state, outcome="ignored", note=f"stale timeout for fence {timeout.seq}")
     step = state.awaiting
     forward = step in FORWARD_BY_NAME
-    limit = policy.max_step_attempts if forward else policy.max_compensation_attempts
+    query = step == RECONCILE.name
+    limit = policy.max_step_attempts if forward or query else policy.max_compensation_attempts
     if state.attempt < limit:
         # The outcome is unknown, not failed: send the same command again, same key.
         state, cmd = _dispatch(state, step, now=now, policy=policy, new_seq=False)
         return Decision(state, (cmd,), note=f"{step} timed out: re-sent as attempt {state.attempt}")
-    if forward:
-        reason = f"{step} timed out after {state.attempt} attempts"
-        state, cmds = _begin_compensation(state, reason, unknown=step, now=now, policy=policy)
+    if forward and step in RECONCILED:
+        # Unknown, not failed: ask the payment service what happened before undoing anything.
+        note = f"{step} timed out after {state.attempt} attempts: asking payment status"
+        state = replace(state, reconciling=step)
+        state, cmd = _dispatch(state, RECONCILE.name, now=now, policy=policy, new_seq=True)
+        return Decision(state, (cmd,), note=note)
+    if forward or step == RECONCILE.name:
+        unknown = state.reconciling if step == RECONCILE.name else step
+        assert unknown is not None
+        reason = (
+            f"{unknown} timed out and so did the payment status query"
+            if step == RECONCILE.name
+            else f"{unknown} timed out after {state.attempt} attempts"
+        )
+        state = replace(state, reconciling=None)
+        state, cmds = _begin_compensation(state, reason, unknown=unknown, now=now, policy=policy)
         return Decision(state, cmds, note=reason)
     return _needs_manual(state, f"{step} timed out after {state.attempt} attempts")
 
@@ -584,7 +636,9 @@ def _on_force_compensate(
     if state.status is SagaStatus.COMPENSATING:
         return Decision(state, outcome="ignored", note="already compensating")
     reason = f"operator: {msg.reason}"
-    state, cmds = _begin_compensation(state, reason, unknown=state.awaiting, now=now, policy=policy)
+    unknown = state.reconciling if state.awaiting == RECONCILE.name else state.awaiting
+    state = replace(state, reconciling=None)
+    state, cmds = _begin_compensation(state, reason, unknown=unknown, now=now, policy=policy)
     return Decision(state, cmds, note=reason)
 
 

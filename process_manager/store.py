@@ -101,6 +101,7 @@ def _dump(state: SagaState) -> dict[str, Any]:
         "compensation_plan": list(state.compensation_plan),
         "compensated": list(state.compensated),
         "unknown_step": state.unknown_step,
+        "reconciling": state.reconciling,
     }
 
 
@@ -119,6 +120,7 @@ def _load(row: Any) -> SagaState:
         compensated=tuple(s["compensated"]),
         failure_reason=row.failure_reason,
         unknown_step=s.get("unknown_step"),
+        reconciling=s.get("reconciling"),
         started_at=row.started_at,
         definition_version=row.definition_version,
     )

@@ -214,8 +214,15 @@ async def void(ctx: Context) -> None:
         )
         ctx.reply(AuthorizationVoided(order_id=cmd.order_id, had_authorization=False))
         return
-    if row.status in ("CAPTURED", "REFUNDED"):
-        raise PermanentError(f"cannot void order {cmd.order_id}: payment is {row.status.lower()}")
+    if row.status == "CAPTURED":
+        # A capture that raced its own undoing: the ladder's next rung is a refund.
+        await _post(ctx, cmd.order_id, "refund", row.amount_minor)
+        await _set(ctx, cmd.order_id, status="REFUNDED")
+        ctx.reply(AuthorizationVoided(order_id=cmd.order_id, had_authorization=True))
+        return
+    if row.status == "REFUNDED":
+        ctx.reply(AuthorizationVoided(order_id=cmd.order_id, had_authorization=True))
+        return
     if row.status == "AUTHORIZED":
         await _post(ctx, cmd.order_id, "void", row.amount_minor)
         await _set(ctx, cmd.order_id, status="VOIDED")
@@ -252,14 +259,29 @@ async def refund(ctx: Context) -> None:
 
 
 async def status(ctx: Context) -> None:
+    """Report what happened to an order's payment. The answer is also a fence: "none" leaves a
+    tombstone (like a void before authorize), so an AuthorizePayment still in flight can no
+    longer authorize after the process manager was told nothing happened. An in-flight
+    authorization that inserted first makes this wait on its row and report it."""
     cmd = ctx.incoming.body
     assert isinstance(cmd, GetPaymentStatus)
-    row = (
-        await ctx.conn.execute(select(payments).where(payments.c.order_id == cmd.order_id))
-    ).first()
-    ctx.reply(
-        PaymentStatusReported(order_id=cmd.order_id, status=row.status.lower() if row else "none")
+    await ctx.conn.execute(
+        insert(payments)
+        .values(
+            order_id=cmd.order_id,
+            saga_id=ctx.envelope.saga_id,
+            amount_minor=0,
+            status="VOIDED",
+            reason="closed by a status query before authorization",
+            updated_at=ctx.now,
+        )
+        .on_conflict_do_nothing()
     )
+    row = await _lock(ctx, cmd.order_id)
+    reported = (
+        "none" if row.authorization_id is None and row.status == "VOIDED" else row.status.lower()
+    )
+    ctx.reply(PaymentStatusReported(order_id=cmd.order_id, status=reported))
 
 
 def definition(settings: Settings) -> ServiceDefinition:

@@ -351,3 +351,41 @@ async def test_refund_failure_ends_in_a_manual_case(
         )
     assert case.resolved_at is None
     assert sorted(kinds) == ["authorize", "capture"]  # captured once, never refunded
+
+
+async def test_unknown_authorization_is_reconciled_by_payment_status_not_compensated(
+    start_services: Start, ops_settings: Settings, ops_engine: AsyncEngine
+) -> None:
+    """Payment is down: AuthorizePayment times out on every attempt, so the process manager asks
+    GetPaymentStatus instead of compensating. When payment comes back it authorizes (once, however
+    many copies it gets), reports "authorized", and the saga carries on to COMPLETED."""
+    sku = f"SKU-REC-{uuid.uuid4().hex[:6]}"
+    await _seed(ops_engine, **{sku: 2})
+    await start_services(*ALL_BUT("payment"))
+    cmd = checkout(sku=sku)
+    await ops.publish_starts(ops_settings.amqp_url, [ops.start_message(cmd)])
+
+    async def asking() -> Any:
+        s = await _status(ops_engine, cmd.order_id)
+        return s if s and s["current_step"] == "payment_status" else None
+
+    await wait_for(asking, timeout=30, what="payment status query after the timeouts")
+    # one delivery at a time, so payment meets the commands in the order they were sent: the
+    # authorizations first, then the status query (with concurrent handling the query may win
+    # the race; then it fences the authorization off and the saga compensates instead, which
+    # the payment unit of work guarantees is money-safe)
+    await start_services("payment", settings=ops_settings.model_copy(update={"prefetch": 1}))
+    done = await wait_for(
+        lambda: _state_is(ops_engine, cmd.order_id, "COMPLETED", "COMPENSATED", "FAILED_NEEDS_MANUAL"),
+        timeout=60,
+        what="saga end",
+    )
+    assert done["state"] == "COMPLETED", done
+    assert any("reconciled: payment authorized" in h["note"] for h in done["history"])
+    async with ops_engine.connect() as conn:
+        kinds = (
+            await conn.execute(
+                select(payment.ledger.c.kind).where(payment.ledger.c.order_id == cmd.order_id)
+            )
+        ).scalars().all()
+    assert sorted(kinds) == ["authorize", "capture"]

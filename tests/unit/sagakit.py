@@ -34,6 +34,7 @@ from schemas.payment import (
     PaymentDeclined,
     PaymentRefunded,
     PaymentRefundFailed,
+    PaymentStatusReported,
 )
 from schemas.shipping import ShipmentCancelled, ShipmentCreated, ShipmentFailed
 
@@ -98,11 +99,15 @@ _SUCCESS: dict[str, Callable[[StartCheckout], Message]] = {
         order_id=c.order_id, had_authorization=True
     ),
     "release_inventory": lambda c: InventoryReleased(order_id=c.order_id, units_released=3),
+    # the status query after a payment step's timeouts: "nothing happened"
+    "payment_status": lambda c: PaymentStatusReported(order_id=c.order_id, status="none"),
     "cancel_shipment": lambda c: ShipmentCancelled(order_id=c.order_id, had_shipment=True),
     "refund_payment": lambda c: PaymentRefunded(order_id=c.order_id, amount_minor=c.amount_minor),
 }
 
 _FAILURE: dict[str, Callable[[StartCheckout], Message]] = {
+    # the status query's other answer: "it did happen" (captured counts for both payment steps)
+    "payment_status": lambda c: PaymentStatusReported(order_id=c.order_id, status="captured"),
     "authorization": lambda c: PaymentDeclined(order_id=c.order_id, reason="card declined"),
     "inventory": lambda c: InventoryUnavailable(order_id=c.order_id, skus=("SKU-1",)),
     "shipment": lambda c: ShipmentFailed(order_id=c.order_id, reason="carrier down"),

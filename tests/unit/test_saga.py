@@ -12,6 +12,7 @@ from process_manager import saga
 from process_manager.saga import (
     COMPENSATION_OF,
     FORWARD,
+    RECONCILED,
     Command,
     Decision,
     Expire,
@@ -45,6 +46,7 @@ from schemas.payment import (
     CapturePayment,
     PaymentAuthorized,
     PaymentCaptured,
+    PaymentStatusReported,
     RefundPayment,
     VoidAuthorization,
 )
@@ -582,10 +584,18 @@ def test_exhausted_timeouts_compensate_including_the_unknown_step(
     seq = state.seq
     state, _ = timed_out(state, POLICY.max_step_attempts - 1)
     assert state.attempt == POLICY.max_step_attempts
+    reason = f"{name} timed out after {POLICY.max_step_attempts} attempts"
+    if name in RECONCILED:
+        # a payment step is reconciled first; only a query that also times out compensates
+        d = step(state, Timeout(seq), now=LATER)
+        assert only(d).step == "payment_status"
+        state = state_of(d)
+        seq = state.seq
+        state, _ = timed_out(state, POLICY.max_step_attempts - 1)
+        reason = f"{name} timed out and so did the payment status query"
     d = step(state, Timeout(seq), now=LATER)
     comp = state_of(d)
     cmd = only(d)
-    reason = f"{name} timed out after {POLICY.max_step_attempts} attempts"
     assert d.note == reason
     assert comp.failure_reason == reason
     assert comp.status is S.COMPENSATING
@@ -897,6 +907,8 @@ def test_resume_after_compensation_timeouts_skips_what_is_already_compensated() 
 def test_resume_keeps_the_unknown_steps_compensation() -> None:
     state = awaiting("capture")
     state, d = timed_out(state, POLICY.max_step_attempts)
+    assert only(d).step == "payment_status"
+    state, d = timed_out(state, POLICY.max_step_attempts)  # the query times out too
     assert only(d).step == "refund_payment"  # capture outcome unknown: refund it
     manual = state_of(answer(state, ok=False))  # PaymentRefundFailed
     assert manual.status is S.FAILED_NEEDS_MANUAL
@@ -1021,3 +1033,87 @@ def test_replies_are_typed_by_the_real_models() -> None:
     assert isinstance(success_body("capture"), PaymentCaptured)
     assert isinstance(success_body("completion"), OrderCompleted)
     assert isinstance(success_body("release_inventory"), InventoryReleased)
+
+
+# -- reconciling a payment step whose outcome is unknown ---------------------------------------
+
+
+def _asking_status(name: str) -> SagaState:
+    state = awaiting(name)
+    state, d = timed_out(state, POLICY.max_step_attempts)
+    cmd = only(d)
+    assert cmd.step == "payment_status"
+    assert cmd.body.TYPE == "payment.GetPaymentStatus.v1"
+    assert state.reconciling == name
+    assert state.status is awaiting(name).status  # still pending, not compensating
+    return state
+
+
+def _status_reply(state: SagaState, status: str) -> Reply:
+    return Reply(
+        PaymentStatusReported(order_id=state.order_id, status=status),  # type: ignore[arg-type]
+        fence=state.seq,
+        message_id=uuid.uuid4(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "next_step"),
+    [
+        ("authorization", "authorized", "inventory"),
+        ("authorization", "captured", "inventory"),
+        ("capture", "captured", "completion"),
+    ],
+)
+def test_payment_status_that_shows_the_step_happened_moves_forward(
+    name: str, status: str, next_step: str
+) -> None:
+    state = _asking_status(name)
+    d = step(state, _status_reply(state, status))
+    after = state_of(d)
+    assert name in after.completed
+    assert only(d).step == next_step
+    assert after.reconciling is None
+    assert after.compensation_plan == ()
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "plan"),
+    [
+        ("authorization", "none", ("cancel_order",)),
+        ("authorization", "declined", ("cancel_order",)),
+        (
+            "capture",
+            "authorized",
+            ("cancel_shipment", "release_inventory", "void_authorization", "cancel_order"),
+        ),
+    ],
+)
+def test_payment_status_that_shows_nothing_happened_compensates_without_the_unknown_step(
+    name: str, status: str, plan: tuple[str, ...]
+) -> None:
+    state = _asking_status(name)
+    d = step(state, _status_reply(state, status))
+    comp = state_of(d)
+    assert comp.status is S.COMPENSATING
+    assert comp.unknown_step is None
+    assert (only(d).step, *comp.compensation_plan) == plan
+    assert status in (comp.failure_reason or "")
+
+
+def test_stale_payment_status_is_ignored() -> None:
+    state = _asking_status("authorization")
+    stale = Reply(
+        PaymentStatusReported(order_id=state.order_id, status="authorized"),
+        fence=state.seq - 1,
+        message_id=uuid.uuid4(),
+    )
+    d = step(state, stale)
+    assert d.outcome == "ignored"
+    assert state_of(d) == state
+
+
+def test_force_compensate_while_reconciling_treats_the_payment_step_as_unknown() -> None:
+    state = _asking_status("authorization")
+    d = step(state, ForceCompensate("x"))
+    assert (only(d).step, *state_of(d).compensation_plan) == ("void_authorization", "cancel_order")

@@ -148,11 +148,16 @@ def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
             assert world.plan is None, "forward command after compensation began"
             assert new.status is FORWARD_STATUS[c.step]
             assert c.step == FORWARD_NAMES[len(new.completed)]
+        elif c.step == "payment_status":
+            # a payment step timed out: it is reconciled by a status query, still pending
+            assert world.plan is None
+            assert new.status is prev.status
+            assert new.reconciling in ("authorization", "capture")
         else:
             assert new.status is S.COMPENSATING
         limit = (
             POLICY.max_step_attempts
-            if c.step in FORWARD_BY_NAME
+            if c.step in FORWARD_BY_NAME or c.step == "payment_status"
             else POLICY.max_compensation_attempts
         )
         assert world.sends.get((c.step, c.fence), 0) < limit
@@ -163,7 +168,11 @@ def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
         assert world.plan is None
         (first,) = d.commands
         plan = (first.step, *new.compensation_plan)
-        unknown = prev.awaiting if isinstance(msg, Timeout) else None
+        unknown = (
+            (prev.reconciling if prev.awaiting == "payment_status" else prev.awaiting)
+            if isinstance(msg, Timeout)
+            else None
+        )
         assert plan == compensation_plan(new.completed, unknown)
         undone = [_index_undone(s) for s in plan]
         assert undone == sorted(undone, reverse=True), "compensations not in reverse order"
