@@ -96,11 +96,14 @@ class Runtime:
         if self.collect_dead_letters:
             await create_schema(self.engine, deadletters.SCHEMA, deadletters.metadata)
         self.connection = await aio_pika.connect_robust(self.settings.amqp_url)
-        declare_channel = await self.connection.channel()
-        # The whole topology, not just our queues: a command to a participant that is not
-        # running yet must wait in its queue, not bounce as unroutable.
-        await topology.declare(declare_channel, self.settings)
-        await declare_channel.close()
+        if self.settings.declare_topology:
+            declare_channel = await self.connection.channel()
+            # The whole topology, not just our queues: a command to a participant that is not
+            # running yet must wait in its queue, not bounce as unroutable.
+            await topology.declare(declare_channel, self.settings)
+            await declare_channel.close()
+        # Otherwise a restricted user has no configure permission, and `sagabus migrate` or
+        # `sagabus provision` declared the topology with an admin user beforehand.
         if self.collect_dead_letters:
             self.collector = Collector(self.engine, telemetry.tracer(deadletters.SERVICE))
             await self.collector.start(self.connection, topology.SERVICES)

@@ -15,6 +15,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SAGABUS_", extra="ignore", frozen=True)
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    #: declare the whole broker topology at start-up; false for a service that runs as a
+    #: restricted broker user (``sagabus provision``), whose topology an admin declared already
+    declare_topology: bool = True
     database_url: str = "postgresql://postgres@127.0.0.1:5432/sagabus"
     #: database pool per process
     db_pool_size: int = Field(default=10, ge=1, le=200)
@@ -55,6 +58,8 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "info"
     service_instance: str | None = None
+    #: serve Prometheus metrics on this port (``/metrics``); unset: no endpoint
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     @property
     def sqlalchemy_url(self) -> str:

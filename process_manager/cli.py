@@ -192,10 +192,20 @@ def run(services: tuple[str, ...]) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await runtime.start()
+        sampler = None
+        if s.metrics_port:
+            from messaging.metrics import metrics
+
+            m = metrics()
+            m.watch(runtime)
+            m.serve(s.metrics_port)
+            sampler = asyncio.create_task(m.sample_outboxes(runtime))
         try:
             await stop.wait()
         finally:
             await runtime.stop()
+            if sampler is not None:
+                sampler.cancel()
             telemetry.shutdown_tracing()
 
     run_async(go)
@@ -507,6 +517,21 @@ def _operator(saga: str, action: Any) -> None:
             else ""
         )
     )
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def stats(as_json: bool) -> None:
+    """Saga outcomes, compensation rate, time to complete, step latencies, retries and dead
+    letters, stuck sagas and outbox lag, summarised from the database."""
+    from process_manager import stats as stats_mod
+
+    s = settings()
+    data = _with_engine(lambda e: stats_mod.collect(e, s))
+    if as_json:
+        emit_json(data)
+    else:
+        stats_mod.render(data, Console())
 
 
 @cli.command()

@@ -22,12 +22,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from messaging import telemetry
 from messaging.consumer import Context
 from messaging.errors import PermanentError
+from messaging.metrics import metrics
 from messaging.outbox import OutgoingMessage
 from messaging.service import ServiceContext, ServiceDefinition
 from messaging.settings import Settings
 from messaging.topology import command_route
 from process_manager import store
 from process_manager.saga import (
+    FORWARD_BY_NAME,
+    RECONCILE,
     TERMINAL,
     Command,
     Decision,
@@ -85,6 +88,49 @@ def outgoing(
         tracestate=carrier.get("tracestate"),
     )
     return OutgoingMessage(env, cmd.body, exchange, key)
+
+
+_OUTCOME = {
+    SagaStatus.COMPLETED: "completed",
+    SagaStatus.COMPENSATED: "compensated",
+    SagaStatus.FAILED_NEEDS_MANUAL: "needs_manual",
+}
+
+
+def _count(
+    decision: Decision, before_state: SagaState | None, now: datetime, policy: Policy
+) -> None:
+    m = metrics().saga
+    state = decision.state
+    if decision.outcome == "ignored" or state is None:
+        m.ignored.inc()
+        return
+    before, after = decision.transition
+    if before is None:
+        m.started.inc()
+        return
+    if before_state is not None and before_state.awaiting and before_state.deadline:
+        settled = before_state.awaiting != state.awaiting or before_state.seq != state.seq
+        if settled and "timed out" not in decision.note:
+            spec_timeout = (
+                policy.step_timeout
+                if before_state.awaiting in FORWARD_BY_NAME
+                or before_state.awaiting == RECONCILE.name
+                else policy.compensation_timeout
+            )
+            sent_at = before_state.deadline - spec_timeout
+            m.step_latency.labels(before_state.awaiting).observe(
+                max(0.0, (now - sent_at).total_seconds())
+            )
+    if "timed out" in decision.note and before_state is not None and before_state.awaiting:
+        m.timeouts.labels(before_state.awaiting).inc()
+    if after is SagaStatus.COMPENSATING and before is not SagaStatus.COMPENSATING:
+        m.compensations.inc()
+    if after in _OUTCOME and before not in _OUTCOME:
+        outcome = _OUTCOME[after]
+        m.finished.labels(outcome).inc()
+        if state.started_at is not None:
+            m.duration.labels(outcome).observe(max(0.0, (now - state.started_at).total_seconds()))
 
 
 def _observe(decision: Decision, state: SagaState) -> None:
@@ -158,6 +204,7 @@ def make_handlers(policy: Policy) -> dict[str, object]:
             for c in decision.commands
         )
         _observe(decision, state)
+        _count(decision, None, ctx.now, policy)
 
     async def on_reply(ctx: Context) -> None:
         env = ctx.envelope
@@ -182,6 +229,7 @@ def make_handlers(policy: Policy) -> dict[str, object]:
             message_type=env.type,
             causation_id=env.message_id,
             now=ctx.now,
+            policy=policy,
         )
 
     handlers: dict[str, object] = {StartCheckout.TYPE: on_start}
@@ -201,6 +249,7 @@ async def _apply(
     message_type: str,
     causation_id: uuid.UUID | None,
     now: datetime,
+    policy: Policy,
 ) -> None:
     state = decision.state or loaded.state
     if decision.state is not None and decision.state != loaded.state:
@@ -228,6 +277,7 @@ async def _apply(
         for c in decision.commands
     )
     _observe(decision, state)
+    _count(decision, loaded.state, now, policy)
 
 
 async def fire_due_timeouts(sctx: ServiceContext, policy: Policy, *, limit: int = 50) -> int:
@@ -269,6 +319,7 @@ async def fire_due_timeouts(sctx: ServiceContext, policy: Policy, *, limit: int 
                     message_type="sagabus.Timeout",
                     causation_id=None,
                     now=now,
+                    policy=policy,
                 )
             fired += 1
         await sctx.outbox.write(conn, out)
@@ -307,9 +358,11 @@ async def sweep_expired(
                 message_type="sagabus.Expired",
                 causation_id=None,
                 now=now,
+                policy=policy,
             )
         await sctx.outbox.write(conn, out)
     if rows:
+        metrics().saga.swept.inc(len(rows))
         log.warning("stuck_sagas_swept", count=len(rows))
     return len(rows)
 
@@ -339,6 +392,7 @@ async def operator_action(
             message_type=f"operator.{type(action).__name__}",
             causation_id=None,
             now=now,
+            policy=policy,
         )
         await outbox.write(conn, out)
     return decision

@@ -5,23 +5,28 @@ OTEL_* variables; the receiver is a real gRPC server built from opentelemetry-pr
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import aio_pika
 import grpc
 import pytest
 import pytest_asyncio
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from messaging import topology
+from messaging import deadletters, topology
 from messaging.db import ensure_database, make_engine
 from messaging.service import migrate
 from messaging.settings import Settings
@@ -85,8 +90,27 @@ def receiver() -> Iterator[tuple[Receiver, int]]:
     server.stop(grace=None)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Traced:
+    settings: Settings
+    engine: AsyncEngine
+    env: dict[str, str]
+    log_path: Path
+    metrics_port: int
+
+
 @pytest_asyncio.fixture(scope="module")
-async def traced(receiver: tuple[Receiver, int]) -> AsyncIterator[tuple[Settings, AsyncEngine]]:
+async def traced(
+    receiver: tuple[Receiver, int], tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Traced]:
     run = "otel" + uuid.uuid4().hex[:8]
     s = _isolated_settings(run)
     support.create_vhost(f"sagabus-test-{run}")
@@ -103,27 +127,31 @@ async def traced(receiver: tuple[Receiver, int]) -> AsyncIterator[tuple[Settings
         "OTEL_BSP_SCHEDULE_DELAY": "200",
         "SAGABUS_LOG_FORMAT": "json",
     }
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("otel") / "services.jsonl"
+    log_file = log_path.open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "process_manager.cli", "run", "all"],
-        env=env,
+        env={**env, "SAGABUS_METRICS_PORT": str(port)},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log_file,
     )
     try:
-        yield s, engine
+        yield Traced(s, engine, env, log_path, port)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+        log_file.close()
         await engine.dispose()
         await support.drop_database(PG_ADMIN, f"sagabus_test_{run}")
         support.delete_vhost(f"sagabus-test-{run}")
 
 
 async def test_one_trace_across_every_service_continuing_the_callers_traceparent(
-    receiver: tuple[Receiver, int], traced: tuple[Settings, AsyncEngine]
+    receiver: tuple[Receiver, int], traced: Traced
 ) -> None:
     rec, _ = receiver
-    settings, engine = traced
+    settings, engine = traced.settings, traced.engine
     sku = f"SKU-OTEL-{uuid.uuid4().hex[:6]}"
     async with engine.begin() as conn:
         await inventory.seed(conn, {sku: 5})
@@ -202,3 +230,162 @@ async def test_one_trace_across_every_service_continuing_the_callers_traceparent
     pm = [c for c in consumers if c["service"] == "sagabus-process-manager"]
     assert any(c["attrs"].get("sagabus.saga.transition") == "COMPLETING->COMPLETED" for c in pm)
     assert all(c["attrs"].get("sagabus.saga.id") == str(status["saga_id"]) for c in pm)
+
+
+async def _spans_of(rec: Receiver, trace_id: str, services: set[str]) -> list[dict[str, Any]]:
+    async def probe() -> list[dict[str, Any]] | None:
+        with rec.lock:
+            mine = [s for s in rec.spans if s["trace_id"] == trace_id]
+        return mine if services <= {s["service"] for s in mine} else None
+
+    return await wait_for(probe, timeout=60, what=f"spans of {services} in trace {trace_id}")
+
+
+async def test_compensated_saga_is_one_trace_with_the_compensation_in_it(
+    receiver: tuple[Receiver, int], traced: Traced
+) -> None:
+    rec, _ = receiver
+    trace_id = uuid.uuid4().hex
+    cmd = checkout(token="tok_decline")
+    await ops.publish_starts(
+        traced.settings.amqp_url,
+        [ops.start_message(cmd, traceparent=f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01")],
+    )
+
+    async def compensated() -> Any:
+        st = await ops.saga_status(traced.engine, cmd.order_id)
+        return st if st and st["state"] == "COMPENSATED" else None
+
+    await wait_for(compensated, timeout=90, what="declined saga to compensate")
+    spans = await _spans_of(
+        rec,
+        trace_id,
+        {
+            "sagabus-process-manager",
+            "sagabus-order",
+            "sagabus-payment",
+            "sagabus-notification",
+            "sagabus-analytics",
+        },
+    )
+    transitions = {s["attrs"].get("sagabus.saga.transition") for s in spans}
+    assert "PENDING_PAYMENT->COMPENSATING" in transitions
+    assert "COMPENSATING->COMPENSATED" in transitions
+    assert any(
+        s["attrs"].get("messaging.rabbitmq.destination.routing_key") == "order.CancelOrder"
+        and s["kind"] == PRODUCER
+        for s in spans
+    )
+
+
+async def test_replayed_dead_letter_gets_a_new_span_linked_to_the_original(
+    receiver: tuple[Receiver, int], traced: Traced
+) -> None:
+    rec, _ = receiver
+    trace_id = uuid.uuid4().hex
+    mid = str(uuid.uuid4())
+    connection = await aio_pika.connect(traced.settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        ex = await channel.get_exchange("sagabus.commands")
+        await ex.publish(
+            aio_pika.Message(
+                b"{not json",
+                message_id=mid,
+                type="checkout.StartCheckout.v1",
+                headers={"traceparent": f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"},
+            ),
+            routing_key="checkout.start",
+        )
+
+    async def stored() -> Any:
+        rows = await deadletters.list_dead_letters(traced.engine, deadletters.Filters(), 1000)
+        return next((r for r in rows if r["message_id"] == mid), None)
+
+    row = await wait_for(stored, timeout=60, what="dead letter collected")
+    assert row["trace_id"] == trace_id
+    out = subprocess.run(
+        [sys.executable, "-m", "process_manager.cli", "dlq", "replay", row["id"]],
+        env={**traced.env, "OTEL_SERVICE_NAME": "sagabus-cli"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+
+    async def replay_span() -> Any:
+        with rec.lock:
+            return next(
+                (
+                    s
+                    for s in rec.spans
+                    if s["attrs"].get("sagabus.dead_letter.id") == row["id"]
+                    and s["attrs"].get("sagabus.replay")
+                ),
+                None,
+            )
+
+    span = await wait_for(replay_span, timeout=60, what="replay span exported")
+    assert span["kind"] == PRODUCER
+    assert trace_id in span["links"]
+
+
+async def test_metrics_endpoint_and_stats_report_the_sagas(traced: Traced) -> None:
+    cmd = checkout(sku="SKU-NONE-" + uuid.uuid4().hex[:6])  # no stock: compensates
+    await ops.publish_starts(traced.settings.amqp_url, [ops.start_message(cmd)])
+
+    async def finished() -> Any:
+        st = await ops.saga_status(traced.engine, cmd.order_id)
+        return st if st and st["terminal"] else None
+
+    await wait_for(finished, timeout=90, what="saga to finish")
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{traced.metrics_port}/metrics", timeout=10
+        ) as r:
+            text = r.read().decode()
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+    async def scraped() -> dict[str, float] | None:
+        v = scrape()
+        return v if v.get('sagabus_sagas_finished_total{outcome="compensated"}', 0) >= 1 else None
+
+    values = await wait_for(scraped, timeout=30, what="metrics to show the compensated saga")
+    assert values["sagabus_sagas_started_total"] >= 1
+    assert values['sagabus_messages_total{result="processed",service="payment"}'] >= 1
+    assert values["sagabus_compensations_started_total"] >= 1
+    assert any(k.startswith("sagabus_saga_duration_seconds_count") for k in values)
+    assert any(k.startswith('sagabus_outbox_unsent{service="process-manager"}') for k in values)
+
+    out = subprocess.run(
+        [sys.executable, "-m", "process_manager.cli", "stats", "--json"],
+        env=traced.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    stats = json.loads(out.stdout)
+    assert stats["sagas"]["by_state"].get("COMPENSATED", 0) >= 1
+    assert 0 < stats["compensation_rate"] <= 1
+    assert "inventory" in stats["step_latency_s"]
+    assert set(stats["outbox"]) >= {"process-manager", "payment"}
+
+
+def test_every_handler_log_line_carries_saga_and_trace_ids(traced: Traced) -> None:
+    """Runs after the sagas above: the services' JSON log lines, read back as data."""
+    lines = [json.loads(x) for x in traced.log_path.read_text().splitlines() if x.startswith("{")]
+    handled = [x for x in lines if x.get("message_id") and x.get("saga_id")]
+    assert any(x["event"] == "saga_transitioned" for x in handled)
+    for x in handled:
+        for key in ("service", "message_type", "saga_id", "correlation_id", "trace_id", "span_id"):
+            assert x.get(key), (key, x)
+    for x in lines:
+        if x.get("event") in ("saga_transitioned", "message_dead_lettered", "duplicate_ignored"):
+            assert x.get("trace_id") and x.get("message_id"), x
