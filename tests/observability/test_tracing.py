@@ -68,6 +68,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                                 "span_id": s.span_id.hex(),
                                 "parent": s.parent_span_id.hex(),
                                 "links": [ln.trace_id.hex() for ln in s.links],
+                                "start": s.start_time_unix_nano,
                                 "attrs": {
                                     a.key: a.value.string_value
                                     or a.value.int_value
@@ -200,6 +201,7 @@ async def test_one_trace_across_every_service_continuing_the_callers_traceparent
         timeout=60,
         what="spans from every service, with every consumer's parent",
     )
+    _dump("completed", spans)
     by_id = {s["span_id"]: s for s in spans}
     consumers = [s for s in spans if s["kind"] == CONSUMER]
     producers = [s for s in spans if s["kind"] == PRODUCER]
@@ -232,13 +234,59 @@ async def test_one_trace_across_every_service_continuing_the_callers_traceparent
     assert all(c["attrs"].get("sagabus.saga.id") == str(status["saga_id"]) for c in pm)
 
 
-async def _spans_of(rec: Receiver, trace_id: str, services: set[str]) -> list[dict[str, Any]]:
+def render_tree(spans: list[dict[str, Any]]) -> str:
+    """An ASCII rendering of one trace, like Jaeger's timeline without the bars."""
+    by_parent: dict[str, list[dict[str, Any]]] = {}
+    ids = {s["span_id"] for s in spans}
+    for s in sorted(spans, key=lambda x: x["start"]):
+        by_parent.setdefault(s["parent"] if s["parent"] in ids else "", []).append(s)
+    t0 = min(s["start"] for s in spans)
+    kinds = {CONSUMER: "CONSUMER", PRODUCER: "PRODUCER", 1: "INTERNAL"}
+    lines: list[str] = []
+
+    def walk(parent: str, depth: int) -> None:
+        for s in by_parent.get(parent, []):
+            extra = s["attrs"].get("sagabus.saga.transition") or s["attrs"].get(
+                "messaging.rabbitmq.destination.routing_key", ""
+            )
+            lines.append(
+                f"{(s['start'] - t0) / 1e6:8.1f} ms  {'  ' * depth}{s['service']:<26}"
+                f"{kinds.get(s['kind'], s['kind']):<9} {s['name']}  {extra}"
+            )
+            walk(s["span_id"], depth + 1)
+
+    walk("", 0)
+    return "\n".join(lines)
+
+
+def _dump(name: str, spans: list[dict[str, Any]]) -> None:
+    target = os.environ.get("SAGABUS_TRACE_DUMP")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        (Path(target) / f"{name}.txt").write_text(render_tree(spans) + "\n")
+
+
+async def _spans_of(
+    rec: Receiver, trace_id: str, services: set[str], transitions: set[str]
+) -> list[dict[str, Any]]:
+    """Poll until the trace holds spans of ``services`` and the saga ``transitions``."""
+
     async def probe() -> list[dict[str, Any]] | None:
         with rec.lock:
             mine = [s for s in rec.spans if s["trace_id"] == trace_id]
-        return mine if services <= {s["service"] for s in mine} else None
+        seen = {s["attrs"].get("sagabus.saga.transition") for s in mine}
+        ids = {s["span_id"] for s in mine}
+        orphans = [
+            s
+            for s in mine
+            if s["kind"] == CONSUMER
+            and s["parent"] not in ids
+            and s["attrs"].get("sagabus.message.type") != "checkout.StartCheckout.v1"
+        ]
+        ok = services <= {s["service"] for s in mine} and transitions <= seen and not orphans
+        return mine if ok else None
 
-    return await wait_for(probe, timeout=60, what=f"spans of {services} in trace {trace_id}")
+    return await wait_for(probe, timeout=60, what=f"{services} and {transitions} in {trace_id}")
 
 
 async def test_compensated_saga_is_one_trace_with_the_compensation_in_it(
@@ -267,7 +315,9 @@ async def test_compensated_saga_is_one_trace_with_the_compensation_in_it(
             "sagabus-notification",
             "sagabus-analytics",
         },
+        {"PENDING_PAYMENT->COMPENSATING", "COMPENSATING->COMPENSATED"},
     )
+    _dump("compensated", spans)
     transitions = {s["attrs"].get("sagabus.saga.transition") for s in spans}
     assert "PENDING_PAYMENT->COMPENSATING" in transitions
     assert "COMPENSATING->COMPENSATED" in transitions
