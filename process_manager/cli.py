@@ -403,7 +403,12 @@ def status(saga: str, as_json: bool) -> None:
     ),
 )
 @click.option("--older-than", type=Duration(), default=None, help="Not updated for this long.")
-@click.option("--stuck", is_flag=True, help="Only sagas not in a terminal state.")
+@click.option(
+    "--stuck",
+    is_flag=True,
+    help="Only stuck sagas: past their step deadline, alive beyond SAGABUS_SAGA_TTL_S, or "
+    "FAILED_NEEDS_MANUAL (swept or out of compensation attempts).",
+)
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def list_cmd(
@@ -413,7 +418,14 @@ def list_cmd(
     from process_manager import ops
 
     rows = _with_engine(
-        lambda e: ops.list_sagas(e, state=state, older_than=older_than, stuck=stuck, limit=limit)
+        lambda e: ops.list_sagas(
+            e,
+            state=state,
+            older_than=older_than,
+            stuck=stuck,
+            ttl_s=settings().saga_ttl_s,
+            limit=limit,
+        )
     )
     if as_json:
         emit_json(rows)

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from messaging.topology import COMMANDS_EXCHANGE, START_ROUTING_KEY
 from process_manager import store
-from process_manager.saga import TERMINAL
+from process_manager.saga import TERMINAL, SagaStatus
 from schemas.checkout import StartCheckout, saga_id_for_order
 
 
@@ -114,6 +114,7 @@ async def list_sagas(
     state: str | None = None,
     older_than: timedelta | None = None,
     stuck: bool = False,
+    ttl_s: float = 3600.0,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
     t = store.sagas
@@ -123,7 +124,16 @@ async def list_sagas(
     if older_than is not None:
         stmt = stmt.where(t.c.updated_at < datetime.now(UTC) - older_than)
     if stuck:
-        stmt = stmt.where(t.c.status.not_in([s.value for s in TERMINAL]))
+        # Stuck: waiting past its step deadline (the timeout loop is not keeping up or is not
+        # running), alive beyond its time-to-live, or stopped for a human (what the sweeper and
+        # exhausted compensations leave behind).
+        now = datetime.now(UTC)
+        live = t.c.status.not_in([s.value for s in TERMINAL])
+        stmt = stmt.where(
+            (t.c.status == SagaStatus.FAILED_NEEDS_MANUAL.value)
+            | (live & (t.c.deadline_at < now - timedelta(seconds=5)))
+            | (live & (t.c.started_at < now - timedelta(seconds=ttl_s)))
+        )
     async with engine.connect() as conn:
         rows = (await conn.execute(stmt)).all()
     return [_saga_json(r) for r in rows]
