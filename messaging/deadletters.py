@@ -16,7 +16,7 @@ import getpass
 import hashlib
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -200,7 +200,13 @@ class Collector:
         for service in services:
             dlq = topology.QUEUES[service].dlq
             queue = await channel.get_queue(dlq, ensure=False)
-            await queue.consume(lambda d, dlq=dlq: self.on_message(d, dlq))
+            await queue.consume(self._handler(dlq))
+
+    def _handler(self, dlq: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        async def handle(delivery: AbstractIncomingMessage) -> None:
+            await self.on_message(delivery, dlq)
+
+        return handle
 
     async def on_message(self, delivery: AbstractIncomingMessage, dlq: str) -> None:
         try:

@@ -58,7 +58,10 @@ async def start_services(ops_settings: Settings, ops_engine: AsyncEngine) -> Asy
     ) -> Runtime:
         s = settings or ops_settings
         rt = Runtime(
-            bootstrap.definitions(s, list(names)), s, engine=ops_engine, dead_letters=dead_letters
+            bootstrap.definitions(s, list(names)) if names else [],
+            s,
+            engine=ops_engine,
+            dead_letters=dead_letters,
         )
         await rt.start()
         runtimes.append(rt)

@@ -218,3 +218,44 @@ def ops_saga(order_id: str) -> uuid.UUID:
     from schemas.checkout import saga_id_for_order
 
     return saga_id_for_order(order_id)
+
+
+async def test_crash_loop_is_bounded_by_the_delivery_limit_and_stored(
+    start_services: Start, ops_settings: Settings, ops_engine: AsyncEngine
+) -> None:
+    """A consumer that keeps dying on a message (here: one that always rejects with requeue, as a
+    crashing process would leave it) cannot loop forever: the quorum queue's x-delivery-limit
+    dead-letters it, and the collector stores it with the broker's reason."""
+    await start_services(dead_letters=True)
+    mid = str(uuid.uuid4())
+    connection = await aio_pika.connect(ops_settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        # publish straight to the shipping work queue, with no shipping service running
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"{}", message_id=mid, type="shipping.CancelShipment.v1"),
+            routing_key="sagabus.shipping",
+        )
+        queue = await channel.get_queue("sagabus.shipping", ensure=False)
+        rejected = 0
+
+        async def crash_looped() -> bool:
+            nonlocal rejected
+            m = await queue.get(no_ack=False, fail=False)
+            if m is not None and m.message_id == mid:
+                rejected += 1
+                await m.reject(requeue=True)
+            elif m is not None:
+                await m.reject(requeue=True)
+            rows = await _open(ops_engine, queue="sagabus.shipping", status="open")
+            return any(r["message_id"] == mid for r in rows)
+
+        await wait_for(crash_looped, timeout=60, interval=0.01, what="delivery limit reached")
+    row = next(
+        r
+        for r in await _open(ops_engine, queue="sagabus.shipping", status="open")
+        if r["message_id"] == mid
+    )
+    assert row["error_class"] == "broker:delivery_limit"
+    assert row["failure_kind"] == "broker"
+    assert rejected >= ops_settings.delivery_limit  # redelivered up to the limit, then stopped

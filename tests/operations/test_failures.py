@@ -30,8 +30,15 @@ from tests.support import checkout, wait_for
 
 pytestmark = pytest.mark.integration
 
-SERVICES = ("process-manager", "order", "payment", "inventory", "shipping", "notification",
-            "analytics")
+SERVICES = (
+    "process-manager",
+    "order",
+    "payment",
+    "inventory",
+    "shipping",
+    "notification",
+    "analytics",
+)
 
 
 def ALL_BUT(*skip: str) -> list[str]:
@@ -376,7 +383,9 @@ async def test_unknown_authorization_is_reconciled_by_payment_status_not_compens
     # the payment unit of work guarantees is money-safe)
     await start_services("payment", settings=ops_settings.model_copy(update={"prefetch": 1}))
     done = await wait_for(
-        lambda: _state_is(ops_engine, cmd.order_id, "COMPLETED", "COMPENSATED", "FAILED_NEEDS_MANUAL"),
+        lambda: _state_is(
+            ops_engine, cmd.order_id, "COMPLETED", "COMPENSATED", "FAILED_NEEDS_MANUAL"
+        ),
         timeout=60,
         what="saga end",
     )
@@ -384,8 +393,12 @@ async def test_unknown_authorization_is_reconciled_by_payment_status_not_compens
     assert any("reconciled: payment authorized" in h["note"] for h in done["history"])
     async with ops_engine.connect() as conn:
         kinds = (
-            await conn.execute(
-                select(payment.ledger.c.kind).where(payment.ledger.c.order_id == cmd.order_id)
+            (
+                await conn.execute(
+                    select(payment.ledger.c.kind).where(payment.ledger.c.order_id == cmd.order_id)
+                )
             )
-        ).scalars().all()
+            .scalars()
+            .all()
+        )
     assert sorted(kinds) == ["authorize", "capture"]
