@@ -135,9 +135,10 @@ def _where(e: BaseException) -> str:
 
 
 def _retries(delivery: AbstractIncomingMessage) -> int:
+    value = dict(delivery.headers or {}).get(HeaderNames.RETRY_COUNT, 0)
     try:
-        return int(dict(delivery.headers or {}).get(HeaderNames.RETRY_COUNT, 0))
-    except (TypeError, ValueError):
+        return int(value) if isinstance(value, int | str | bytes) else 0
+    except ValueError:
         return 0
 
 
@@ -236,7 +237,7 @@ class Consumer:
                 conversation_id=delivery.correlation_id or "",
                 body_size=len(delivery.body),
                 message_type=delivery.type or "",
-                **{
+                extra={
                     "messaging.consumer.group.name": self.spec.name,
                     "sagabus.service": self.service,
                 },

@@ -131,8 +131,12 @@ def row_from_delivery(delivery: AbstractIncomingMessage, dlq: str) -> dict[str, 
     failed_at_raw = _s(headers.get(HeaderNames.FAILED_AT))
     if error_class is None:
         # Dead-lettered by the broker itself (x-delivery-limit, rejected, expired): read x-death.
-        deaths = headers.get("x-death") or []
-        death = deaths[0] if deaths else {}
+        deaths = headers.get("x-death")
+        death: dict[str, Any] = (
+            dict(deaths[0])
+            if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict)
+            else {}
+        )
         reason = _s(death.get("reason")) or "unknown"
         error_class = f"broker:{reason}"
         error_message = {
@@ -221,7 +225,7 @@ class Collector:
                     destination=dlq,
                     message_id=delivery.message_id or "",
                     message_type=delivery.type or "",
-                    **{
+                    extra={
                         "sagabus.dead_letter.id": str(row["id"]),
                         "sagabus.dead_letter.error_class": row["error_class"],
                     },
@@ -403,7 +407,7 @@ def replay_message(row: Any, tracer: trace.Tracer) -> tuple[aio_pika.Message, tr
             routing_key=row.queue,
             message_id=row.message_id or "",
             message_type=row.message_type or "",
-            **{"sagabus.dead_letter.id": str(row.id), "sagabus.replay": True},
+            extra={"sagabus.dead_letter.id": str(row.id), "sagabus.replay": "true"},
         ),
     )
     headers.update(telemetry.inject(trace.set_span_in_context(span)))

@@ -143,7 +143,7 @@ class Relay:
                             conversation_id=row.correlation_id,
                             body_size=len(row.body),
                             message_type=row.message_type,
-                            **{
+                            extra={
                                 "sagabus.saga.id": str(row.saga_id),
                                 "sagabus.outbox.lag_ms": int(
                                     (datetime.now(UTC) - row.created_at).total_seconds() * 1000

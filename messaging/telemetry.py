@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
@@ -110,7 +110,7 @@ def messaging_attributes(
     conversation_id: object = None,
     body_size: int | None = None,
     message_type: str | None = None,
-    **extra: str | int | bool,
+    extra: Mapping[str, str | int | bool] | None = None,
 ) -> dict[str, str | int | bool]:
     """Span attributes per the OpenTelemetry messaging conventions, plus ``extra`` as given."""
     attrs: dict[str, str | int | bool] = {
@@ -129,7 +129,7 @@ def messaging_attributes(
         attrs["messaging.message.body.size"] = body_size
     if message_type is not None:
         attrs["sagabus.message.type"] = message_type
-    attrs.update(extra)
+    attrs.update(extra or {})
     return attrs
 
 
@@ -140,7 +140,7 @@ def trace_ids() -> dict[str, str]:
     return {"trace_id": f"{ctx.trace_id:032x}", "span_id": f"{ctx.span_id:016x}"}
 
 
-def _add_trace_ids(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _add_trace_ids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in trace_ids().items():
         event.setdefault(key, value)
     return event

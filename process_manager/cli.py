@@ -55,7 +55,7 @@ def parse_duration(value: str) -> timedelta:
     )
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType):  # type: ignore[type-arg,unused-ignore]
     name = "duration"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> timedelta:

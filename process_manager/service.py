@@ -126,7 +126,7 @@ def _count(
         m.timeouts.labels(before_state.awaiting).inc()
     if after is SagaStatus.COMPENSATING and before is not SagaStatus.COMPENSATING:
         m.compensations.inc()
-    if after in _OUTCOME and before not in _OUTCOME:
+    if isinstance(after, SagaStatus) and after in _OUTCOME and before not in _OUTCOME:
         outcome = _OUTCOME[after]
         m.finished.labels(outcome).inc()
         if state.started_at is not None:

@@ -370,7 +370,7 @@ async def test_replayed_dead_letter_gets_a_new_span_linked_to_the_original(
                     s
                     for s in rec.spans
                     if s["attrs"].get("sagabus.dead_letter.id") == row["id"]
-                    and s["attrs"].get("sagabus.replay")
+                    and s["attrs"].get("sagabus.replay") == "true"
                 ),
                 None,
             )
