@@ -866,6 +866,16 @@ def demo(sagas: int, seed: int | None, verbose: bool) -> None:
         sys.exit(EXIT_FAILED)
 
 
+def _register_commands() -> None:
+    """Commands that live in their own modules."""
+    from process_manager import provision
+
+    cli.add_command(provision.command)
+
+
+_register_commands()
+
+
 def main(argv: list[str] | None = None) -> None:
     import logging
 

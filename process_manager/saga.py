@@ -177,7 +177,7 @@ COMPENSATIONS: dict[str, StepSpec] = {
         StepSpec(
             "cancel_order",
             "order",
-            lambda c: CancelOrder(order_id=c.order_id, reason="checkout compensated"),
+            lambda c: CancelOrder(order_id=c.order_id, reason="checkout_compensated"),
             success=(OrderCancelled,),
         ),
         StepSpec(

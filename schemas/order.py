@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from schemas.base import Message
-from schemas.common import Currency, MinorUnits, OrderId, Reason, Token
+from schemas.common import Currency, MinorUnits, OrderId, Token
+
+#: Why an order was cancelled: a code, never free text (the fact is public).
+CancelReason = Literal["checkout_compensated", "operator_cancelled"]
 
 
 class CreateOrder(Message):
@@ -27,7 +30,7 @@ class CancelOrder(Message):
     TYPE: ClassVar[str] = "order.CancelOrder.v1"
     KIND: ClassVar[str] = "command"
     order_id: OrderId
-    reason: Reason
+    reason: CancelReason
 
 
 class OrderCreated(Message):
@@ -58,5 +61,5 @@ class OrderCancelled(Message):
     amount_minor: MinorUnits
     currency: Currency
     duration_ms: int
-    reason: Reason
+    reason: CancelReason
     outcome: Literal["cancelled", "needs_manual"] = "cancelled"

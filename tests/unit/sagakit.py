@@ -93,7 +93,7 @@ _SUCCESS: dict[str, Callable[[StartCheckout], Message]] = {
         amount_minor=c.amount_minor,
         currency=c.currency,
         duration_ms=2345,
-        reason="checkout compensated",
+        reason="checkout_compensated",
     ),
     "void_authorization": lambda c: AuthorizationVoided(
         order_id=c.order_id, had_authorization=True

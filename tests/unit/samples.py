@@ -59,7 +59,7 @@ _ALL: tuple[Message, ...] = (
     ),
     CreateOrder(order_id=OID, customer_id="cus_1", amount_minor=2500, currency="EUR"),
     CompleteOrder(order_id=OID),
-    CancelOrder(order_id=OID, reason="checkout compensated"),
+    CancelOrder(order_id=OID, reason="checkout_compensated"),
     OrderCreated(order_id=OID),
     OrderCompleted(
         order_id=OID, customer_id="cus_1", amount_minor=2500, currency="EUR", duration_ms=10
@@ -70,7 +70,7 @@ _ALL: tuple[Message, ...] = (
         amount_minor=2500,
         currency="EUR",
         duration_ms=10,
-        reason="declined",
+        reason="checkout_compensated",
     ),
     AuthorizePayment(order_id=OID, amount_minor=2500, currency="EUR", payment_token="tok_visa"),
     CapturePayment(order_id=OID, amount_minor=2500, currency="EUR"),

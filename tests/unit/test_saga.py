@@ -345,7 +345,7 @@ def test_compensation_commands_carry_the_checkout() -> None:
         ("payment", RefundPayment(order_id="ord-1", amount_minor=AMOUNT, currency="EUR")),
         ("shipping", CancelShipment(order_id="ord-1")),
         ("inventory", ReleaseInventory(order_id="ord-1")),
-        ("order", CancelOrder(order_id="ord-1", reason="checkout compensated")),
+        ("order", CancelOrder(order_id="ord-1", reason="checkout_compensated")),
     ]
 
 

@@ -1,0 +1,766 @@
+"""Least-privilege broker users: one RabbitMQ user per service, allowed only what it does.
+
+The permission model is data (``GRANTS``): per principal, the queues it consumes, the exchanges
+it publishes to, and the routing keys it may use on the topic exchanges. ``apply`` puts it on a
+broker through the management HTTP API (and can declare the topology there as the admin);
+``definitions`` renders it, with the topology, as a RabbitMQ definitions file to load at boot.
+Both are idempotent. ``command`` is ``sagabus provision``.
+
+How RabbitMQ checks access (observed on 3.10, and the reason for each grant):
+
+- ``basic.consume`` and ``basic.get`` need *read* on the queue. A *passive* ``queue.declare`` or
+  ``exchange.declare`` needs no permission at all, so it proves nothing about access.
+- ``basic.publish`` needs *write* on the exchange; the default exchange is the resource
+  ``amq.default``.
+- Declaring, binding or deleting needs *configure*. No service gets any: an admin declares the
+  topology (``sagabus migrate``, this command, or the definitions file), and services run with
+  ``SAGABUS_DECLARE_TOPOLOGY=false``.
+- Topic permissions limit the routing keys a user may publish with, but only on *topic*
+  exchanges; a user with no topic permission for an exchange may use every key there.
+
+What least privilege cannot express with the current topology: retries go to ``<queue>.retry.N``
+and ``dlq replay`` to a work queue through the default exchange, and dead letters go to the
+direct exchange ``sagabus.dead-letter``; neither is a topic exchange, so a service allowed to
+retry may publish into *any* queue by name, and one allowed to dead-letter may publish into any
+DLQ. Closing that needs retry and dead-letter exchanges of type topic (a topology change).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from messaging import topology
+from messaging.settings import Settings
+
+#: the permission regex that matches no resource (RabbitMQ treats ``^$`` as "nothing")
+NOTHING = "^$"
+#: the default exchange as a permission resource
+DEFAULT_EXCHANGE = "amq.default"
+DEFAULT_USER_PREFIX = "sagabus-"
+HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
+#: env file keys: SAGABUS_AMQP_URL_<PRINCIPAL>, e.g. SAGABUS_AMQP_URL_PROCESS_MANAGER
+ENV_KEY_PREFIX = "SAGABUS_AMQP_URL_"
+
+EXIT_FAILED = 1
+EXIT_UNREACHABLE = 3
+
+
+class ProvisionError(click.ClickException):
+    exit_code = EXIT_FAILED
+
+
+class Unreachable(click.ClickException):
+    exit_code = EXIT_UNREACHABLE
+
+
+# -- the permission model ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TopicGrant:
+    """Routing keys a principal may publish with (``write``) on one topic exchange."""
+
+    exchange: str
+    write: str
+    read: str = NOTHING
+
+
+@dataclass(frozen=True)
+class Grant:
+    principal: str
+    purpose: str
+    #: queues it consumes (read)
+    consumes: tuple[str, ...] = ()
+    #: exchanges it publishes to (write); "" is the default exchange
+    publishes: tuple[str, ...] = ()
+    topics: tuple[TopicGrant, ...] = ()
+
+    @property
+    def configure(self) -> str:
+        return NOTHING
+
+    @property
+    def write(self) -> str:
+        return _exactly(DEFAULT_EXCHANGE if e == "" else e for e in self.publishes)
+
+    @property
+    def read(self) -> str:
+        return _exactly(self.consumes)
+
+    def permissions(self) -> dict[str, str]:
+        return {"configure": self.configure, "write": self.write, "read": self.read}
+
+
+def _escape(name: str) -> str:
+    """Escape regex metacharacters (not ``-``, which ``re.escape`` escapes needlessly)."""
+    return re.sub(r"([.^$*+?()\[\]{}|\\])", r"\\\1", name)
+
+
+def _either(names: Iterable[str]) -> str:
+    unique = sorted({_escape(n) for n in names})
+    return unique[0] if len(unique) == 1 else "(" + "|".join(unique) + ")"
+
+
+def _exactly(names: Iterable[str]) -> str:
+    """A permission regex matching exactly these resource names (``^$`` for none)."""
+    unique = set(names)
+    return f"^{_either(unique)}$" if unique else NOTHING
+
+
+def _keys_starting_with(prefixes: Iterable[str]) -> str:
+    """Routing keys whose first word is one of ``prefixes``."""
+    return f"^{_either(prefixes)}\\."
+
+
+#: participants: services whose queue takes ``<service>.#`` from the commands exchange
+PARTICIPANTS: tuple[str, ...] = tuple(
+    s for s, q in topology.QUEUES.items() if (topology.COMMANDS_EXCHANGE, f"{s}.#") in q.bindings
+)
+_DLQS = tuple(q.dlq for q in topology.QUEUES.values())
+_START_ONLY = TopicGrant(topology.COMMANDS_EXCHANGE, _exactly([topology.START_ROUTING_KEY]))
+
+
+def _worker(service: str, *publishes: str, topics: tuple[TopicGrant, ...] = ()) -> Grant:
+    """A consumer of its own work queue. Every consumer dead-letters to ``sagabus.dead-letter``
+    and schedules retries into its own delay queues through the default exchange."""
+    return Grant(
+        principal=service,
+        purpose=f"runs the {service} service",
+        consumes=(topology.QUEUES[service].name,),
+        publishes=(*publishes, topology.DEAD_LETTER_EXCHANGE, ""),
+        topics=topics,
+    )
+
+
+def _participant(service: str, *also: str) -> Grant:
+    """Replies go to ``sagabus.replies`` with the reply's type name as the routing key, and a
+    participant's reply types start with its own name (``payment.PaymentAuthorized.v1``)."""
+    replies = TopicGrant(topology.REPLIES_EXCHANGE, _keys_starting_with([service]))
+    return _worker(service, topology.REPLIES_EXCHANGE, *also, topics=(replies,))
+
+
+GRANTS: dict[str, Grant] = {
+    g.principal: g
+    for g in (
+        _worker(
+            "process-manager",
+            topology.COMMANDS_EXCHANGE,
+            topics=(TopicGrant(topology.COMMANDS_EXCHANGE, _keys_starting_with(PARTICIPANTS)),),
+        ),
+        _participant("order", topology.FACTS_EXCHANGE),
+        *(_participant(s) for s in PARTICIPANTS if s != "order"),
+        _worker("notification"),
+        _worker("analytics"),
+        Grant(
+            principal="dead-letters",
+            purpose="runs the dead-letter collector (consumes every DLQ, publishes nothing)",
+            consumes=_DLQS,
+        ),
+        Grant(
+            principal="client",
+            purpose="starts sagas: publishes StartCheckout with routing key checkout.start",
+            publishes=(topology.COMMANDS_EXCHANGE,),
+            topics=(_START_ONLY,),
+        ),
+        Grant(
+            principal="operator",
+            purpose="the CLI: `sagabus start`, and `sagabus dlq replay` into work queues",
+            publishes=(topology.COMMANDS_EXCHANGE, ""),
+            topics=(_START_ONLY,),
+        ),
+    )
+}
+
+
+# -- accounts ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Account:
+    grant: Grant
+    user: str
+    #: None: the user exists and keeps a password not known here
+    password: str | None
+    #: "created", "updated" (password set again, same or new), "kept" or "not applied"
+    action: str = "created"
+
+    @property
+    def env_key(self) -> str:
+        return ENV_KEY_PREFIX + re.sub(r"[^A-Z0-9]", "_", self.grant.principal.upper())
+
+    def amqp_url(self, amqp_host: str, vhost: str) -> str:
+        if self.password is None:
+            raise ProvisionError(f"the password of {self.user} is not known here")
+        user = urllib.parse.quote(self.user, safe="")
+        password = urllib.parse.quote(self.password, safe="")
+        path = "" if vhost == "/" else urllib.parse.quote(vhost, safe="")
+        return f"amqp://{user}:{password}@{amqp_host}/{path}"
+
+
+def demo_password(principal: str) -> str:
+    """Fixed, guessable passwords for a local compose stack only."""
+    return f"{principal}-secret"
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def password_hash(password: str, salt: bytes | None = None) -> str:
+    """RabbitMQ's ``rabbit_password_hashing_sha256``: base64(salt + sha256(salt + password))
+    with a 4-byte salt."""
+    salt = secrets.token_bytes(4) if salt is None else salt
+    if len(salt) != 4:
+        raise ValueError("the salt is 4 bytes")
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """user -> password from an env file this command wrote before (missing file: nothing)."""
+    found: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return found
+    except OSError as e:
+        raise ProvisionError(f"cannot read {path}: {e.strerror}") from None
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if not sep or not key.startswith(ENV_KEY_PREFIX):
+            continue
+        url = urllib.parse.urlsplit(value.strip().strip("'\""))
+        if url.username and url.password:
+            found[urllib.parse.unquote(url.username)] = urllib.parse.unquote(url.password)
+    return found
+
+
+def plan(
+    *,
+    user_prefix: str = DEFAULT_USER_PREFIX,
+    known: Mapping[str, str] | None = None,
+    existing: Iterable[str] = (),
+    rotate: bool = False,
+    principals: Sequence[str] | None = None,
+) -> list[Account]:
+    """Choose each user's password: a known one (demo or from an earlier env file) is set again;
+    an existing user whose password is not known keeps it unless ``rotate``; else a new one."""
+    known = known or {}
+    existing = set(existing)
+    accounts = []
+    for name in principals or GRANTS:
+        user = f"{user_prefix}{name}"
+        password = known.get(user)
+        if password is not None and not rotate:
+            action = "updated" if user in existing else "created"
+        elif user in existing and not rotate:
+            action = "kept"
+        else:
+            password = new_password()
+            action = "updated" if user in existing else "created"
+        accounts.append(Account(GRANTS[name], user, password, action))
+    return accounts
+
+
+# -- the topology as data ----------------------------------------------------------------------
+
+
+def topology_definitions(settings: Settings, vhost: str) -> dict[str, list[dict[str, Any]]]:
+    """Exchanges, queues and bindings exactly as ``topology.declare`` declares them."""
+    exchanges: list[dict[str, Any]] = [
+        {
+            "name": name,
+            "vhost": vhost,
+            "type": kind.value,
+            "durable": True,
+            "auto_delete": False,
+            "internal": False,
+            "arguments": {},
+        }
+        for name, kind in topology.EXCHANGES.items()
+    ]
+    queues: list[dict[str, Any]] = []
+    bindings: list[dict[str, Any]] = []
+
+    def queue(name: str, arguments: dict[str, Any]) -> None:
+        queues.append(
+            {
+                "name": name,
+                "vhost": vhost,
+                "durable": True,
+                "auto_delete": False,
+                "arguments": arguments,
+            }
+        )
+
+    def bind(exchange: str, queue_name: str, key: str) -> None:
+        bindings.append(
+            {
+                "source": exchange,
+                "vhost": vhost,
+                "destination": queue_name,
+                "destination_type": "queue",
+                "routing_key": key,
+                "arguments": {},
+            }
+        )
+
+    for spec in topology.QUEUES.values():
+        queue(spec.name, topology.work_queue_arguments(spec, settings))
+        for exchange, key in spec.bindings:
+            bind(exchange, spec.name, key)
+        queue(spec.dlq, {"x-queue-type": "quorum"})
+        bind(topology.DEAD_LETTER_EXCHANGE, spec.dlq, spec.name)
+        for tier in range(1, topology.RETRY_TIERS + 1):
+            queue(
+                spec.retry_queue(tier),
+                {
+                    "x-queue-type": "classic",
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": spec.name,
+                },
+            )
+    return {"exchanges": exchanges, "queues": queues, "bindings": bindings}
+
+
+def definitions(
+    accounts: Sequence[Account],
+    settings: Settings,
+    *,
+    vhost: str = "/",
+    admin: tuple[str, str] | None = None,
+    fixed_salts: bool = False,
+) -> dict[str, Any]:
+    """A RabbitMQ definitions document: the vhost, the users (password hashes), their
+    permissions and topic permissions, and the topology. ``admin`` adds an administrator with
+    every permission: a node that loads definitions at boot creates no default user.
+    ``fixed_salts`` derives each salt from the user name, so regenerating a file with fixed
+    (demo) passwords reproduces it byte for byte."""
+
+    def salt(user: str) -> bytes | None:
+        return hashlib.sha256(f"sagabus:{user}".encode()).digest()[:4] if fixed_salts else None
+
+    users: list[dict[str, Any]] = []
+    permissions: list[dict[str, Any]] = []
+    topic_permissions: list[dict[str, Any]] = []
+    if admin is not None:
+        name, password = admin
+        users.append(_user(name, password_hash(password, salt(name)), ["administrator"]))
+        permissions.append(
+            {"user": name, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"}
+        )
+    for a in accounts:
+        if a.password is None:
+            raise ProvisionError(f"the password of {a.user} is not known here; pass --rotate")
+        users.append(_user(a.user, password_hash(a.password, salt(a.user)), []))
+        permissions.append({"user": a.user, "vhost": vhost, **a.grant.permissions()})
+        for t in a.grant.topics:
+            topic_permissions.append(
+                {
+                    "user": a.user,
+                    "vhost": vhost,
+                    "exchange": t.exchange,
+                    "write": t.write,
+                    "read": t.read,
+                }
+            )
+    return {
+        "users": users,
+        "vhosts": [{"name": vhost}],
+        "permissions": permissions,
+        "topic_permissions": topic_permissions,
+        "parameters": [],
+        "global_parameters": [],
+        "policies": [],
+        **topology_definitions(settings, vhost),
+    }
+
+
+def _user(name: str, hashed: str, tags: list[str]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "password_hash": hashed,
+        "hashing_algorithm": HASHING_ALGORITHM,
+        "tags": tags,
+        "limits": {},
+    }
+
+
+# -- the management HTTP API -------------------------------------------------------------------
+
+
+class Management:
+    """A small client of the RabbitMQ management HTTP API, authenticated from the URL."""
+
+    def __init__(self, url: str, *, timeout: float = 10) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise click.UsageError(f"--admin-url must be an http(s):// URL, got {redact(url)!r}")
+        if not parts.username:
+            raise click.UsageError("--admin-url needs credentials: http://USER:PASSWORD@HOST:PORT")
+        self.user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+        if ":" in parts.hostname:
+            netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")
+        path = parts.path.rstrip("/")
+        self.base = f"{parts.scheme}://{netloc}{path}" + ("" if path.endswith("/api") else "/api")
+        self.hostname = parts.hostname
+        self.timeout = timeout
+        token = base64.b64encode(f"{self.user}:{password}".encode()).decode()
+        self._auth = f"Basic {token}"
+
+    def call(self, method: str, path: str, body: Any = None, *, missing_ok: bool = False) -> Any:
+        """Returns the decoded JSON answer, or None for an empty one (or a 404 if missing_ok)."""
+        request = urllib.request.Request(
+            f"{self.base}/{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": self._auth, "content-type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                raw = answer.read()
+        except urllib.error.HTTPError as e:
+            if e.code == 404 and missing_ok:
+                return None
+            raise ProvisionError(
+                f"RabbitMQ management API: {method} /api/{urllib.parse.unquote(path)} "
+                f"answered {e.code} {e.reason}{_reason(e)}"
+            ) from None
+        except (urllib.error.URLError, OSError) as e:
+            why = getattr(e, "reason", e)
+            raise Unreachable(
+                f"cannot reach the RabbitMQ management API at {self.base} ({why})"
+            ) from None
+        return json.loads(raw) if raw.strip() else None
+
+    def user_exists(self, name: str) -> bool:
+        return self.call("GET", f"users/{_q(name)}", missing_ok=True) is not None
+
+
+def _q(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
+def _reason(e: urllib.error.HTTPError) -> str:
+    try:
+        reason = json.loads(e.read()).get("reason")
+    except Exception:
+        return ""
+    return f": {reason}" if reason else ""
+
+
+def redact(url: str) -> str:
+    return re.sub(r"//([^:/@]+):([^@]+)@", r"//\1:***@", url)
+
+
+def apply(
+    mgmt: Management,
+    accounts: Sequence[Account],
+    settings: Settings,
+    *,
+    vhost: str = "/",
+    create_vhost: bool = False,
+    declare_topology: bool = True,
+) -> None:
+    """Make the broker match the model; running it again changes nothing (a user whose password
+    is not known here keeps it)."""
+    v = _q(vhost)
+    admin = f"permissions/{v}/{_q(mgmt.user)}"
+    if create_vhost:
+        mgmt.call("PUT", f"vhosts/{v}", {})
+        if mgmt.call("GET", admin, missing_ok=True) is None:
+            # a vhost is created without permissions: the admin needs them for the topology
+            mgmt.call("PUT", admin, {"configure": ".*", "write": ".*", "read": ".*"})
+    elif mgmt.call("GET", f"vhosts/{v}", missing_ok=True) is None:
+        raise ProvisionError(f"vhost {vhost!r} does not exist (pass --vhost to create it)")
+    if declare_topology:
+        topo = topology_definitions(settings, vhost)
+        for e in topo["exchanges"]:
+            body = {k: e[k] for k in ("type", "durable", "auto_delete", "internal", "arguments")}
+            mgmt.call("PUT", f"exchanges/{v}/{_q(e['name'])}", body)
+        for q in topo["queues"]:
+            body = {k: q[k] for k in ("durable", "auto_delete", "arguments")}
+            mgmt.call("PUT", f"queues/{v}/{_q(q['name'])}", body)
+        for b in topo["bindings"]:
+            mgmt.call(
+                "POST",
+                f"bindings/{v}/e/{_q(b['source'])}/q/{_q(b['destination'])}",
+                {"routing_key": b["routing_key"], "arguments": {}},
+            )
+    for a in accounts:
+        u = _q(a.user)
+        if a.password is not None:
+            mgmt.call("PUT", f"users/{u}", {"password": a.password, "tags": ""})
+        mgmt.call("PUT", f"permissions/{v}/{u}", a.grant.permissions())
+        wanted = {t.exchange: t for t in a.grant.topics}
+        current = mgmt.call("GET", f"users/{u}/topic-permissions", missing_ok=True) or []
+        stale = [
+            c
+            for c in current
+            if c.get("vhost") == vhost
+            and (
+                c.get("exchange") not in wanted
+                or (c.get("write"), c.get("read"))
+                != (wanted[c["exchange"]].write, wanted[c["exchange"]].read)
+            )
+        ]
+        if stale:  # the API deletes a user's topic permissions in a vhost all at once
+            mgmt.call("DELETE", f"topic-permissions/{v}/{u}", missing_ok=True)
+        for t in wanted.values():
+            mgmt.call(
+                "PUT",
+                f"topic-permissions/{v}/{u}",
+                {"exchange": t.exchange, "write": t.write, "read": t.read},
+            )
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def write_secret_file(path: Path, text: str) -> None:
+    """Write atomically, readable by the owner only (mode 0600) from the first byte."""
+    path = path.expanduser()
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise ProvisionError(f"cannot write {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ProvisionError(f"cannot write {path}: {e.strerror}") from None
+
+
+def env_file_text(accounts: Sequence[Account], amqp_host: str, vhost: str) -> str:
+    lines = [
+        f"# RabbitMQ credentials written by `sagabus provision` for vhost {vhost!r}. SECRET.",
+        "# Give each service its line as SAGABUS_AMQP_URL, with SAGABUS_DECLARE_TOPOLOGY=false:",
+        "# e.g. SAGABUS_AMQP_URL=$SAGABUS_AMQP_URL_PAYMENT for the payment service.",
+    ]
+    lines += [f"{a.env_key}={a.amqp_url(amqp_host, vhost)}" for a in accounts]
+    return "\n".join(lines) + "\n"
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+def _admin_pair(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    name, sep, password = value.partition(":")
+    if not sep or not name or not password:
+        raise click.BadParameter("expected USER:PASSWORD", param_hint="--definitions-admin")
+    return name, password
+
+
+@click.command("provision")
+@click.option(
+    "--vhost",
+    default=None,
+    help="Create this vhost (if missing) and provision into it [default: the existing '/'].",
+)
+@click.option(
+    "--admin-url",
+    default="http://guest:guest@127.0.0.1:15672",
+    show_default=True,
+    envvar="SAGABUS_RABBITMQ_ADMIN_URL",
+    show_envvar=True,
+    help="Management API URL with an administrator's credentials (better in the environment "
+    "than on a command line other users can see).",
+)
+@click.option(
+    "--amqp-host",
+    default=None,
+    help="HOST[:PORT] in the services' AMQP URLs [default: the admin URL's host, port 5672].",
+)
+@click.option(
+    "--user-prefix",
+    default=DEFAULT_USER_PREFIX,
+    show_default=True,
+    help="User names are PREFIX + service name (RabbitMQ users are shared by all vhosts).",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write SAGABUS_AMQP_URL_<SERVICE>=... lines here (mode 0600) instead of printing "
+    "credentials. Passwords already in the file are kept.",
+)
+@click.option(
+    "--definitions",
+    "definitions_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a RabbitMQ definitions file: vhost, users, permissions and topology.",
+)
+@click.option(
+    "--definitions-admin",
+    metavar="USER:PASSWORD",
+    help="Also put this administrator in the definitions file (a node that loads definitions "
+    "at boot creates no default user).",
+)
+@click.option("--rotate", is_flag=True, help="Give existing users new passwords.")
+@click.option(
+    "--demo-passwords",
+    is_flag=True,
+    help="Use the fixed passwords <service>-secret. For a local compose stack ONLY.",
+)
+@click.option(
+    "--apply/--no-apply",
+    "do_apply",
+    default=True,
+    show_default=True,
+    help="--no-apply only writes --output/--definitions and never contacts the broker.",
+)
+@click.option(
+    "--topology/--no-topology",
+    "do_topology",
+    default=True,
+    show_default=True,
+    help="Also declare the exchanges, queues and bindings as the admin.",
+)
+@click.option("--json", "as_json", is_flag=True)
+def command(
+    vhost: str | None,
+    admin_url: str,
+    amqp_host: str | None,
+    user_prefix: str,
+    output: Path | None,
+    definitions_path: Path | None,
+    definitions_admin: str | None,
+    rotate: bool,
+    demo_passwords: bool,
+    do_apply: bool,
+    do_topology: bool,
+    as_json: bool,
+) -> None:
+    """Create one RabbitMQ user per service, allowed only the queues it consumes and the
+    exchanges (and routing keys) it publishes to. Idempotent."""
+    try:
+        settings = Settings()
+    except Exception as e:  # pydantic validation of SAGABUS_* variables
+        raise click.UsageError(f"invalid SAGABUS_* configuration: {e}".splitlines()[0]) from None
+    if not re.fullmatch(r"[A-Za-z0-9._-]*", user_prefix):
+        raise click.BadParameter(
+            "letters, digits, '.', '_' and '-' only", param_hint="--user-prefix"
+        )
+    if vhost is not None and not vhost.strip():
+        raise click.BadParameter("must not be empty", param_hint="--vhost")
+    if demo_passwords and rotate:
+        raise click.UsageError("--demo-passwords and --rotate contradict each other")
+    admin = _admin_pair(definitions_admin)
+    if admin is not None and definitions_path is None:
+        raise click.UsageError("--definitions-admin needs --definitions")
+    mgmt = Management(admin_url)
+    target = vhost or "/"
+    host = amqp_host or f"{mgmt.hostname}:5672"
+
+    known = read_env_file(output) if output is not None else {}
+    if demo_passwords:
+        known = {f"{user_prefix}{p}": demo_password(p) for p in GRANTS}
+    users = [f"{user_prefix}{p}" for p in GRANTS]
+    existing = [u for u in users if mgmt.user_exists(u)] if do_apply else []
+    accounts = plan(user_prefix=user_prefix, known=known, existing=existing, rotate=rotate)
+    unknown = [a.user for a in accounts if a.password is None]
+    if unknown and (output is not None or definitions_path is not None):
+        where = f" and {output} does not hold their passwords" if output is not None else ""
+        raise ProvisionError(
+            f"users {', '.join(unknown)} exist{where}: pass --rotate to set new passwords"
+        )
+    if not do_apply:
+        for a in accounts:
+            a.action = "not applied"
+    else:
+        apply(
+            mgmt,
+            accounts,
+            settings,
+            vhost=target,
+            create_vhost=vhost is not None,
+            declare_topology=do_topology,
+        )
+    if output is not None:
+        write_secret_file(output, env_file_text(accounts, host, target))
+    if definitions_path is not None:
+        doc = definitions(accounts, settings, vhost=target, admin=admin, fixed_salts=demo_passwords)
+        text = json.dumps(doc, indent=2) + "\n"
+        if demo_passwords:
+            try:
+                definitions_path.write_text(text)
+            except OSError as e:
+                raise ProvisionError(f"cannot write {definitions_path}: {e.strerror}") from None
+        else:
+            write_secret_file(definitions_path, text)
+    _report(accounts, host, target, show_credentials=output is None, as_json=as_json)
+
+
+def _report(
+    accounts: Sequence[Account], host: str, vhost: str, *, show_credentials: bool, as_json: bool
+) -> None:
+    if as_json:
+        rows = []
+        for a in accounts:
+            row: dict[str, Any] = {
+                "principal": a.grant.principal,
+                "user": a.user,
+                "password": a.action,
+                "permissions": a.grant.permissions(),
+                "topic_permissions": [
+                    {"exchange": t.exchange, "write": t.write, "read": t.read}
+                    for t in a.grant.topics
+                ],
+            }
+            if show_credentials and a.password is not None:
+                row["amqp_url"] = a.amqp_url(host, vhost)
+            rows.append(row)
+        click.echo(json.dumps({"vhost": vhost, "users": rows}, indent=2))
+        return
+    for a in accounts:
+        p = a.grant.permissions()
+        topics = ", ".join(f"{t.exchange} {t.write}" for t in a.grant.topics) or "-"
+        click.echo(
+            f"{a.user} ({a.action}): read {p['read']}  write {p['write']}  "
+            f"configure {p['configure']}  topics {topics}"
+        )
+    if show_credentials:
+        for a in accounts:
+            if a.password is not None:
+                click.echo(f"{a.env_key}={a.amqp_url(host, vhost)}")
+            else:
+                click.echo(f"# {a.user}: existing password kept (--rotate sets a new one)")
+
+
+__all__ = [
+    "GRANTS",
+    "PARTICIPANTS",
+    "Account",
+    "Grant",
+    "Management",
+    "TopicGrant",
+    "apply",
+    "command",
+    "definitions",
+    "password_hash",
+    "plan",
+    "topology_definitions",
+]
