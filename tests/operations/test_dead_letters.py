@@ -4,6 +4,7 @@ fixed with each effect applied once, and a replay killed midway loses and double
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -259,3 +260,55 @@ async def test_crash_loop_is_bounded_by_the_delivery_limit_and_stored(
     assert row["error_class"] == "broker:delivery_limit"
     assert row["failure_kind"] == "broker"
     assert rejected >= ops_settings.delivery_limit  # redelivered up to the limit, then stopped
+
+
+async def test_purge_archives_and_the_cli_filters_and_refuses_without_yes(
+    start_services: Start, ops_settings: Settings, ops_engine: AsyncEngine
+) -> None:
+    await start_services("process-manager", dead_letters=True)
+    marker = uuid.uuid4().hex[:8]
+    connection = await aio_pika.connect(ops_settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        ex = await channel.get_exchange("sagabus.commands")
+        for _ in range(2):
+            await ex.publish(
+                aio_pika.Message(b"{}", message_id=str(uuid.uuid4()), type=f"x.Unknown{marker}.v1"),
+                routing_key="checkout.start",
+            )
+    env = _env(ops_settings)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "process_manager.cli", "dlq", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    async def listed() -> list[dict[str, Any]] | None:
+        out = cli("list", "--error", marker, "--json")
+        rows = json.loads(out.stdout) if out.returncode == 0 else []
+        return rows if len(rows) == 2 else None
+
+    rows = await wait_for(listed, timeout=60, what="two dead letters listed by --error")
+    assert {r["error_class"] for r in rows} == {"PermanentError"}
+    assert all(r["queue"] == "sagabus.process-manager" for r in rows)
+    groups = json.loads(cli("groups", "--error", marker, "--json").stdout)
+    assert [g["count"] for g in groups] == [2]
+
+    refused = cli("purge", "--error", marker)
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and "--yes" in refused.stderr
+    bad = cli("list", "--since", "yesterday")
+    assert bad.returncode == 2 and bad.stderr.startswith("sagabus: error:")
+
+    done = cli("purge", "--error", marker, "--yes")
+    assert done.returncode == 0, done.stderr
+    assert "archived 2" in done.stdout
+    assert json.loads(cli("list", "--error", marker, "--json").stdout) == []
+    archived = json.loads(cli("list", "--error", marker, "--status", "purged", "--json").stdout)
+    assert len(archived) == 2  # archived, not destroyed
+    shown = json.loads(cli("show", archived[0]["id"], "--json").stdout)
+    assert shown["status"] == "purged" and shown["purged_by"]
