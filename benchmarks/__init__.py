@@ -1,0 +1,1 @@
+"""Benchmarks that sit beside sagabus (not part of the installed package)."""
