@@ -11,9 +11,11 @@ letters keep body, properties and trace headers and gain headers that say why.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import random
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,8 +24,7 @@ import asyncpg
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from opentelemetry import trace
-from sqlalchemy import Table, exc
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Table, exc, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from messaging import telemetry
@@ -123,7 +124,21 @@ def is_transient_db_error(e: BaseException) -> bool:
             | asyncpg.AdminShutdownError
             | asyncpg.LockNotAvailableError,
         ) or isinstance(e, exc.OperationalError | exc.InterfaceError)
-    return isinstance(e, OSError | asyncio.TimeoutError | ConnectionError)
+    # statements run on the asyncpg connection itself (the hot paths) raise asyncpg's errors
+    return isinstance(
+        e,
+        OSError
+        | asyncio.TimeoutError
+        | ConnectionError
+        | asyncpg.SerializationError
+        | asyncpg.DeadlockDetectedError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.TooManyConnectionsError
+        | asyncpg.AdminShutdownError
+        | asyncpg.LockNotAvailableError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.ConnectionDoesNotExistError,
+    )
 
 
 def _where(e: BaseException) -> str:
@@ -142,11 +157,40 @@ def _retries(delivery: AbstractIncomingMessage) -> int:
         return 0
 
 
+async def _call(handler: Handler, ctx: Context) -> None:
+    await handler(ctx)
+
+
 def _jittered(delay_ms: int, jitter: float) -> int:
     return max(1, int(delay_ms * (1 + random.uniform(-jitter, jitter))))
 
 
+@dataclass
+class _Work:
+    """A decoded delivery waiting for its transaction."""
+
+    incoming: Incoming
+    handler: Handler
+    retries: int
+    #: the delivery's context (its CONSUMER span, its log fields): the handler runs in it
+    context: contextvars.Context
+    #: True once processed, False if it was a duplicate; or the handler's exception
+    done: asyncio.Future[bool]
+
+
 class Consumer:
+    """Consumes one work queue.
+
+    Deliveries that are waiting at the same time share one transaction (at most
+    ``consumer_batch`` of them, at most ``consumer_transactions`` transactions at once): one
+    inbox insert claims them all, each handler runs in turn on the same connection, one insert
+    writes every outgoing message, one commit, then each delivery is acked. Each message is still
+    all-or-nothing with its inbox row and its outbox rows, and acked only after the commit. If
+    anything in a shared transaction fails, it is rolled back and its messages are handled again
+    one transaction each, so that one message's failure (a conflict, a permanent error) is
+    handled for that message alone.
+    """
+
     def __init__(
         self,
         *,
@@ -178,12 +222,28 @@ class Consumer:
             "retried": 0,
             "dead_lettered": 0,
         }
+        #: database transactions run (fewer than messages when deliveries share one)
+        self.transactions = 0
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
+        self._pending: list[_Work] = []
+        self._flushers = 0
+        self._flush_tasks: set[asyncio.Task[None]] = set()
+        q = ".".join(f'"{p}"' for p in (inbox.schema, inbox.name) if p)
+        # Plain SQL, one prepared statement for any batch size (SQLAlchemy 2.0 compiles
+        # PostgreSQL's INSERT .. ON CONFLICT anew on every call).
+        self._claim_sql = text(
+            f"INSERT INTO {q} (message_id, message_type, saga_id)"
+            " SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:types AS text[]),"
+            " CAST(:sagas AS uuid[]))"
+            " ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
+        )
 
     async def start(self, channel: aio_pika.abc.AbstractChannel) -> None:
         await channel.set_qos(prefetch_count=self.settings.prefetch)
-        self._queue = await channel.get_queue(self.spec.name, ensure=False)
+        # A passive declare (no permission needed) registers the queue with a robust channel,
+        # which then restores this consumer after a reconnect; get_queue(ensure=False) does not.
+        self._queue = await channel.declare_queue(self.spec.name, passive=True)
         self._tag = await self._queue.consume(self.on_message)
 
     async def stop(self, timeout: float = 15) -> None:
@@ -196,6 +256,9 @@ class Consumer:
             await asyncio.wait_for(self.idle.wait(), timeout)
         except TimeoutError:
             log.warning("consumer_stop_timeout", service=self.service, in_flight=self.in_flight)
+        log.info(
+            "consumer_stopped", service=self.service, transactions=self.transactions, **self.counts
+        )
 
     async def on_message(self, delivery: AbstractIncomingMessage) -> None:
         self.in_flight += 1
@@ -290,7 +353,7 @@ class Consumer:
     ) -> None:
         for conflict_try in range(CONFLICT_RETRIES + 1):
             try:
-                duplicate = await self._transaction(incoming, handler, _retries(delivery))
+                duplicate = await self._submit(incoming, handler, _retries(delivery))
             except ConcurrencyConflict as e:
                 if conflict_try < CONFLICT_RETRIES:
                     await asyncio.sleep(random.uniform(0.005, 0.05) * (conflict_try + 1))
@@ -316,7 +379,6 @@ class Consumer:
                     await self.retry_later(delivery, e)
                 return
             break
-        self.outbox.committed()
         await delivery.ack()
         if duplicate:
             self.counts["duplicates"] += 1
@@ -326,20 +388,117 @@ class Consumer:
             self.counts["processed"] += 1
             log.debug("message_processed")
 
+    async def _submit(self, incoming: Incoming, handler: Handler, retries: int) -> bool:
+        """Run the message's transaction, shared with the deliveries waiting with it."""
+        if self.settings.consumer_batch <= 1:
+            return await self._transaction(incoming, handler, retries)
+        loop = asyncio.get_running_loop()
+        work = _Work(incoming, handler, retries, contextvars.copy_context(), loop.create_future())
+        self._pending.append(work)
+        if self._flushers < self.settings.consumer_transactions:
+            self._flushers += 1
+            task = asyncio.create_task(self._flush())
+            self._flush_tasks.add(task)
+            task.add_done_callback(self._flush_tasks.discard)
+        return await work.done
+
+    async def _flush(self) -> None:
+        # Started from a delivery's task, this runs after the other deliveries that arrived with
+        # it have queued their work, so a burst of deliveries becomes one transaction.
+        try:
+            while self._pending:
+                size = self.settings.consumer_batch
+                batch = [w for w in self._pending[:size] if not w.done.done()]
+                del self._pending[:size]
+                if batch:
+                    await self._run(batch)
+        finally:
+            self._flushers -= 1
+
+    async def _run(self, batch: list[_Work]) -> None:
+        loop = asyncio.get_running_loop()
+        if len(batch) > 1:
+            try:
+                results = await self._transaction_many(batch)
+            except asyncio.CancelledError:
+                for w in batch:
+                    w.done.cancel()
+                raise
+            except Exception as e:
+                log.debug(
+                    "batch_rolled_back",
+                    service=self.service,
+                    size=len(batch),
+                    error=f"{type(e).__name__}: {str(e)[:200]}",
+                )
+            else:
+                for w, duplicate in zip(batch, results, strict=True):
+                    if not w.done.done():
+                        w.done.set_result(duplicate)
+                return
+        for i, w in enumerate(batch):
+            try:
+                duplicate = await loop.create_task(
+                    self._transaction(w.incoming, w.handler, w.retries), context=w.context
+                )
+            except asyncio.CancelledError:
+                for rest in batch[i:]:
+                    rest.done.cancel()
+                raise
+            except Exception as e:
+                if not w.done.done():
+                    w.done.set_exception(e)
+            else:
+                if not w.done.done():
+                    w.done.set_result(duplicate)
+
+    async def _claim(self, conn: AsyncConnection, envelopes: Sequence[Envelope]) -> set[str]:
+        """Insert the inbox rows; the message ids that were new (as text)."""
+        result = await conn.execute(
+            self._claim_sql,
+            {
+                "ids": [e.message_id for e in envelopes],
+                "types": [e.type for e in envelopes],
+                "sagas": [e.saga_id for e in envelopes],
+            },
+        )
+        return {str(row[0]) for row in result}
+
     async def _transaction(self, incoming: Incoming, handler: Handler, retries: int) -> bool:
         env = incoming.envelope
+        self.transactions += 1
         async with self.engine.begin() as conn:
-            claimed = await conn.execute(
-                insert(self.inbox)
-                .values(message_id=env.message_id, message_type=env.type, saga_id=env.saga_id)
-                .on_conflict_do_nothing(index_elements=["message_id"])
-            )
-            if claimed.rowcount == 0:
+            if not await self._claim(conn, [env]):
                 return True
             ctx = Context(conn, incoming, self.service, retries=retries)
             await handler(ctx)
-            await self.outbox.write(conn, ctx.outgoing)
+            await self.outbox.write(conn, ctx.outgoing, notify=False)
+        if ctx.outgoing:
+            self.outbox.committed()  # wake this process's relay now (no NOTIFY needed)
         return False
+
+    async def _transaction_many(self, batch: list[_Work]) -> list[bool]:
+        loop = asyncio.get_running_loop()
+        duplicates: list[bool] = []
+        outgoing: list[OutgoingMessage] = []
+        self.transactions += 1
+        async with self.engine.begin() as conn:
+            claimed = await self._claim(conn, [w.incoming.envelope for w in batch])
+            for w in batch:
+                message_id = str(w.incoming.envelope.message_id)
+                if message_id not in claimed:  # processed before, or twice in this batch
+                    duplicates.append(True)
+                    continue
+                claimed.discard(message_id)
+                ctx = Context(conn, w.incoming, self.service, retries=w.retries)
+                # in the delivery's own context, so its span and log fields are the current ones
+                await loop.create_task(_call(w.handler, ctx), context=w.context)
+                outgoing.extend(ctx.outgoing)
+                duplicates.append(False)
+            await self.outbox.write(conn, outgoing, notify=False)
+        if outgoing:
+            self.outbox.committed()  # wake this process's relay now (no NOTIFY needed)
+        return duplicates
 
     # -- failure routes ----------------------------------------------------------------------
 

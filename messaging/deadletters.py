@@ -203,7 +203,8 @@ class Collector:
         await channel.set_qos(prefetch_count=32)
         for service in services:
             dlq = topology.QUEUES[service].dlq
-            queue = await channel.get_queue(dlq, ensure=False)
+            # passive declare: restored with its consumer after a reconnect (see Consumer.start)
+            queue = await channel.declare_queue(dlq, passive=True)
             await queue.consume(self._handler(dlq))
 
     def _handler(self, dlq: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,18 +22,21 @@ import asyncpg
 import structlog
 from aio_pika import DeliveryMode
 from opentelemetry import trace
-from sqlalchemy import Table, select, text, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Table, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from messaging import telemetry
-from messaging.db import OUTBOX_CHANNEL
+from messaging.db import OUTBOX_CHANNEL, driver
 from messaging.publisher import Publisher
 from messaging.settings import Settings
 from schemas.base import Message
 from schemas.envelope import Envelope, HeaderNames
 
 log = structlog.get_logger("sagabus.outbox")
+
+
+def _qualified(table: Table) -> str:
+    return ".".join(f'"{p}"' for p in (table.schema, table.name) if p)
 
 
 @dataclass(frozen=True)
@@ -48,32 +52,79 @@ class Outbox:
         self.table = table
         self.schema = schema
         self.local_wakeup = asyncio.Event()
+        name = _qualified(table)
+        # Plain SQL: SQLAlchemy 2.0 does not cache the compiled form of PostgreSQL's
+        # INSERT .. ON CONFLICT, and compiling it for every message cost more than running it.
+        # The arrays make it one prepared statement for any batch size.
+        self.insert_sql = (
+            f"INSERT INTO {name} (message_id, message_type, saga_id, exchange, routing_key,"
+            " correlation_id, headers, body)"
+            " SELECT m, t, s, e, r, c, h::jsonb, b FROM unnest($1::uuid[], $2::text[],"
+            " $3::uuid[], $4::text[], $5::text[], $6::uuid[], $7::text[], $8::bytea[])"
+            " AS x(m, t, s, e, r, c, h, b) ON CONFLICT (message_id) DO NOTHING"
+        )
+        self.claim_sql = (
+            "SELECT id, message_id, message_type, saga_id, exchange, routing_key,"
+            f" correlation_id, headers, body, created_at FROM {name}"
+            " WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+        )
+        self.mark_sent_sql = (
+            f"UPDATE {name} SET sent_at = clock_timestamp() WHERE id = ANY($1::bigint[])"
+        )
 
-    async def write(self, conn: AsyncConnection, messages: Sequence[OutgoingMessage]) -> None:
+    async def write(
+        self,
+        conn: AsyncConnection,
+        messages: Sequence[OutgoingMessage],
+        *,
+        notify: bool = True,
+    ) -> None:
+        """Insert ``messages`` in the caller's transaction (one statement for any number).
+
+        ``notify`` sends ``NOTIFY`` so relays in *other* processes wake on commit. A writer whose
+        own process runs the relay calls :meth:`committed` after the commit instead and passes
+        ``notify=False``: a ``NOTIFY`` per transaction costs a statement and a lock on the
+        notification queue at every commit, for a wake-up the process gives itself anyway.
+        """
         if not messages:
             return
-        rows = [
-            {
-                "message_id": m.envelope.message_id,
-                "message_type": m.envelope.type,
-                "saga_id": m.envelope.saga_id,
-                "exchange": m.exchange,
-                "routing_key": m.routing_key,
-                "correlation_id": m.envelope.correlation_id,
-                "headers": m.envelope.headers(),
-                "body": m.body.model_dump_json().encode(),
-            }
-            for m in messages
-        ]
-        stmt = insert(self.table).values(rows).on_conflict_do_nothing(index_elements=["message_id"])
-        await conn.execute(stmt)
-        await conn.execute(
-            text("SELECT pg_notify(:ch, :schema)"), {"ch": OUTBOX_CHANNEL, "schema": self.schema}
+        pg = await driver(conn)
+        await pg.execute(
+            self.insert_sql,
+            [m.envelope.message_id for m in messages],
+            [m.envelope.type for m in messages],
+            [m.envelope.saga_id for m in messages],
+            [m.exchange for m in messages],
+            [m.routing_key for m in messages],
+            [m.envelope.correlation_id for m in messages],
+            [json.dumps(m.envelope.headers()) for m in messages],
+            [m.body.model_dump_json().encode() for m in messages],
         )
+        if notify:
+            await conn.execute(
+                text("SELECT pg_notify(:ch, :schema)"),
+                {"ch": OUTBOX_CHANNEL, "schema": self.schema},
+            )
 
     def committed(self) -> None:
         """Called after the writing transaction commits: wake this process's relay now."""
         self.local_wakeup.set()
+
+
+class _Row:
+    """Attribute access over an asyncpg record."""
+
+    __slots__ = ("_r",)
+
+    def __init__(self, record: Any) -> None:
+        self._r = record
+
+    def __getattr__(self, name: str) -> Any:
+        return self._r[name]
+
+
+def _headers(raw: Any) -> dict[str, Any]:
+    return dict(json.loads(raw) if isinstance(raw, str | bytes) else raw)
 
 
 def _amqp_message(row: Any, headers: dict[str, Any]) -> aio_pika.Message:
@@ -108,67 +159,71 @@ class Relay:
         self.settings = settings
         self.tracer = tracer
         self.published = 0
+        self.drains = 0
+
+    async def _publish(self, rows: list[_Row]) -> None:
+        """Publish the claimed rows, each in a PRODUCER span, and wait for every confirm."""
+        batch = []
+        spans = []
+        for row in rows:
+            headers = _headers(row.headers)
+            parent = telemetry.extract(headers)
+            span = self.tracer.start_span(
+                f"publish {row.exchange}",
+                context=parent,
+                kind=trace.SpanKind.PRODUCER,
+                attributes=telemetry.messaging_attributes(
+                    "publish",
+                    destination=row.exchange,
+                    routing_key=row.routing_key,
+                    message_id=row.message_id,
+                    conversation_id=row.correlation_id,
+                    body_size=len(row.body),
+                    message_type=row.message_type,
+                    extra={
+                        "sagabus.saga.id": str(row.saga_id),
+                        "sagabus.outbox.lag_ms": int(
+                            (datetime.now(UTC) - row.created_at).total_seconds() * 1000
+                        ),
+                    },
+                ),
+            )
+            spans.append(span)
+            headers.update(telemetry.inject(trace.set_span_in_context(span)))
+            batch.append((row.exchange, row.routing_key, _amqp_message(row, headers)))
+        try:
+            await self.publisher.publish_many(batch)
+        except BaseException as e:
+            for span in spans:
+                span.record_exception(e)
+                span.set_status(trace.StatusCode.ERROR, str(e))
+                span.end()
+            raise
+        for span in spans:
+            span.end()
 
     async def drain(self) -> int:
-        """Publish every unsent row; returns how many were published."""
-        t = self.outbox.table
+        """Publish every unsent row visible when it starts; returns how many were published."""
         total = 0
         while True:
-            async with self.engine.begin() as conn:
-                rows = (
-                    await conn.execute(
-                        select(t)
-                        .where(t.c.sent_at.is_(None))
-                        .order_by(t.c.id)
-                        .limit(self.settings.outbox_batch)
-                        .with_for_update(skip_locked=True)
-                    )
-                ).all()
-                if not rows:
-                    return total
-                batch = []
-                spans = []
-                for row in rows:
-                    headers = dict(row.headers)
-                    parent = telemetry.extract(headers)
-                    span = self.tracer.start_span(
-                        f"publish {row.exchange}",
-                        context=parent,
-                        kind=trace.SpanKind.PRODUCER,
-                        attributes=telemetry.messaging_attributes(
-                            "publish",
-                            destination=row.exchange,
-                            routing_key=row.routing_key,
-                            message_id=row.message_id,
-                            conversation_id=row.correlation_id,
-                            body_size=len(row.body),
-                            message_type=row.message_type,
-                            extra={
-                                "sagabus.saga.id": str(row.saga_id),
-                                "sagabus.outbox.lag_ms": int(
-                                    (datetime.now(UTC) - row.created_at).total_seconds() * 1000
-                                ),
-                            },
-                        ),
-                    )
-                    spans.append(span)
-                    headers.update(telemetry.inject(trace.set_span_in_context(span)))
-                    batch.append((row.exchange, row.routing_key, _amqp_message(row, headers)))
+            # The relay's own statements need nothing of SQLAlchemy but its pool: the claim, the
+            # publish and the mark run in an asyncpg transaction on a pooled connection.
+            async with self.engine.connect() as conn:
+                pg = await driver(conn)
                 try:
-                    await self.publisher.publish_many(batch)
-                except BaseException as e:
-                    for span in spans:
-                        span.record_exception(e)
-                        span.set_status(trace.StatusCode.ERROR, str(e))
-                        span.end()
+                    async with pg.transaction():
+                        records = await pg.fetch(self.outbox.claim_sql, self.settings.outbox_batch)
+                        rows = [_Row(r) for r in records]
+                        if rows:
+                            await self._publish(rows)
+                            await pg.execute(self.outbox.mark_sent_sql, [r.id for r in rows])
+                except BaseException:
+                    if pg.is_closed():  # not back into the pool: SQLAlchemy never saw it fail
+                        await conn.invalidate()
                     raise
-                for span in spans:
-                    span.end()
-                await conn.execute(
-                    update(t)
-                    .where(t.c.id.in_([r.id for r in rows]))
-                    .values(sent_at=datetime.now(UTC))
-                )
+            self.drains += 1
+            if not rows:
+                return total
             total += len(rows)
             self.published += len(rows)
             for row in rows:
@@ -183,6 +238,11 @@ class Relay:
                     routing_key=row.routing_key,
                     saga_id=str(row.saga_id),
                 )
+            if len(rows) < self.settings.outbox_batch:
+                # Every row that was visible and unclaimed is done; asking again would cost an
+                # empty transaction per wake-up. A commit that lands from now on sets the wake-up
+                # (cleared before this drain began), so the run loop drains again at once.
+                return total
 
     async def run(self, stop: asyncio.Event) -> None:
         listener = asyncio.create_task(self._listen(stop))
@@ -192,7 +252,7 @@ class Relay:
                 # clear before draining: a commit signalled during the drain wakes the next one
                 self.outbox.local_wakeup.clear()
                 try:
-                    await self.drain()
+                    published = await self.drain()
                     backoff = 0.2
                 except asyncio.CancelledError:
                     raise
@@ -206,8 +266,19 @@ class Relay:
                     await _wait(stop, backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                await _wait_any(stop, self.outbox.local_wakeup, self.settings.outbox_poll_s)
+                if not self.outbox.local_wakeup.is_set():
+                    await _wait_any(stop, self.outbox.local_wakeup, self.settings.outbox_poll_s)
+                if published and self.settings.outbox_linger_s > 0:
+                    # Busy: let the commits landing meanwhile join the next batch, so that one
+                    # claim, one confirm round and one UPDATE serve many rows.
+                    await asyncio.sleep(self.settings.outbox_linger_s)
         finally:
+            log.info(
+                "outbox_relay_stopped",
+                service=self.service,
+                published=self.published,
+                drains=self.drains,
+            )
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await listener

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
@@ -15,6 +16,15 @@ class Publisher:
     def __init__(self, channel: AbstractChannel) -> None:
         self._channel = channel
         self._exchanges: dict[str, AbstractExchange] = {}
+        self._pending: set[asyncio.Future[Any]] = set()
+        channel.close_callbacks.add(self._on_close)
+
+    def _on_close(self, *_: Any) -> None:
+        # The connection is gone. aiormq waits for a publish's frame to be written with no
+        # timeout, so a publish caught in the loss would hang forever (and hold the channel's
+        # lock, stalling every later publish): fail them now; callers retry after the reconnect.
+        for f in list(self._pending):
+            f.cancel()
 
     @classmethod
     async def open(cls, connection: AbstractRobustConnection) -> Publisher:
@@ -34,7 +44,18 @@ class Publisher:
         self, exchange: str, routing_key: str, message: aio_pika.Message, *, timeout: float = 30
     ) -> None:
         ex = await self._exchange(exchange)
-        await ex.publish(message, routing_key=routing_key, mandatory=True, timeout=timeout)
+        task = asyncio.ensure_future(
+            ex.publish(message, routing_key=routing_key, mandatory=True, timeout=timeout)
+        )
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        try:
+            await asyncio.wait_for(task, timeout)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():
+                raise
+            raise ConnectionError("broker connection lost while publishing") from None
 
     async def publish_many(
         self, items: Sequence[tuple[str, str, aio_pika.Message]], *, timeout: float = 30

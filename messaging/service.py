@@ -170,6 +170,75 @@ class Runtime:
         await self.stop()
 
 
+def unreachable(e: BaseException) -> bool:
+    """PostgreSQL or RabbitMQ refused or dropped the connection, or is starting or stopping:
+    worth waiting for. Bad credentials, an unknown vhost or a bug are not."""
+    import aiormq.exceptions as amqp
+    import asyncpg
+    from sqlalchemy import exc
+
+    seen: BaseException | None = e
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(
+            seen,
+            amqp.AuthenticationError
+            | amqp.ProbableAuthenticationError
+            | amqp.ConnectionNotAllowed
+            | amqp.IncompatibleProtocolError,
+        ):
+            return False
+        if isinstance(
+            seen,
+            OSError
+            | TimeoutError
+            | amqp.ChannelInvalidStateError
+            | asyncpg.OperatorInterventionError
+            | asyncpg.TooManyConnectionsError
+            | asyncpg.ConnectionDoesNotExistError,
+        ):
+            return True
+        if isinstance(seen, exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return False
+
+
+async def start_when_reachable(
+    definitions: Sequence[ServiceDefinition],
+    settings: Settings,
+    *,
+    dead_letters: bool,
+    stop: asyncio.Event,
+) -> Runtime | None:
+    """Start a runtime; while PostgreSQL or RabbitMQ cannot be reached (restarting, or not up
+    yet), wait and try again instead of exiting. None if ``stop`` is set meanwhile."""
+    from messaging.db import ensure_database
+
+    backoff = 0.5
+    while not stop.is_set():
+        runtime = Runtime(definitions, settings, dead_letters=dead_letters)
+        try:
+            await ensure_database(settings)
+            await runtime.start()
+            return runtime
+        except Exception as e:
+            if not unreachable(e):
+                raise
+            log.warning(
+                "service_start_waiting",
+                error=f"{type(e).__name__}: {e}"[:300],
+                retry_in_s=backoff,
+            )
+            with contextlib.suppress(Exception):
+                await runtime.stop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), backoff)
+        backoff = min(backoff * 2, 5.0)
+    return None
+
+
 async def _guard(
     service: str, loop: Callable[[ServiceContext], Awaitable[None]], ctx: ServiceContext
 ) -> None:

@@ -22,7 +22,11 @@ class Settings(BaseSettings):
     #: database pool per process
     db_pool_size: int = Field(default=10, ge=1, le=200)
     #: unacknowledged deliveries per consumer
-    prefetch: int = Field(default=16, ge=1, le=1000)
+    prefetch: int = Field(default=64, ge=1, le=1000)
+    #: most deliveries one consumer handles in one database transaction (1: one per message)
+    consumer_batch: int = Field(default=32, ge=1, le=1000)
+    #: database transactions one consumer runs at the same time
+    consumer_transactions: int = Field(default=2, ge=1, le=100)
     #: largest message body accepted; larger ones are dead-lettered unprocessed
     max_message_bytes: int = Field(default=256 * 1024, ge=1024)
 
@@ -36,6 +40,8 @@ class Settings(BaseSettings):
 
     outbox_batch: int = Field(default=200, ge=1, le=10_000)
     outbox_poll_s: float = Field(default=1.0, gt=0)
+    #: after a drain that published rows, wait this long before the next one (0: never)
+    outbox_linger_s: float = Field(default=0.002, ge=0, le=1)
 
     #: process manager: per step timeout and bounded re-sends
     step_timeout_s: float = Field(default=30.0, gt=0)

@@ -180,18 +180,18 @@ def run(services: tuple[str, ...]) -> None:
     telemetry.configure_logging(s.log_format, s.log_level)
 
     async def go() -> None:
-        from messaging.db import ensure_database
-        from messaging.service import Runtime
+        from messaging.service import start_when_reachable
         from process_manager import bootstrap
 
-        await ensure_database(s)
         defs = bootstrap.definitions(s, names) if names is None or names else []
-        runtime = Runtime(defs, s, dead_letters=collect)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await runtime.start()
+        # PostgreSQL or RabbitMQ restarting, or not up yet: wait for them rather than exit
+        runtime = await start_when_reachable(defs, s, dead_letters=collect, stop=stop)
+        if runtime is None:
+            return
         sampler = None
         if s.metrics_port:
             from messaging.metrics import metrics

@@ -252,8 +252,18 @@ async def _apply(
     policy: Policy,
 ) -> None:
     state = decision.state or loaded.state
-    if decision.state is not None and decision.state != loaded.state:
-        await store.save(conn, loaded, decision.state, now)
+    changed = decision.state is not None and decision.state != loaded.state
+    if decision.state is not None and changed:
+        # the history row goes with the state change, in the same statement
+        await store.save(
+            conn,
+            loaded,
+            decision.state,
+            now,
+            decision=decision,
+            message_id=message_id,
+            message_type=message_type,
+        )
         before = loaded.state.status
         if state.status is SagaStatus.FAILED_NEEDS_MANUAL and before is not state.status:
             await store.open_case(conn, state, now)
@@ -264,14 +274,15 @@ async def _apply(
             await store.resolve_case(
                 conn, state.saga_id, f"operator moved it to {state.status}", now
             )
-    await store.record(
-        conn,
-        state.saga_id,
-        decision,
-        seq=state.seq,
-        message_id=message_id,
-        message_type=message_type,
-    )
+    if not changed:
+        await store.record(
+            conn,
+            state.saga_id,
+            decision,
+            seq=state.seq,
+            message_id=message_id,
+            message_type=message_type,
+        )
     out.extend(
         outgoing(c, state, correlation_id=loaded.correlation_id, causation_id=causation_id, now=now)
         for c in decision.commands

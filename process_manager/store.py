@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,8 +20,6 @@ from sqlalchemy import (
     Text,
     Uuid,
     func,
-    insert,
-    select,
     text,
     update,
 )
@@ -28,6 +27,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from messaging.db import affected, driver
 from messaging.errors import ConcurrencyConflict
 from process_manager.saga import TERMINAL, Decision, SagaState, SagaStatus
 from schemas.checkout import StartCheckout
@@ -138,6 +138,41 @@ def _columns(state: SagaState, now: datetime) -> dict[str, Any]:
     }
 
 
+# The statements run on every message are plain SQL on the asyncpg connection, prepared once per
+# connection: building, keying and executing a SQLAlchemy statement cost more Python time than
+# PostgreSQL took to run it (and SQLAlchemy 2.0 compiles INSERT .. ON CONFLICT on every call).
+_INSERT_NEW = (
+    "INSERT INTO process_manager.sagas (saga_id, order_id, status, seq, version,"
+    " definition_version, state, correlation_id, traceparent, deadline_at, failure_reason,"
+    " started_at, updated_at, finished_at)"
+    " VALUES ($1, $2, $3, $4, 1, $5, $6::jsonb, $7, $8, $9, $10, $11, $11, $12)"
+    " ON CONFLICT DO NOTHING"
+)
+_COLUMNS = (
+    "saga_id, status, seq, version, definition_version, state, correlation_id, traceparent,"
+    " deadline_at, failure_reason, started_at"
+)
+_LOAD = f"SELECT {_COLUMNS} FROM process_manager.sagas WHERE saga_id = $1"
+_LOAD_LOCKED = _LOAD + " FOR UPDATE"
+_SET = (
+    "UPDATE process_manager.sagas SET version = $3, status = $4, seq = $5, state = $6::jsonb,"
+    " deadline_at = $7, failure_reason = $8, updated_at = $9, finished_at = $10"
+    " WHERE saga_id = $1 AND version = $2"
+)
+_HISTORY_COLUMNS = "saga_id, seq, message_id, message_type, from_status, to_status, outcome, note"
+_RECORD = (
+    f"INSERT INTO process_manager.history ({_HISTORY_COLUMNS})"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+)
+#: the state change and its history row in one round trip; no row when the version moved on
+_SAVE_AND_RECORD = (
+    f"WITH saved AS ({_SET} RETURNING saga_id)"
+    f" INSERT INTO process_manager.history ({_HISTORY_COLUMNS})"
+    " SELECT saga_id, $5, $11::uuid, $12::text, $13::text, $14::text, $15::text, $16::text"
+    " FROM saved"
+)
+
+
 async def insert_new(
     conn: AsyncConnection,
     state: SagaState,
@@ -147,41 +182,96 @@ async def insert_new(
     now: datetime,
 ) -> bool:
     """Insert a new saga; False if one exists for the id or the order already."""
-    result = await conn.execute(
-        pg_insert(sagas)
-        .values(
-            saga_id=state.saga_id,
-            order_id=state.order_id,
-            version=1,
-            definition_version=state.definition_version,
-            correlation_id=correlation_id,
-            traceparent=traceparent,
-            started_at=now,
-            **_columns(state, now),
-        )
-        .on_conflict_do_nothing()
+    c = _columns(state, now)
+    pg = await driver(conn)
+    status = await pg.execute(
+        _INSERT_NEW,
+        state.saga_id,
+        state.order_id,
+        c["status"],
+        c["seq"],
+        state.definition_version,
+        json.dumps(c["state"]),
+        correlation_id,
+        traceparent,
+        c["deadline_at"],
+        c["failure_reason"],
+        now,
+        c["finished_at"],
     )
-    return bool(result.rowcount)
+    return affected(status) == 1
 
 
 async def load(conn: AsyncConnection, saga_id: uuid.UUID, *, lock: bool = False) -> Loaded | None:
-    stmt = select(sagas).where(sagas.c.saga_id == saga_id)
-    if lock:
-        stmt = stmt.with_for_update()
-    row = (await conn.execute(stmt)).first()
+    pg = await driver(conn)
+    row = await pg.fetchrow(_LOAD_LOCKED if lock else _LOAD, saga_id)
     if row is None:
         return None
-    return Loaded(_load(row), row.version, row.correlation_id, row.traceparent)
+    return Loaded(_load(_Row(row)), row["version"], row["correlation_id"], row["traceparent"])
 
 
-async def save(conn: AsyncConnection, loaded: Loaded, state: SagaState, now: datetime) -> None:
-    """Optimistic concurrency: the write applies only to the version we read."""
-    result = await conn.execute(
-        update(sagas)
-        .where(sagas.c.saga_id == state.saga_id, sagas.c.version == loaded.version)
-        .values(version=loaded.version + 1, **_columns(state, now))
+class _Row:
+    """Attribute access over an asyncpg record, with JSON decoded whichever codec is set."""
+
+    def __init__(self, record: Any) -> None:
+        self._r = record
+
+    def __getattr__(self, name: str) -> Any:
+        value = self._r[name]
+        if name == "state" and isinstance(value, str):
+            return json.loads(value)
+        return value
+
+
+def _history(
+    decision: Decision, seq: int, message_id: uuid.UUID | None, message_type: str
+) -> tuple[Any, ...]:
+    before, after = decision.transition
+    return (
+        seq,
+        message_id,
+        message_type,
+        str(before) if before else None,
+        str(after) if after else None,
+        decision.outcome,
+        decision.note,
     )
-    if result.rowcount != 1:
+
+
+async def save(
+    conn: AsyncConnection,
+    loaded: Loaded,
+    state: SagaState,
+    now: datetime,
+    *,
+    decision: Decision | None = None,
+    message_id: uuid.UUID | None = None,
+    message_type: str | None = None,
+) -> None:
+    """Optimistic concurrency: the write applies only to the version we read.
+
+    With ``decision`` (and the message that caused it), the history row is written by the same
+    statement, as :func:`record` would, saving a round trip per message."""
+    c = _columns(state, now)
+    params: tuple[Any, ...] = (
+        state.saga_id,
+        loaded.version,
+        loaded.version + 1,
+        c["status"],
+        c["seq"],
+        json.dumps(c["state"]),
+        c["deadline_at"],
+        c["failure_reason"],
+        now,
+        c["finished_at"],
+    )
+    pg = await driver(conn)
+    if decision is None:
+        status = await pg.execute(_SET, *params)
+    else:
+        history = _history(decision, state.seq, message_id, message_type or "")
+        status = await pg.execute(_SAVE_AND_RECORD, *params, *history[1:])
+    if affected(status) != 1:
         raise ConcurrencyConflict(f"saga {state.saga_id} changed since version {loaded.version}")
 
 
@@ -194,19 +284,8 @@ async def record(
     message_id: uuid.UUID | None,
     message_type: str,
 ) -> None:
-    before, after = decision.transition
-    await conn.execute(
-        insert(history).values(
-            saga_id=saga_id,
-            seq=seq,
-            message_id=message_id,
-            message_type=message_type,
-            from_status=str(before) if before else None,
-            to_status=str(after) if after else None,
-            outcome=decision.outcome,
-            note=decision.note,
-        )
-    )
+    pg = await driver(conn)
+    await pg.execute(_RECORD, saga_id, *_history(decision, seq, message_id, message_type))
 
 
 async def open_case(conn: AsyncConnection, state: SagaState, now: datetime) -> None:
