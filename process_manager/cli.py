@@ -868,9 +868,10 @@ def demo(sagas: int, seed: int | None, verbose: bool) -> None:
 
 def _register_commands() -> None:
     """Commands that live in their own modules."""
-    from process_manager import provision
+    from process_manager import bench, provision
 
     cli.add_command(provision.command)
+    cli.add_command(bench.command)
 
 
 _register_commands()

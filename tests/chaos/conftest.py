@@ -5,9 +5,13 @@ their numbers in pytest's terminal summary."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
+import tempfile
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,8 +44,25 @@ def chaos_seed() -> int:
     return int(raw) if raw else DEFAULT_SEED
 
 
+@pytest.fixture(scope="module")
+def chaos_lock() -> Iterator[None]:
+    """One chaos run at a time on a machine: each restarts the RabbitMQ and PostgreSQL that every
+    test session on it shares, and two at once would trip over each other's restarts."""
+    with open(Path(tempfile.gettempdir()) / "sagabus-chaos.lock", "w") as f:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail("another chaos run held the machine for 240s")
+                time.sleep(1)
+        yield
+
+
 @pytest_asyncio.fixture(scope="module")
-async def chaos_settings() -> AsyncIterator[Settings]:
+async def chaos_settings(chaos_lock: None) -> AsyncIterator[Settings]:
     run = "chaos" + uuid.uuid4().hex[:8]
     s = _isolated_settings(run)
     vhost = f"sagabus-test-{run}"

@@ -56,7 +56,7 @@ from tests.chaos.harness import (
 )
 from tests.support import env_for
 
-pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
 
 N_SAGAS = int(os.environ.get("CHAOS_SAGAS", "500"))
 #: sagas published but not yet terminal, at most
