@@ -218,7 +218,9 @@ class Relay:
                             await self._publish(rows)
                             await pg.execute(self.outbox.mark_sent_sql, [r.id for r in rows])
                 except BaseException:
-                    if pg.is_closed():  # not back into the pool: SQLAlchemy never saw it fail
+                    # Not back into the pool: SQLAlchemy never saw this connection fail, and one
+                    # interrupted mid-statement (a restart, a cancellation) is unusable.
+                    with contextlib.suppress(Exception):
                         await conn.invalidate()
                     raise
             self.drains += 1

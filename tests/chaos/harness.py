@@ -295,12 +295,16 @@ def pg_version() -> str:
 
 
 def pg_ctlcluster(action: str) -> None:
-    subprocess.run(
+    """Stop or start the cluster. Not an error if it already is in that state (on a shared
+    machine another session may have started it again meanwhile)."""
+    r = subprocess.run(
         ["pg_ctlcluster", "--skip-systemctl-redirect", pg_version(), "main", action],
-        check=True,
         capture_output=True,
         timeout=120,
     )
+    already = b"already running" in r.stdout + r.stderr or b"not running" in r.stdout + r.stderr
+    if r.returncode != 0 and not already:
+        raise subprocess.CalledProcessError(r.returncode, r.args, r.stdout, r.stderr)
 
 
 def pg_ready() -> bool:
