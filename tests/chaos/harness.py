@@ -68,6 +68,15 @@ def clean_env(base: Mapping[str, str], settings: Mapping[str, str]) -> dict[str,
 # -- processes ---------------------------------------------------------------------------------
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it if the test process dies, so no service outlives
+    an interrupted run (Linux only; elsewhere the test's own clean-up has to do)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class ServiceProcess:
     """``python -m process_manager.cli run <name>``; stderr (JSON logs) goes to one file per
     incarnation, so a killed process's last words stay readable."""
@@ -97,6 +106,7 @@ class ServiceProcess:
             stdout=subprocess.DEVNULL,
             stderr=self._log,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
 
     def log_path(self, incarnation: int) -> Path:
@@ -314,24 +324,27 @@ def pg_ready() -> bool:
     return r.returncode == 0
 
 
-def restore_infrastructure() -> list[str]:
-    """Bring RabbitMQ and PostgreSQL back whatever state a failed run left them in (a stopped
-    RabbitMQ app closes its AMQP port; the node itself keeps running)."""
-    done = []
-    if not pg_ready():
-        with contextlib.suppress(Exception):
-            pg_ctlcluster("start")
-        done.append("started PostgreSQL")
-    if not port_open(5672):
-        with contextlib.suppress(Exception):
-            rabbitmqctl("start_app")
-        with contextlib.suppress(Exception):
-            rabbitmqctl("await_startup", timeout=180)
-        done.append("started RabbitMQ")
-    deadline = time.monotonic() + 120
-    while not (pg_ready() and port_open(5672)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return done
+def restore_infrastructure(within: float = 180) -> list[str]:
+    """Bring RabbitMQ and PostgreSQL back whatever state a failed or interrupted run left them
+    in. A stopped RabbitMQ app closes its AMQP port (the node keeps running); a ``stop_app``
+    still under way when this starts (an interrupted fault) is simply outlasted: try again
+    until both answer."""
+    done: list[str] = []
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        pg, amqp = pg_ready(), port_open(5672)
+        if pg and amqp:
+            return done
+        if not pg:
+            with contextlib.suppress(Exception):
+                pg_ctlcluster("start")
+            done.append("started PostgreSQL")
+        if not amqp:
+            with contextlib.suppress(Exception):
+                rabbitmqctl("start_app", timeout=90)  # returns once the app is up
+            done.append("started RabbitMQ")
+        time.sleep(1)
+    raise RuntimeError(f"RabbitMQ or PostgreSQL still down after {within}s: {done}")
 
 
 # -- duplicates and late copies ------------------------------------------------------------------

@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import random
+import signal
 import sys
 import time
 from collections import Counter, defaultdict
@@ -344,6 +345,12 @@ async def test_sagas_survive_kills_restarts_duplicates_and_poison(
     publisher = Publisher(s.amqp_url)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
+    # SIGTERM (a CI job cancelled) still runs the clean-up below: RabbitMQ and PostgreSQL must
+    # not be left stopped on a shared machine
+    loop = asyncio.get_running_loop()
+    this = asyncio.current_task()
+    assert this is not None
+    loop.add_signal_handler(signal.SIGTERM, this.cancel)
     try:
         await duplicator.start()
         await publisher.start()
@@ -405,6 +412,7 @@ async def test_sagas_survive_kills_restarts_duplicates_and_poison(
             f"\nlogs: {log_dir}"
         )
     finally:
+        loop.remove_signal_handler(signal.SIGTERM)
         stop.set()
         for t in tasks:
             t.cancel()
