@@ -24,11 +24,12 @@ import asyncpg
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from opentelemetry import trace
-from sqlalchemy import Table, exc, text
+from sqlalchemy import Table, exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from messaging import telemetry
 from messaging.codec import Incoming, decode
+from messaging.db import driver
 from messaging.errors import ConcurrencyConflict, PermanentError, TransientError
 from messaging.outbox import Outbox, OutgoingMessage
 from messaging.publisher import Publisher
@@ -231,12 +232,11 @@ class Consumer:
         self._flushers = 0
         self._flush_tasks: set[asyncio.Task[None]] = set()
         q = ".".join(f'"{p}"' for p in (inbox.schema, inbox.name) if p)
-        # Plain SQL, one prepared statement for any batch size (SQLAlchemy 2.0 compiles
-        # PostgreSQL's INSERT .. ON CONFLICT anew on every call).
-        self._claim_sql = text(
+        # Plain SQL on asyncpg, one prepared statement for any batch size (SQLAlchemy 2.0
+        # compiles PostgreSQL's INSERT .. ON CONFLICT anew on every call).
+        self._claim_sql = (
             f"INSERT INTO {q} (message_id, message_type, saga_id)"
-            " SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:types AS text[]),"
-            " CAST(:sagas AS uuid[]))"
+            " SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[])"
             " ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
         )
 
@@ -457,15 +457,14 @@ class Consumer:
 
     async def _claim(self, conn: AsyncConnection, envelopes: Sequence[Envelope]) -> set[str]:
         """Insert the inbox rows; the message ids that were new (as text)."""
-        result = await conn.execute(
+        pg = await driver(conn)
+        records = await pg.fetch(
             self._claim_sql,
-            {
-                "ids": [e.message_id for e in envelopes],
-                "types": [e.type for e in envelopes],
-                "sagas": [e.saga_id for e in envelopes],
-            },
+            [e.message_id for e in envelopes],
+            [e.type for e in envelopes],
+            [e.saga_id for e in envelopes],
         )
-        return {str(row[0]) for row in result}
+        return {str(r[0]) for r in records}
 
     async def _transaction(self, incoming: Incoming, handler: Handler, retries: int) -> bool:
         env = incoming.envelope
@@ -475,9 +474,9 @@ class Consumer:
                 return True
             ctx = Context(conn, incoming, self.service, retries=retries)
             await handler(ctx)
-            await self.outbox.write(conn, ctx.outgoing, notify=False)
-        if ctx.outgoing:
-            self.outbox.committed()  # wake this process's relay now (no NOTIFY needed)
+            rows = await self.outbox.write(conn, ctx.outgoing, notify=False)
+        if rows:
+            self.outbox.committed(rows)  # this process's relay publishes them now
         return False
 
     async def _transaction_many(self, batch: list[_Work]) -> list[bool]:
@@ -498,9 +497,9 @@ class Consumer:
                 await loop.create_task(_call(w.handler, ctx), context=w.context)
                 outgoing.extend(ctx.outgoing)
                 duplicates.append(False)
-            await self.outbox.write(conn, outgoing, notify=False)
-        if outgoing:
-            self.outbox.committed()  # wake this process's relay now (no NOTIFY needed)
+            rows = await self.outbox.write(conn, outgoing, notify=False)
+        if rows:
+            self.outbox.committed(rows)  # this process's relay publishes them now
         return duplicates
 
     # -- failure routes ----------------------------------------------------------------------

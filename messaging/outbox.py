@@ -1,10 +1,19 @@
-"""Transactional outbox: rows are written with the state change, a relay publishes them.
+"""Transactional outbox: rows are written with the state change, then published.
 
-The relay claims unsent rows with ``FOR UPDATE SKIP LOCKED`` (so several relays share the work),
-publishes them with publisher confirms, marks them sent and only then commits. A crash anywhere
-before the commit leaves the rows unsent and they are published again: at-least-once, with stable
-message ids so consumers' inboxes drop the duplicates. The relay wakes on ``NOTIFY`` from the
-writing transaction, on an in-process signal, or after a short poll.
+Two paths publish a row, and both only after the writing transaction committed:
+
+* **Dispatch** (the fast path, as in MassTransit's and NServiceBus's outboxes): the process that
+  wrote and committed the rows hands them to its relay in memory; the relay publishes them with
+  publisher confirms and then marks them sent. No query reads them back.
+* **Sweep** (the safety net): the relay claims unsent rows with ``FOR UPDATE SKIP LOCKED`` (so
+  several relays share the work), publishes them with confirms, marks them sent and only then
+  commits. It takes rows older than a grace period, and never the rows its own process is
+  dispatching, so the two paths do not race in the ordinary case. It runs at start-up, on a
+  ``NOTIFY`` from a writer in another process, on an in-process signal, and on a short poll:
+  it finds what a crash, a failed publish or a lost "sent" mark left behind.
+
+A crash anywhere before a row is marked sent leaves it unsent and it is published again:
+at-least-once, with stable message ids so consumers' inboxes drop the duplicates.
 """
 
 from __future__ import annotations
@@ -12,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import uuid
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
@@ -47,11 +58,49 @@ class OutgoingMessage:
     routing_key: str
 
 
+@dataclass(slots=True)
+class Pending:
+    """An outbox row on its way to the broker: what the relay needs to publish it."""
+
+    id: int
+    message_id: uuid.UUID
+    message_type: str
+    saga_id: uuid.UUID | None
+    exchange: str
+    routing_key: str
+    correlation_id: uuid.UUID | None
+    headers: dict[str, Any]
+    body: bytes
+    created_at: datetime
+
+    @classmethod
+    def from_record(cls, r: Any) -> Pending:
+        return cls(
+            r["id"],
+            r["message_id"],
+            r["message_type"],
+            r["saga_id"],
+            r["exchange"],
+            r["routing_key"],
+            r["correlation_id"],
+            _headers(r["headers"]),
+            r["body"],
+            r["created_at"],
+        )
+
+
 class Outbox:
     def __init__(self, table: Table, schema: str) -> None:
         self.table = table
         self.schema = schema
+        #: wakes the relay's sweep (set by writers that do not hand over their rows)
         self.local_wakeup = asyncio.Event()
+        #: committed rows handed over for dispatch, and the ids being dispatched
+        self.pending: deque[Pending] = deque()
+        self.pending_ready = asyncio.Event()
+        self.in_flight: set[int] = set()
+        #: true while a relay in this process dispatches (set by :meth:`Relay.run`)
+        self.dispatching = False
         name = _qualified(table)
         # Plain SQL: SQLAlchemy 2.0 does not cache the compiled form of PostgreSQL's
         # INSERT .. ON CONFLICT, and compiling it for every message cost more than running it.
@@ -62,11 +111,15 @@ class Outbox:
             " SELECT m, t, s, e, r, c, h::jsonb, b FROM unnest($1::uuid[], $2::text[],"
             " $3::uuid[], $4::text[], $5::text[], $6::uuid[], $7::text[], $8::bytea[])"
             " AS x(m, t, s, e, r, c, h, b) ON CONFLICT (message_id) DO NOTHING"
+            " RETURNING id, message_id, created_at"
         )
+        # $2: only rows at least this old; $3: not these (being dispatched by this process)
         self.claim_sql = (
             "SELECT id, message_id, message_type, saga_id, exchange, routing_key,"
             f" correlation_id, headers, body, created_at FROM {name}"
-            " WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+            " WHERE sent_at IS NULL AND created_at <= now() - $2::interval"
+            " AND id <> ALL($3::bigint[])"
+            " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
         )
         self.mark_sent_sql = (
             f"UPDATE {name} SET sent_at = clock_timestamp() WHERE id = ANY($1::bigint[])"
@@ -78,18 +131,21 @@ class Outbox:
         messages: Sequence[OutgoingMessage],
         *,
         notify: bool = True,
-    ) -> None:
-        """Insert ``messages`` in the caller's transaction (one statement for any number).
+    ) -> list[Pending]:
+        """Insert ``messages`` in the caller's transaction (one statement for any number) and
+        return the rows inserted (a message id already in the outbox is not inserted again).
 
         ``notify`` sends ``NOTIFY`` so relays in *other* processes wake on commit. A writer whose
-        own process runs the relay calls :meth:`committed` after the commit instead and passes
-        ``notify=False``: a ``NOTIFY`` per transaction costs a statement and a lock on the
-        notification queue at every commit, for a wake-up the process gives itself anyway.
+        own process runs the relay passes ``notify=False`` and, after the commit, hands the rows
+        to :meth:`committed`: a ``NOTIFY`` per transaction costs a statement and a lock on the
+        notification queue at every commit, and reading the rows back costs a query.
         """
         if not messages:
-            return
+            return []
         pg = await driver(conn)
-        await pg.execute(
+        headers = [m.envelope.headers() for m in messages]
+        bodies = [m.body.model_dump_json().encode() for m in messages]
+        records = await pg.fetch(
             self.insert_sql,
             [m.envelope.message_id for m in messages],
             [m.envelope.type for m in messages],
@@ -97,37 +153,54 @@ class Outbox:
             [m.exchange for m in messages],
             [m.routing_key for m in messages],
             [m.envelope.correlation_id for m in messages],
-            [json.dumps(m.envelope.headers()) for m in messages],
-            [m.body.model_dump_json().encode() for m in messages],
+            [json.dumps(h) for h in headers],
+            bodies,
         )
         if notify:
             await conn.execute(
                 text("SELECT pg_notify(:ch, :schema)"),
                 {"ch": OUTBOX_CHANNEL, "schema": self.schema},
             )
+        inserted = {r["message_id"]: r for r in records}
+        rows = []
+        for m, h, b in zip(messages, headers, bodies, strict=True):
+            r = inserted.pop(m.envelope.message_id, None)
+            if r is None:
+                continue
+            env = m.envelope
+            rows.append(
+                Pending(
+                    r["id"],
+                    env.message_id,
+                    env.type,
+                    env.saga_id,
+                    m.exchange,
+                    m.routing_key,
+                    env.correlation_id,
+                    h,
+                    b,
+                    r["created_at"],
+                )
+            )
+        return rows
 
-    def committed(self) -> None:
-        """Called after the writing transaction commits: wake this process's relay now."""
-        self.local_wakeup.set()
-
-
-class _Row:
-    """Attribute access over an asyncpg record."""
-
-    __slots__ = ("_r",)
-
-    def __init__(self, record: Any) -> None:
-        self._r = record
-
-    def __getattr__(self, name: str) -> Any:
-        return self._r[name]
+    def committed(self, rows: Sequence[Pending] = ()) -> None:
+        """Called after the writing transaction commits. ``rows`` (what :meth:`write` returned)
+        go to this process's relay to be published at once; without them, or with no relay
+        dispatching here, the relay's sweep is woken instead."""
+        if rows and self.dispatching:
+            self.pending.extend(rows)
+            self.in_flight.update(r.id for r in rows)
+            self.pending_ready.set()
+        else:
+            self.local_wakeup.set()
 
 
 def _headers(raw: Any) -> dict[str, Any]:
     return dict(json.loads(raw) if isinstance(raw, str | bytes) else raw)
 
 
-def _amqp_message(row: Any, headers: dict[str, Any]) -> aio_pika.Message:
+def _amqp_message(row: Pending, headers: dict[str, Any]) -> aio_pika.Message:
     occurred = headers.get(HeaderNames.OCCURRED_AT)
     return aio_pika.Message(
         body=row.body,
@@ -158,15 +231,20 @@ class Relay:
         self.publisher = publisher
         self.settings = settings
         self.tracer = tracer
+        #: rows published by either path, and by dispatch alone
         self.published = 0
+        self.dispatched = 0
+        #: sweep transactions run, and dispatch batches
         self.drains = 0
+        self.dispatches = 0
 
-    async def _publish(self, rows: list[_Row]) -> None:
-        """Publish the claimed rows, each in a PRODUCER span, and wait for every confirm."""
+    async def _publish(self, rows: Sequence[Pending]) -> None:
+        """Publish rows, each in a PRODUCER span, and wait for every confirm."""
         batch = []
         spans = []
+        now = datetime.now(UTC)
         for row in rows:
-            headers = _headers(row.headers)
+            headers = dict(row.headers)
             parent = telemetry.extract(headers)
             span = self.tracer.start_span(
                 f"publish {row.exchange}",
@@ -182,9 +260,7 @@ class Relay:
                     message_type=row.message_type,
                     extra={
                         "sagabus.saga.id": str(row.saga_id),
-                        "sagabus.outbox.lag_ms": int(
-                            (datetime.now(UTC) - row.created_at).total_seconds() * 1000
-                        ),
+                        "sagabus.outbox.lag_ms": int((now - row.created_at).total_seconds() * 1000),
                     },
                 ),
             )
@@ -202,9 +278,24 @@ class Relay:
         for span in spans:
             span.end()
 
-    async def drain(self) -> int:
-        """Publish every unsent row visible when it starts; returns how many were published."""
+    def _published(self, rows: Sequence[Pending]) -> None:
+        self.published += len(rows)
+        for row in rows:
+            log.debug(
+                "command_published" if row.exchange.endswith("commands") else "message_published",
+                service=self.service,
+                message_id=str(row.message_id),
+                message_type=row.message_type,
+                exchange=row.exchange,
+                routing_key=row.routing_key,
+                saga_id=str(row.saga_id),
+            )
+
+    async def drain(self, *, grace_s: float = 0.0) -> int:
+        """Sweep: publish every unsent row, at least ``grace_s`` old, that this process is not
+        dispatching, visible when it starts; returns how many were published."""
         total = 0
+        grace = timedelta(seconds=grace_s)
         while True:
             # The relay's own statements need nothing of SQLAlchemy but its pool: the claim, the
             # publish and the mark run in an asyncpg transaction on a pooled connection.
@@ -212,8 +303,13 @@ class Relay:
                 pg = await driver(conn)
                 try:
                     async with pg.transaction():
-                        records = await pg.fetch(self.outbox.claim_sql, self.settings.outbox_batch)
-                        rows = [_Row(r) for r in records]
+                        records = await pg.fetch(
+                            self.outbox.claim_sql,
+                            self.settings.outbox_batch,
+                            grace,
+                            list(self.outbox.in_flight),
+                        )
+                        rows = [Pending.from_record(r) for r in records]
                         if rows:
                             await self._publish(rows)
                             await pg.execute(self.outbox.mark_sent_sql, [r.id for r in rows])
@@ -227,34 +323,89 @@ class Relay:
             if not rows:
                 return total
             total += len(rows)
-            self.published += len(rows)
-            for row in rows:
-                log.debug(
-                    "command_published"
-                    if row.exchange.endswith("commands")
-                    else "message_published",
-                    service=self.service,
-                    message_id=str(row.message_id),
-                    message_type=row.message_type,
-                    exchange=row.exchange,
-                    routing_key=row.routing_key,
-                    saga_id=str(row.saga_id),
-                )
+            self._published(rows)
             if len(rows) < self.settings.outbox_batch:
                 # Every row that was visible and unclaimed is done; asking again would cost an
                 # empty transaction per wake-up. A commit that lands from now on sets the wake-up
                 # (cleared before this drain began), so the run loop drains again at once.
                 return total
 
+    async def dispatch_once(self) -> int:
+        """Dispatch: publish the rows handed over by this process's committed transactions
+        (at most one batch), then mark them sent. Returns how many were published.
+
+        A failed publish leaves the rows unsent for the sweep (woken at once); a failed mark
+        leaves published rows unsent, which the sweep publishes again later and the consumers'
+        inboxes drop."""
+        out = self.outbox
+        n = min(len(out.pending), self.settings.outbox_batch)
+        if n == 0:
+            return 0
+        rows = [out.pending.popleft() for _ in range(n)]
+        try:
+            try:
+                await self._publish(rows)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning(
+                    "outbox_dispatch_failed",
+                    service=self.service,
+                    rows=len(rows),
+                    error=f"{type(e).__name__}: {e}",
+                )
+                return 0
+            try:
+                async with self.engine.connect() as conn:
+                    pg = await driver(conn)  # no transaction: one autocommitted statement
+                    try:
+                        await pg.execute(self.outbox.mark_sent_sql, [r.id for r in rows])
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await conn.invalidate()
+                        raise
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning(
+                    "outbox_mark_sent_failed",
+                    service=self.service,
+                    rows=len(rows),
+                    error=f"{type(e).__name__}: {e}",
+                )
+        finally:
+            out.in_flight.difference_update(r.id for r in rows)
+        self.dispatches += 1
+        self.dispatched += n
+        self._published(rows)
+        return n
+
+    async def _dispatch_loop(self, stop: asyncio.Event) -> None:
+        out = self.outbox
+        while not stop.is_set():
+            if not out.pending:
+                out.pending_ready.clear()
+                await _wait_any(stop, out.pending_ready, self.settings.outbox_poll_s)
+                continue
+            if not await self.dispatch_once():
+                # the rows went back to the sweep: it tries them now, with its own back-off
+                out.local_wakeup.set()
+
     async def run(self, stop: asyncio.Event) -> None:
         listener = asyncio.create_task(self._listen(stop))
+        dispatcher: asyncio.Task[None] | None = None
+        if self.settings.outbox_dispatch:
+            self.outbox.dispatching = True
+            dispatcher = asyncio.create_task(self._dispatch_loop(stop))
         backoff = 0.2
+        # the first sweep takes everything: whatever a previous incarnation left unsent
+        grace = 0.0
         try:
             while not stop.is_set():
                 # clear before draining: a commit signalled during the drain wakes the next one
                 self.outbox.local_wakeup.clear()
                 try:
-                    published = await self.drain()
+                    published = await self.drain(grace_s=grace)
                     backoff = 0.2
                 except asyncio.CancelledError:
                     raise
@@ -268,22 +419,37 @@ class Relay:
                     await _wait(stop, backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                if not self.outbox.local_wakeup.is_set():
+                woken = self.outbox.local_wakeup.is_set()
+                if not woken:
                     await _wait_any(stop, self.outbox.local_wakeup, self.settings.outbox_poll_s)
+                    woken = self.outbox.local_wakeup.is_set()
+                # Woken by a writer (NOTIFY, or a commit that did not hand its rows over): take
+                # every row now. On the poll: only rows older than the grace period, so that a
+                # row another process is dispatching this instant is left to it.
+                grace = (
+                    0.0
+                    if woken or not self.settings.outbox_dispatch
+                    else (self.settings.outbox_dispatch_grace_s)
+                )
                 if published and self.settings.outbox_linger_s > 0:
                     # Busy: let the commits landing meanwhile join the next batch, so that one
                     # claim, one confirm round and one UPDATE serve many rows.
                     await asyncio.sleep(self.settings.outbox_linger_s)
         finally:
+            self.outbox.dispatching = False
             log.info(
                 "outbox_relay_stopped",
                 service=self.service,
                 published=self.published,
+                dispatched=self.dispatched,
                 drains=self.drains,
+                dispatches=self.dispatches,
             )
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await listener
+            for task in (listener, dispatcher):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
 
     async def _listen(self, stop: asyncio.Event) -> None:
         """LISTEN for other processes' commits; reconnect quietly when the database goes away."""

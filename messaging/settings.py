@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     outbox_poll_s: float = Field(default=1.0, gt=0)
     #: after a drain that published rows, wait this long before the next one (0: never)
     outbox_linger_s: float = Field(default=0.002, ge=0, le=1)
+    #: publish committed rows straight from the process that wrote them (the sweep remains the
+    #: safety net); false: only the sweep publishes
+    outbox_dispatch: bool = True
+    #: the sweep's poll leaves rows younger than this to the process dispatching them
+    outbox_dispatch_grace_s: float = Field(default=5.0, ge=0, le=3600)
 
     #: process manager: per step timeout and bounded re-sends
     step_timeout_s: float = Field(default=30.0, gt=0)

@@ -333,9 +333,9 @@ async def fire_due_timeouts(sctx: ServiceContext, policy: Policy, *, limit: int 
                     policy=policy,
                 )
             fired += 1
-        await sctx.outbox.write(conn, out)
-    if out:
-        sctx.outbox.committed()
+        written = await sctx.outbox.write(conn, out, notify=False)
+    if written:
+        sctx.outbox.committed(written)
     return fired
 
 

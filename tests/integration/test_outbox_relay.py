@@ -213,9 +213,9 @@ async def test_a_commit_signalled_during_a_drain_is_published_without_waiting_fo
     drain = relay.drain
     drains = 0
 
-    async def drain_then_a_commit_lands() -> int:
+    async def drain_then_a_commit_lands(**kw: float) -> int:
         nonlocal drains
-        published = await drain()
+        published = await drain(**kw)
         drains += 1
         if drains == 1:  # a writer commits after this drain's last (empty) claim
             await rig.write(late)
@@ -231,3 +231,109 @@ async def test_a_commit_signalled_during_a_drain_is_published_without_waiting_fo
         stop.set()
         await running
     assert [m.message_id for m in got] == [str(late.envelope.message_id)]
+
+
+def _quiet(database: Settings, **extra: object) -> Settings:
+    """Settings for a relay that hears no NOTIFY (its LISTEN connection has nowhere to go) and
+    would poll once an hour: only what the test does wakes it."""
+    return database.model_copy(
+        update={
+            "database_url": "postgresql://postgres@127.0.0.1:1/nowhere",
+            "outbox_poll_s": 3600,
+            **extra,
+        }
+    )
+
+
+def _relay(rig: Rig, settings: Settings) -> Relay:
+    return Relay(
+        service="it-relay-dispatch",
+        engine=rig.engine,
+        outbox=rig.outbox,
+        publisher=rig.relay.publisher,
+        settings=settings,
+        tracer=telemetry.tracer("it-relay"),
+    )
+
+
+async def _write_and_hand_over(rig: Rig, *messages: OutgoingMessage) -> None:
+    async with rig.engine.begin() as conn:
+        written = await rig.outbox.write(conn, messages, notify=False)
+    assert [p.message_id for p in written] == [m.envelope.message_id for m in messages]
+    rig.outbox.committed(written)
+
+
+async def test_committed_rows_are_dispatched_without_reading_them_back(
+    rig: Rig, database: Settings
+) -> None:
+    """The writer hands its committed rows to its own process's relay: they are published,
+    with the same envelope as the sweep gives them, and marked sent, and no sweep ran for
+    them (the sweep only ran once, at start-up, before they existed)."""
+    relay = _relay(rig, _quiet(database))
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop))
+    try:
+        await wait_for(lambda: _true(relay.drains == 1), timeout=10, what="the start-up sweep")
+        sent = [message(rig.exchange, "routed", n) for n in (1, 2)]
+        await _write_and_hand_over(rig, *sent)
+        got = await rig.received(2, timeout=10)
+        await wait_for(lambda: _unsent_is_empty(rig), timeout=10, what="the rows to be marked sent")
+    finally:
+        stop.set()
+        await running
+    assert sorted(m.message_id for m in got) == sorted(str(m.envelope.message_id) for m in sent)
+    for amqp, m in zip(
+        sorted(got, key=lambda g: g.message_id or ""),
+        sorted(sent, key=lambda s: str(s.envelope.message_id)),
+        strict=True,
+    ):
+        h = headers_of(amqp)
+        assert amqp.body == m.body.model_dump_json().encode()
+        assert h[HeaderNames.SAGA_ID] == str(m.envelope.saga_id)
+        assert h[HeaderNames.FENCE] == m.envelope.fence
+        assert h["traceparent"].split("-")[1] == TRACE_ID
+    assert (relay.dispatched, relay.drains) == (2, 1)
+    assert rig.outbox.in_flight == set()
+
+
+async def test_the_polled_sweep_leaves_young_and_in_flight_rows_to_their_dispatcher(
+    rig: Rig,
+) -> None:
+    young = message(rig.exchange, "routed", 1)
+    await rig.write(young)
+    # on the poll the sweep takes only rows older than the grace period
+    assert await rig.relay.drain(grace_s=3600) == 0
+    # rows this process is dispatching are never the sweep's, whatever their age
+    [row] = [r for r in await rows(rig.engine, rig.outbox.table)]
+    rig.outbox.in_flight.add(row.id)
+    assert await rig.relay.drain() == 0
+    rig.outbox.in_flight.clear()
+    # a writer's wake-up (or a restart) takes every unsent row at once
+    assert await rig.relay.drain() == 1
+    assert [m.message_id for m in await rig.received(1)] == [str(young.envelope.message_id)]
+
+
+async def test_a_failed_dispatch_leaves_the_rows_to_the_sweep(rig: Rig, database: Settings) -> None:
+    """An unroutable row makes the dispatch's publish raise: nothing is marked sent, and the
+    sweep publishes the rows once they can be routed (at-least-once, same ids)."""
+    relay = _relay(rig, _quiet(database, outbox_dispatch_grace_s=0))
+    rig.outbox.dispatching = True  # as Relay.run sets it; dispatch is driven by hand here
+    good = message(rig.exchange, "routed", 1)
+    lost = message(rig.exchange, "nobody-listens-yet", 2)
+    await _write_and_hand_over(rig, good, lost)
+    assert await relay.dispatch_once() == 0
+    assert rig.outbox.in_flight == set() and not rig.outbox.pending
+    assert sorted(await rig.unsent()) == sorted(
+        [good.envelope.message_id, lost.envelope.message_id]
+    )
+    await rig.queue.bind(rig.exchange, routing_key="nobody-listens-yet")
+    assert await relay.drain() == 2
+    assert await rig.unsent() == []
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _unsent_is_empty(rig: Rig) -> bool:
+    return await rig.unsent() == []
