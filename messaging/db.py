@@ -67,7 +67,14 @@ async def driver(conn: AsyncConnection) -> asyncpg.Connection:
     pg = raw.driver_connection
     assert pg is not None
     if conn.in_transaction() and not pg.is_in_transaction():
-        await conn.exec_driver_sql("SELECT 1")
+        adapted = raw.dbapi_connection
+        start = getattr(adapted, "_start_transaction", None)
+        if start is not None and getattr(adapted, "_started", None) is False:
+            # what SQLAlchemy's asyncpg adapter does before its first statement: BEGIN, with
+            # the connection's isolation settings, and no extra round trip for a dummy query
+            await start()
+        if not pg.is_in_transaction():
+            await conn.exec_driver_sql("SELECT 1")
     return pg
 
 
