@@ -25,6 +25,7 @@ from messaging.db import create_schema, inbox_table, make_engine, outbox_table
 from messaging.deadletters import Collector
 from messaging.outbox import Outbox, Relay
 from messaging.publisher import Publisher
+from messaging.retention import prune_loop
 from messaging.settings import Settings
 
 log = structlog.get_logger("sagabus.service")
@@ -139,6 +140,20 @@ class Runtime:
             )
             for loop in d.background:
                 self._tasks.append(asyncio.create_task(_guard(d.name, loop, ctx)))
+            self._tasks.append(
+                asyncio.create_task(
+                    prune_loop(
+                        d.name,
+                        self.engine,
+                        d.inbox,
+                        d.outbox,
+                        inbox_retention_s=self.settings.inbox_retention_s,
+                        outbox_retention_s=self.settings.outbox_retention_s,
+                        interval_s=self.settings.retention_interval_s,
+                        stop=self.stop_event,
+                    )
+                )
+            )
             channel = await self.connection.channel()
             await consumer.start(channel)
             log.info("service_started", service=d.name, queue=topology.QUEUES[d.name].name)

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     #: the sweep's poll leaves rows younger than this to the process dispatching them
     outbox_dispatch_grace_s: float = Field(default=5.0, ge=0, le=3600)
 
+    #: retention (``messaging.retention``; 0 keeps rows for ever): processed-message ids must
+    #: outlive every late copy (delay queues, dead-letter replays); sent outbox rows are history
+    inbox_retention_s: float = Field(default=14 * 86_400, ge=0)
+    outbox_retention_s: float = Field(default=86_400, ge=0)
+    retention_interval_s: float = Field(default=600, gt=0)
+
     #: process manager: per step timeout and bounded re-sends
     step_timeout_s: float = Field(default=30.0, gt=0)
     max_step_attempts: int = Field(default=3, ge=1)
