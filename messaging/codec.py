@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +28,8 @@ START_NAMESPACE = uuid.UUID("0b7e51c4-54a3-4e61-9d3f-2b36f6b7b0a1")
 class Incoming:
     envelope: Envelope
     body: Message
+    #: the delivery's AMQP headers as received (including the consumer's retry bookkeeping)
+    headers: Mapping[str, Any] = field(default_factory=dict)
 
 
 def encode(envelope: Envelope, body: Message) -> AmqpMessage:
@@ -145,4 +148,4 @@ def decode(delivery: AbstractIncomingMessage, *, max_bytes: int) -> Incoming:
         )
     except ValidationError as e:
         raise PermanentError(f"invalid envelope: {summarize(e)}") from None
-    return Incoming(envelope, body)
+    return Incoming(envelope, body, headers)

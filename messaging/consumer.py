@@ -567,7 +567,8 @@ class Consumer:
         delays = self.settings.retry_delays_ms
         tier = min(retries, len(delays) - 1, RETRY_TIERS - 1)
         delay = _jittered(delays[min(retries, len(delays) - 1)], self.settings.retry_jitter)
-        extra = self._reason_headers(delivery, e)
+        extra: dict[str, Any] = dict(e.headers) if isinstance(e, TransientError) else {}
+        extra.update(self._reason_headers(delivery, e))
         extra[HeaderNames.RETRY_COUNT] = retries + 1
         message = self._copy(delivery, extra)
         message.expiration = delay / 1000

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class SagabusError(Exception):
     """Root of every error sagabus raises on purpose."""
@@ -9,7 +11,15 @@ class SagabusError(Exception):
 
 class TransientError(SagabusError):
     """Try again later: the message goes to a delay queue and comes back, a bounded number of
-    times, then to the dead-letter queue."""
+    times, then to the dead-letter queue.
+
+    ``headers`` are set on the copy that goes round the delay queue, so that a handler can keep
+    a count of its own (the carrier attempts of the shipping service, for one) that other
+    failures, such as a database outage, do not add to. The consumer's own headers win."""
+
+    def __init__(self, *args: object, headers: Mapping[str, str | int] | None = None) -> None:
+        super().__init__(*args)
+        self.headers: dict[str, str | int] = dict(headers or {})
 
 
 class ConcurrencyConflict(TransientError):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, DateTime, MetaData, Table, Text, func
-from sqlalchemy.dialects.postgresql import insert
 
 from messaging.consumer import Context, Handler
+from messaging.db import driver
 from messaging.service import ServiceDefinition
 from messaging.settings import Settings
+from participants.sql import qualified
 from schemas.order import OrderCancelled, OrderCompleted
 
 SCHEMA = "analytics"
@@ -25,30 +26,27 @@ outcomes = Table(
 )
 
 
+_OUTCOMES = qualified(outcomes)
+_COUNT = (
+    f"INSERT INTO {_OUTCOMES} AS o (outcome, count, total_duration_ms, max_duration_ms,"
+    " amount_minor) VALUES ($1, 1, $2, $2, $3)"
+    " ON CONFLICT (outcome) DO UPDATE SET count = o.count + 1,"
+    " total_duration_ms = o.total_duration_ms + EXCLUDED.total_duration_ms,"
+    " max_duration_ms = greatest(o.max_duration_ms, EXCLUDED.max_duration_ms),"
+    " amount_minor = o.amount_minor + EXCLUDED.amount_minor, updated_at = now()"
+)
+
+
 async def count(ctx: Context) -> None:
     fact = ctx.incoming.body
     assert isinstance(fact, OrderCompleted | OrderCancelled)
     outcome = "completed" if isinstance(fact, OrderCompleted) else fact.outcome
-    stmt = insert(outcomes).values(
-        outcome=outcome,
-        count=1,
-        total_duration_ms=fact.duration_ms,
-        max_duration_ms=fact.duration_ms,
-        amount_minor=fact.amount_minor if outcome == "completed" else 0,
-    )
-    await ctx.conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["outcome"],
-            set_={
-                "count": outcomes.c.count + 1,
-                "total_duration_ms": outcomes.c.total_duration_ms + stmt.excluded.total_duration_ms,
-                "max_duration_ms": func.greatest(
-                    outcomes.c.max_duration_ms, stmt.excluded.max_duration_ms
-                ),
-                "amount_minor": outcomes.c.amount_minor + stmt.excluded.amount_minor,
-                "updated_at": func.now(),
-            },
-        )
+    pg = await driver(ctx.conn)
+    await pg.execute(
+        _COUNT,
+        outcome,
+        fact.duration_ms,
+        fact.amount_minor if outcome == "completed" else 0,
     )
 
 

@@ -10,6 +10,12 @@ the late reservation takes nothing.
 
 from __future__ import annotations
 
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import asyncpg
 from sqlalchemy import (
     CheckConstraint,
     Column,
@@ -20,15 +26,16 @@ from sqlalchemy import (
     Text,
     Uuid,
     func,
-    select,
-    update,
 )
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from messaging.consumer import Context, Handler
+from messaging.db import driver
+from messaging.errors import PermanentError, TransientError
 from messaging.service import ServiceDefinition
 from messaging.settings import Settings
+from participants.sql import qualified
 from schemas.inventory import (
     InventoryReleased,
     InventoryReserved,
@@ -63,92 +70,123 @@ reservations = Table(
 )
 
 
-async def _claim(ctx: Context, order_id: str, status: str, items: list[dict[str, object]]):  # type: ignore[no-untyped-def]
+_STOCK = qualified(stock)
+_RESERVATIONS = qualified(reservations)
+_ROW = "status, items, short_skus"
+_CLAIM = (
+    f"INSERT INTO {_RESERVATIONS} (order_id, saga_id, status, items, updated_at)"
+    f" VALUES ($1, $2, $3, $4::jsonb, $5) ON CONFLICT DO NOTHING RETURNING {_ROW}"
+)
+_LOCK = f"SELECT {_ROW} FROM {_RESERVATIONS} WHERE order_id = $1 FOR UPDATE"
+#: the stock rows of an order, locked one by one in SKU order (so no two reservations can
+#: deadlock), with their current levels: a lock that waited returns the row as it is now
+_LOCK_STOCK = (
+    f"SELECT sku, available FROM {_STOCK} WHERE sku = ANY($1::text[]) ORDER BY sku FOR UPDATE"
+)
+_WANTED = "unnest($1::text[], $2::int[]) AS wanted(sku, quantity)"
+#: take the units (rows locked and checked just before) and mark the reservation, in one round
+#: trip; the answer is the number of SKUs taken. ``available >= quantity`` stays as a guard,
+#: behind the CHECK constraint.
+_TAKE = (
+    f"WITH taken AS (UPDATE {_STOCK} s SET available = s.available - wanted.quantity,"
+    f" updated_at = $3 FROM {_WANTED}"
+    " WHERE s.sku = wanted.sku AND s.available >= wanted.quantity RETURNING s.sku)"
+    f" UPDATE {_RESERVATIONS} SET status = 'RESERVED', updated_at = $3 WHERE order_id = $4"
+    " RETURNING (SELECT count(*) FROM taken)"
+)
+_GIVE_BACK = (
+    f"WITH returned AS (UPDATE {_STOCK} s SET available = s.available + wanted.quantity,"
+    f" updated_at = $3 FROM {_WANTED} WHERE s.sku = wanted.sku RETURNING s.sku)"
+    f" UPDATE {_RESERVATIONS} SET status = 'RELEASED', updated_at = $3 WHERE order_id = $4"
+    " RETURNING (SELECT count(*) FROM returned)"
+)
+_UNAVAILABLE = (
+    f"UPDATE {_RESERVATIONS} SET status = 'UNAVAILABLE', short_skus = $2::jsonb,"
+    " updated_at = $3 WHERE order_id = $1"
+)
+
+
+async def _claim(
+    ctx: Context, pg: asyncpg.Connection, order_id: str, status: str, items: list[dict[str, Any]]
+) -> tuple[asyncpg.Record, bool]:
     """Insert our row, or wait for and lock the existing one. Returns (row, inserted)."""
-    inserted = await ctx.conn.execute(
-        insert(reservations)
-        .values(
-            order_id=order_id,
-            saga_id=ctx.envelope.saga_id,
-            status=status,
-            items=items,
-            updated_at=ctx.now,
-        )
-        .on_conflict_do_nothing()
+    row = await pg.fetchrow(
+        _CLAIM, order_id, ctx.envelope.saga_id, status, json.dumps(items), ctx.now
     )
-    row = (
-        await ctx.conn.execute(
-            select(reservations).where(reservations.c.order_id == order_id).with_for_update()
-        )
-    ).one()
-    return row, inserted.rowcount == 1
+    if row is not None:
+        return row, True
+    # Someone's row is there (committed, or inserted by a transaction we waited for): a new
+    # statement sees it, and waits for its lock.
+    row = await pg.fetchrow(_LOCK, order_id)
+    if row is None:
+        raise TransientError(f"reservation of {order_id} vanished while claiming it")
+    return row, False
+
+
+def _json(value: Any) -> Any:
+    """A JSONB value, whichever codec the connection has (SQLAlchemy's decodes it)."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _quantities(items: Iterable[tuple[str, int]]) -> tuple[list[str], list[int]]:
+    """Units per SKU (a SKU listed twice takes both), in SKU order: the lock order."""
+    wanted: dict[str, int] = defaultdict(int)
+    for sku, quantity in items:
+        wanted[sku] += quantity
+    skus = sorted(wanted)
+    return skus, [wanted[sku] for sku in skus]
 
 
 async def reserve(ctx: Context) -> None:
     cmd = ctx.incoming.body
     assert isinstance(cmd, ReserveInventory)
+    pg = await driver(ctx.conn)
     items = [i.model_dump() for i in cmd.items]
-    row, inserted = await _claim(ctx, cmd.order_id, "PENDING", items)
+    row, inserted = await _claim(ctx, pg, cmd.order_id, "PENDING", items)
     if not inserted:
-        if row.status == "RESERVED":
+        if row["status"] == "RESERVED":
             ctx.reply(InventoryReserved(order_id=cmd.order_id, reservation_id=cmd.order_id))
         else:
             ctx.reply(
                 InventoryUnavailable(
                     order_id=cmd.order_id,
-                    skus=tuple(row.short_skus or []),
-                    released_before_reserve=row.status == "RELEASED",
+                    skus=tuple(_json(row["short_skus"]) or []),
+                    released_before_reserve=row["status"] == "RELEASED",
                 )
             )
         return
-    short: list[str] = []
-    savepoint = await ctx.conn.begin_nested()
-    for item in sorted(cmd.items, key=lambda i: i.sku):  # fixed lock order: no deadlocks
-        taken = await ctx.conn.execute(
-            update(stock)
-            .where(stock.c.sku == item.sku, stock.c.available >= item.quantity)
-            .values(available=stock.c.available - item.quantity, updated_at=ctx.now)
-        )
-        if taken.rowcount != 1:
-            short.append(item.sku)
+    skus, quantities = _quantities((i.sku, i.quantity) for i in cmd.items)
+    # All or nothing: lock every SKU of the order first (in a fixed order: no deadlocks), and
+    # take units only if every one has enough. Two sagas racing for the last unit serialise on
+    # the row lock, and the second sees what the first left.
+    levels = {r["sku"]: r["available"] for r in await pg.fetch(_LOCK_STOCK, skus)}
+    short = [
+        sku for sku, quantity in zip(skus, quantities, strict=True) if levels.get(sku, 0) < quantity
+    ]
     if short:
-        await savepoint.rollback()
-        await _set(ctx.conn, cmd.order_id, "UNAVAILABLE", ctx, short_skus=short)
+        await pg.execute(_UNAVAILABLE, cmd.order_id, json.dumps(short), ctx.now)
         ctx.reply(InventoryUnavailable(order_id=cmd.order_id, skus=tuple(short)))
         return
-    await savepoint.commit()
-    await _set(ctx.conn, cmd.order_id, "RESERVED", ctx)
+    taken = await pg.fetchval(_TAKE, skus, quantities, ctx.now, cmd.order_id)
+    if taken != len(skus):
+        # cannot happen while the rows are locked: roll the whole transaction back
+        raise PermanentError(f"took {taken} of {len(skus)} locked SKUs for {cmd.order_id}")
     ctx.reply(InventoryReserved(order_id=cmd.order_id, reservation_id=cmd.order_id))
-
-
-async def _set(
-    conn: AsyncConnection, order_id: str, status: str, ctx: Context, **values: object
-) -> None:
-    await conn.execute(
-        update(reservations)
-        .where(reservations.c.order_id == order_id)
-        .values(status=status, updated_at=ctx.now, **values)
-    )
 
 
 async def release(ctx: Context) -> None:
     cmd = ctx.incoming.body
     assert isinstance(cmd, ReleaseInventory)
-    row, inserted = await _claim(ctx, cmd.order_id, "RELEASED", [])
-    if inserted or row.status != "RESERVED":
+    pg = await driver(ctx.conn)
+    row, inserted = await _claim(ctx, pg, cmd.order_id, "RELEASED", [])
+    if inserted or row["status"] != "RESERVED":
         # nothing was reserved (or it was released already): a tombstone or a repeat
         ctx.reply(InventoryReleased(order_id=cmd.order_id, units_released=0))
         return
-    units = 0
-    for item in sorted(row.items, key=lambda i: i["sku"]):
-        await ctx.conn.execute(
-            update(stock)
-            .where(stock.c.sku == item["sku"])
-            .values(available=stock.c.available + item["quantity"], updated_at=ctx.now)
-        )
-        units += int(item["quantity"])
-    await _set(ctx.conn, cmd.order_id, "RELEASED", ctx)
-    ctx.reply(InventoryReleased(order_id=cmd.order_id, units_released=units))
+    skus, quantities = _quantities((i["sku"], int(i["quantity"])) for i in _json(row["items"]))
+    await pg.fetch(_LOCK_STOCK, skus)  # the same lock order as a reservation
+    await pg.fetchval(_GIVE_BACK, skus, quantities, ctx.now, cmd.order_id)
+    ctx.reply(InventoryReleased(order_id=cmd.order_id, units_released=sum(quantities)))
 
 
 async def seed(conn: AsyncConnection, levels: dict[str, int], *, add: bool = False) -> None:

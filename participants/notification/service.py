@@ -5,11 +5,12 @@ customer token, which is why no personal data needs to travel on the bus."""
 from __future__ import annotations
 
 from sqlalchemy import Column, DateTime, MetaData, Table, Text, Uuid
-from sqlalchemy.dialects.postgresql import insert
 
 from messaging.consumer import Context, Handler
+from messaging.db import driver
 from messaging.service import ServiceDefinition
 from messaging.settings import Settings
+from participants.sql import qualified
 from schemas.order import OrderCancelled, OrderCompleted
 
 SCHEMA = "notification"
@@ -28,22 +29,26 @@ notifications = Table(
 )
 
 
+_NOTIFY = (
+    f"INSERT INTO {qualified(notifications)} (fact_id, saga_id, order_id, customer_token,"
+    " template, channel, sent_at) VALUES ($1, $2, $3, $4, $5, 'email', $6)"
+    " ON CONFLICT DO NOTHING"
+)
+
+
 async def notify(ctx: Context) -> None:
     fact = ctx.incoming.body
     assert isinstance(fact, OrderCompleted | OrderCancelled)
     template = "order_confirmed" if isinstance(fact, OrderCompleted) else "order_cancelled"
-    await ctx.conn.execute(
-        insert(notifications)
-        .values(
-            fact_id=ctx.envelope.message_id,
-            saga_id=ctx.envelope.saga_id,
-            order_id=fact.order_id,
-            customer_token=fact.customer_id,
-            template=template,
-            channel="email",
-            sent_at=ctx.now,
-        )
-        .on_conflict_do_nothing()
+    pg = await driver(ctx.conn)
+    await pg.execute(
+        _NOTIFY,
+        ctx.envelope.message_id,
+        ctx.envelope.saga_id,
+        fact.order_id,
+        fact.customer_id,
+        template,
+        ctx.now,
     )
 
 

@@ -9,24 +9,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import asyncpg
 import structlog
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    DateTime,
-    MetaData,
-    Table,
-    Text,
-    Uuid,
-    select,
-    update,
-)
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import BigInteger, Column, DateTime, MetaData, Table, Text, Uuid
 
 from messaging.consumer import Context, Handler
+from messaging.db import driver
 from messaging.errors import PermanentError
 from messaging.service import ServiceDefinition
 from messaging.settings import Settings
+from participants.sql import qualified
 from schemas.order import (
     CancelOrder,
     CompleteOrder,
@@ -56,27 +48,44 @@ orders = Table(
 )
 
 
-def _duration_ms(row: object, now: datetime) -> int:
-    created: datetime = row.created_at  # type: ignore[attr-defined]
+_ORDERS = qualified(orders)
+_CREATE = (
+    f"INSERT INTO {_ORDERS} (order_id, saga_id, customer_id, amount_minor, currency, status,"
+    " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'PENDING', $6, $6)"
+    " ON CONFLICT DO NOTHING"
+)
+_LOCK = (
+    f"SELECT status, customer_id, amount_minor, currency, created_at FROM {_ORDERS}"
+    " WHERE order_id = $1 FOR UPDATE"
+)
+_COMPLETE = f"UPDATE {_ORDERS} SET status = 'COMPLETED', updated_at = $2 WHERE order_id = $1"
+_CANCEL = (
+    f"UPDATE {_ORDERS} SET status = 'CANCELLED', reason = $2, updated_at = $3 WHERE order_id = $1"
+)
+#: cancel before create: a tombstone, so a late CreateOrder creates nothing
+_TOMBSTONE = (
+    f"INSERT INTO {_ORDERS} (order_id, saga_id, status, reason, created_at, updated_at)"
+    " VALUES ($1, $2, 'CANCELLED', $3, $4, $4) ON CONFLICT DO NOTHING"
+)
+
+
+def _duration_ms(row: asyncpg.Record, now: datetime) -> int:
+    created: datetime = row["created_at"]
     return max(0, int((now - created).total_seconds() * 1000))
 
 
 async def create_order(ctx: Context) -> None:
     cmd = ctx.incoming.body
     assert isinstance(cmd, CreateOrder)
-    await ctx.conn.execute(
-        insert(orders)
-        .values(
-            order_id=cmd.order_id,
-            saga_id=ctx.envelope.saga_id,
-            customer_id=cmd.customer_id,
-            amount_minor=cmd.amount_minor,
-            currency=cmd.currency,
-            status="PENDING",
-            created_at=ctx.now,
-            updated_at=ctx.now,
-        )
-        .on_conflict_do_nothing()
+    pg = await driver(ctx.conn)
+    await pg.execute(
+        _CREATE,
+        cmd.order_id,
+        ctx.envelope.saga_id,
+        cmd.customer_id,
+        cmd.amount_minor,
+        cmd.currency,
+        ctx.now,
     )
     ctx.reply(OrderCreated(order_id=cmd.order_id))
 
@@ -84,28 +93,21 @@ async def create_order(ctx: Context) -> None:
 async def complete_order(ctx: Context) -> None:
     cmd = ctx.incoming.body
     assert isinstance(cmd, CompleteOrder)
-    row = (
-        await ctx.conn.execute(
-            select(orders).where(orders.c.order_id == cmd.order_id).with_for_update()
-        )
-    ).first()
+    pg = await driver(ctx.conn)
+    row = await pg.fetchrow(_LOCK, cmd.order_id)
     if row is None:
         raise PermanentError(f"CompleteOrder for unknown order {cmd.order_id}")
-    if row.status == "CANCELLED":
+    if row["status"] == "CANCELLED":
         raise PermanentError(f"order {cmd.order_id} is cancelled and cannot complete")
     fact = OrderCompleted(
         order_id=cmd.order_id,
-        customer_id=row.customer_id,
-        amount_minor=row.amount_minor,
-        currency=row.currency,
+        customer_id=row["customer_id"],
+        amount_minor=row["amount_minor"],
+        currency=row["currency"],
         duration_ms=_duration_ms(row, ctx.now),
     )
-    if row.status == "PENDING":
-        await ctx.conn.execute(
-            update(orders)
-            .where(orders.c.order_id == cmd.order_id)
-            .values(status="COMPLETED", updated_at=ctx.now)
-        )
+    if row["status"] == "PENDING":
+        await pg.execute(_COMPLETE, cmd.order_id, ctx.now)
         ctx.publish_fact(fact)
     ctx.reply(fact)
 
@@ -113,26 +115,12 @@ async def complete_order(ctx: Context) -> None:
 async def cancel_order(ctx: Context) -> None:
     cmd = ctx.incoming.body
     assert isinstance(cmd, CancelOrder)
-    row = (
-        await ctx.conn.execute(
-            select(orders).where(orders.c.order_id == cmd.order_id).with_for_update()
-        )
-    ).first()
+    pg = await driver(ctx.conn)
+    row = await pg.fetchrow(_LOCK, cmd.order_id)
     now = ctx.now
     if row is None:
         # Cancel before create: a tombstone, so a late CreateOrder creates nothing.
-        await ctx.conn.execute(
-            insert(orders)
-            .values(
-                order_id=cmd.order_id,
-                saga_id=ctx.envelope.saga_id,
-                status="CANCELLED",
-                reason=cmd.reason,
-                created_at=now,
-                updated_at=now,
-            )
-            .on_conflict_do_nothing()
-        )
+        await pg.execute(_TOMBSTONE, cmd.order_id, ctx.envelope.saga_id, cmd.reason, now)
         ctx.reply(
             OrderCancelled(
                 order_id=cmd.order_id,
@@ -144,22 +132,18 @@ async def cancel_order(ctx: Context) -> None:
             )
         )
         return
-    if row.status == "COMPLETED":
+    if row["status"] == "COMPLETED":
         raise PermanentError(f"order {cmd.order_id} is completed and cannot be cancelled")
     fact = OrderCancelled(
         order_id=cmd.order_id,
-        customer_id=row.customer_id or "unknown",
-        amount_minor=row.amount_minor or 0,
-        currency=row.currency or "XXX",
+        customer_id=row["customer_id"] or "unknown",
+        amount_minor=row["amount_minor"] or 0,
+        currency=row["currency"] or "XXX",
         duration_ms=_duration_ms(row, now),
         reason=cmd.reason,
     )
-    if row.status == "PENDING":
-        await ctx.conn.execute(
-            update(orders)
-            .where(orders.c.order_id == cmd.order_id)
-            .values(status="CANCELLED", reason=cmd.reason, updated_at=now)
-        )
+    if row["status"] == "PENDING":
+        await pg.execute(_CANCEL, cmd.order_id, cmd.reason, now)
         ctx.publish_fact(fact)
     ctx.reply(fact)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import uuid
 
+import asyncpg
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -29,15 +30,14 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
-    select,
-    update,
 )
-from sqlalchemy.dialects.postgresql import insert
 
 from messaging.consumer import Context, Handler
+from messaging.db import driver
 from messaging.errors import PermanentError
 from messaging.service import ServiceDefinition
 from messaging.settings import Settings
+from participants.sql import qualified
 from schemas.payment import (
     AuthorizationVoided,
     AuthorizePayment,
@@ -90,105 +90,130 @@ ledger = Table(
 )
 
 
-async def _lock(ctx: Context, order_id: str):  # type: ignore[no-untyped-def]
-    return (
-        await ctx.conn.execute(
-            select(payments).where(payments.c.order_id == order_id).with_for_update()
-        )
-    ).first()
+_PAYMENTS = qualified(payments)
+_LEDGER = qualified(ledger)
+_ROW = "status, authorization_id, amount_minor, payment_token, reason"
+_LOCK = f"SELECT {_ROW} FROM {_PAYMENTS} WHERE order_id = $1 FOR UPDATE"
+_LEDGER_INSERT = (
+    f"INSERT INTO {_LEDGER} (order_id, saga_id, kind, amount_minor, idempotency_key, at)"
+)
+_ONCE = "ON CONFLICT ON CONSTRAINT ledger_once_per_kind DO NOTHING RETURNING 1"
+#: a money movement and the payment's new status in one round trip: the ledger entry (none if
+#: the ledger holds one of this kind already), and the status only if the entry was written;
+#: the answer is the number of entries written
+_POST_AND_SET = (
+    f"WITH posted AS ({_LEDGER_INSERT} VALUES ($1, $2, $3, $4, $5, $6) {_ONCE}),"
+    f" status_set AS (UPDATE {_PAYMENTS} SET status = $7, updated_at = $6"
+    " WHERE order_id = $1 AND EXISTS (SELECT 1 FROM posted) RETURNING 1)"
+    " SELECT count(*) FROM posted"
+)
+#: a new payment and, if it is authorized, its ledger entry, in one round trip; no row if a
+#: payment exists for the order already. ``posted`` is the number of ledger entries written.
+_AUTHORIZE = (
+    f"WITH created AS (INSERT INTO {_PAYMENTS} (order_id, saga_id, payment_token, amount_minor,"
+    " currency, status, authorization_id, reason, updated_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING"
+    f" RETURNING {_ROW}),"
+    f" posted AS ({_LEDGER_INSERT} SELECT $1, $2, 'authorize', $4, $10, $9 FROM created"
+    f" WHERE created.status = 'AUTHORIZED' {_ONCE})"
+    f" SELECT {_ROW}, (SELECT count(*) FROM posted) AS posted FROM created"
+)
+#: a payment that never was: a late AuthorizePayment finds it and authorizes nothing
+_TOMBSTONE = (
+    f"INSERT INTO {_PAYMENTS} (order_id, saga_id, amount_minor, status, reason, updated_at)"
+    " VALUES ($1, $2, 0, 'VOIDED', $3, $4) ON CONFLICT DO NOTHING"
+    f" RETURNING {_ROW}"
+)
 
 
-async def _post(ctx: Context, order_id: str, kind: str, amount: int) -> None:
-    result = await ctx.conn.execute(
-        insert(ledger)
-        .values(
-            order_id=order_id,
-            saga_id=ctx.envelope.saga_id,
-            kind=kind,
-            amount_minor=amount,
-            idempotency_key=ctx.envelope.idempotency_key,
-            at=ctx.now,
-        )
-        .on_conflict_do_nothing(constraint="ledger_once_per_kind")
+async def _post(
+    ctx: Context, pg: asyncpg.Connection, order_id: str, kind: str, amount: int, status: str
+) -> None:
+    """Write the ledger entry for ``kind`` and set the payment's ``status``."""
+    posted = await pg.fetchval(
+        _POST_AND_SET,
+        order_id,
+        ctx.envelope.saga_id,
+        kind,
+        amount,
+        ctx.envelope.idempotency_key,
+        ctx.now,
+        status,
     )
-    if result.rowcount != 1:
+    if posted != 1:
         # The status row said this had not happened, the ledger says it has: refuse to move
         # money twice and let an operator look.
         raise PermanentError(f"ledger already holds a {kind} for order {order_id}")
 
 
-async def _set(ctx: Context, order_id: str, **values: object) -> None:
-    await ctx.conn.execute(
-        update(payments).where(payments.c.order_id == order_id).values(updated_at=ctx.now, **values)
-    )
-
-
 async def authorize(ctx: Context) -> None:
     cmd = ctx.incoming.body
     assert isinstance(cmd, AuthorizePayment)
-    row = await _lock(ctx, cmd.order_id)
-    if row is None:
-        declined = DECLINING_TOKENS.get(cmd.payment_token)
-        auth_id = f"auth_{uuid.uuid5(AUTH_NAMESPACE, cmd.order_id).hex[:16]}"
-        inserted = await ctx.conn.execute(
-            insert(payments)
-            .values(
-                order_id=cmd.order_id,
-                saga_id=ctx.envelope.saga_id,
-                payment_token=cmd.payment_token,
-                amount_minor=cmd.amount_minor,
-                currency=cmd.currency,
-                status="DECLINED" if declined else "AUTHORIZED",
-                authorization_id=None if declined else auth_id,
-                reason=declined,
-                updated_at=ctx.now,
-            )
-            .on_conflict_do_nothing()
-        )
-        # A concurrent delivery of the same step (a re-send racing its original) may have
-        # inserted first: then its row is the answer and no money moves here.
-        if inserted.rowcount == 1 and not declined:
-            await _post(ctx, cmd.order_id, "authorize", cmd.amount_minor)
-        row = await _lock(ctx, cmd.order_id)
-    if row.status in ("AUTHORIZED", "CAPTURED", "REFUNDED"):
+    pg = await driver(ctx.conn)
+    declined = DECLINING_TOKENS.get(cmd.payment_token)
+    auth_id = f"auth_{uuid.uuid5(AUTH_NAMESPACE, cmd.order_id).hex[:16]}"
+    row = await pg.fetchrow(
+        _AUTHORIZE,
+        cmd.order_id,
+        ctx.envelope.saga_id,
+        cmd.payment_token,
+        cmd.amount_minor,
+        cmd.currency,
+        "DECLINED" if declined else "AUTHORIZED",
+        None if declined else auth_id,
+        declined,
+        ctx.now,
+        ctx.envelope.idempotency_key,
+    )
+    if row is not None:
+        if not declined and row["posted"] != 1:
+            raise PermanentError(f"ledger already holds a authorize for order {cmd.order_id}")
+    else:
+        # A payment exists already: a re-send, a tombstone, or a concurrent delivery of the same
+        # step (a re-send racing its original) that inserted first. Its row is the answer and no
+        # money moves here.
+        row = await pg.fetchrow(_LOCK, cmd.order_id)
+        assert row is not None  # payments are never deleted
+    status = row["status"]
+    if status in ("AUTHORIZED", "CAPTURED", "REFUNDED"):
         ctx.reply(
             PaymentAuthorized(
                 order_id=cmd.order_id,
-                authorization_id=row.authorization_id,
-                amount_minor=row.amount_minor,
+                authorization_id=row["authorization_id"],
+                amount_minor=row["amount_minor"],
             )
         )
-    elif row.status == "VOIDED" and row.authorization_id is None:
+    elif status == "VOIDED" and row["authorization_id"] is None:
         ctx.reply(PaymentDeclined(order_id=cmd.order_id, reason="voided before authorization"))
-    elif row.status == "VOIDED":
+    elif status == "VOIDED":
         ctx.reply(PaymentDeclined(order_id=cmd.order_id, reason="authorization was voided"))
     else:
-        ctx.reply(PaymentDeclined(order_id=cmd.order_id, reason=row.reason or "declined"))
+        ctx.reply(PaymentDeclined(order_id=cmd.order_id, reason=row["reason"] or "declined"))
 
 
 async def capture(ctx: Context) -> None:
     cmd = ctx.incoming.body
     assert isinstance(cmd, CapturePayment)
-    row = await _lock(ctx, cmd.order_id)
-    if row is None or row.status not in ("AUTHORIZED", "CAPTURED"):
-        status = "no authorization" if row is None else row.status.lower()
+    pg = await driver(ctx.conn)
+    row = await pg.fetchrow(_LOCK, cmd.order_id)
+    if row is None or row["status"] not in ("AUTHORIZED", "CAPTURED"):
+        status = "no authorization" if row is None else row["status"].lower()
         ctx.reply(PaymentCaptureFailed(order_id=cmd.order_id, reason=f"cannot capture: {status}"))
         return
-    if row.status == "AUTHORIZED":
-        if row.payment_token == "tok_capture_fails":
+    if row["status"] == "AUTHORIZED":
+        if row["payment_token"] == "tok_capture_fails":
             ctx.reply(PaymentCaptureFailed(order_id=cmd.order_id, reason="capture refused by PSP"))
             return
-        if cmd.amount_minor > row.amount_minor:
+        if cmd.amount_minor > row["amount_minor"]:
             ctx.reply(
                 PaymentCaptureFailed(order_id=cmd.order_id, reason="amount exceeds authorization")
             )
             return
-        await _post(ctx, cmd.order_id, "capture", cmd.amount_minor)
-        await _set(ctx, cmd.order_id, status="CAPTURED")
+        await _post(ctx, pg, cmd.order_id, "capture", cmd.amount_minor, "CAPTURED")
     ctx.reply(
         PaymentCaptured(
             order_id=cmd.order_id,
-            authorization_id=row.authorization_id,
+            authorization_id=row["authorization_id"],
             amount_minor=cmd.amount_minor,
         )
     )
@@ -197,41 +222,36 @@ async def capture(ctx: Context) -> None:
 async def void(ctx: Context) -> None:
     cmd = ctx.incoming.body
     assert isinstance(cmd, VoidAuthorization)
-    row = await _lock(ctx, cmd.order_id)
+    pg = await driver(ctx.conn)
+    row = await pg.fetchrow(_LOCK, cmd.order_id)
     if row is None:
         # Void before authorize: a tombstone, so a late AuthorizePayment authorizes nothing.
-        await ctx.conn.execute(
-            insert(payments)
-            .values(
-                order_id=cmd.order_id,
-                saga_id=ctx.envelope.saga_id,
-                amount_minor=0,
-                status="VOIDED",
-                reason="voided before authorization",
-                updated_at=ctx.now,
-            )
-            .on_conflict_do_nothing()
+        await pg.execute(
+            _TOMBSTONE,
+            cmd.order_id,
+            ctx.envelope.saga_id,
+            "voided before authorization",
+            ctx.now,
         )
         ctx.reply(AuthorizationVoided(order_id=cmd.order_id, had_authorization=False))
         return
-    if row.status == "CAPTURED":
+    status = row["status"]
+    if status == "CAPTURED":
         # A capture that raced its own undoing: the ladder's next rung is a refund.
-        await _post(ctx, cmd.order_id, "refund", row.amount_minor)
-        await _set(ctx, cmd.order_id, status="REFUNDED")
+        await _post(ctx, pg, cmd.order_id, "refund", row["amount_minor"], "REFUNDED")
         ctx.reply(AuthorizationVoided(order_id=cmd.order_id, had_authorization=True))
         return
-    if row.status == "REFUNDED":
+    if status == "REFUNDED":
         ctx.reply(AuthorizationVoided(order_id=cmd.order_id, had_authorization=True))
         return
-    if row.status == "AUTHORIZED":
-        await _post(ctx, cmd.order_id, "void", row.amount_minor)
-        await _set(ctx, cmd.order_id, status="VOIDED")
+    if status == "AUTHORIZED":
+        await _post(ctx, pg, cmd.order_id, "void", row["amount_minor"], "VOIDED")
         ctx.reply(AuthorizationVoided(order_id=cmd.order_id, had_authorization=True))
         return
     ctx.reply(
         AuthorizationVoided(
             order_id=cmd.order_id,
-            had_authorization=row.status == "VOIDED" and row.authorization_id is not None,
+            had_authorization=status == "VOIDED" and row["authorization_id"] is not None,
         )
     )
 
@@ -239,22 +259,22 @@ async def void(ctx: Context) -> None:
 async def refund(ctx: Context) -> None:
     cmd = ctx.incoming.body
     assert isinstance(cmd, RefundPayment)
-    row = await _lock(ctx, cmd.order_id)
-    if row is not None and row.payment_token == "tok_refund_fails" and row.status == "CAPTURED":
+    pg = await driver(ctx.conn)
+    row = await pg.fetchrow(_LOCK, cmd.order_id)
+    status = row["status"] if row is not None else None
+    if row is not None and row["payment_token"] == "tok_refund_fails" and status == "CAPTURED":
         ctx.reply(PaymentRefundFailed(order_id=cmd.order_id, reason="refund refused by PSP"))
         return
-    if row is not None and row.status == "CAPTURED":
-        await _post(ctx, cmd.order_id, "refund", row.amount_minor)
-        await _set(ctx, cmd.order_id, status="REFUNDED")
-        ctx.reply(PaymentRefunded(order_id=cmd.order_id, amount_minor=row.amount_minor))
+    if row is not None and status == "CAPTURED":
+        await _post(ctx, pg, cmd.order_id, "refund", row["amount_minor"], "REFUNDED")
+        ctx.reply(PaymentRefunded(order_id=cmd.order_id, amount_minor=row["amount_minor"]))
         return
-    if row is not None and row.status == "AUTHORIZED":
+    if row is not None and status == "AUTHORIZED":
         # Never captured: the right counteraction is a void, and nothing is refunded.
-        await _post(ctx, cmd.order_id, "void", row.amount_minor)
-        await _set(ctx, cmd.order_id, status="VOIDED")
+        await _post(ctx, pg, cmd.order_id, "void", row["amount_minor"], "VOIDED")
         ctx.reply(PaymentRefunded(order_id=cmd.order_id, amount_minor=0))
         return
-    refunded = row.amount_minor if row is not None and row.status == "REFUNDED" else 0
+    refunded = row["amount_minor"] if row is not None and status == "REFUNDED" else 0
     ctx.reply(PaymentRefunded(order_id=cmd.order_id, amount_minor=refunded))
 
 
@@ -265,21 +285,21 @@ async def status(ctx: Context) -> None:
     authorization that inserted first makes this wait on its row and report it."""
     cmd = ctx.incoming.body
     assert isinstance(cmd, GetPaymentStatus)
-    await ctx.conn.execute(
-        insert(payments)
-        .values(
-            order_id=cmd.order_id,
-            saga_id=ctx.envelope.saga_id,
-            amount_minor=0,
-            status="VOIDED",
-            reason="closed by a status query before authorization",
-            updated_at=ctx.now,
-        )
-        .on_conflict_do_nothing()
+    pg = await driver(ctx.conn)
+    row = await pg.fetchrow(
+        _TOMBSTONE,
+        cmd.order_id,
+        ctx.envelope.saga_id,
+        "closed by a status query before authorization",
+        ctx.now,
     )
-    row = await _lock(ctx, cmd.order_id)
+    if row is None:  # a payment exists: wait for it (an authorization in flight) and report it
+        row = await pg.fetchrow(_LOCK, cmd.order_id)
+        assert row is not None  # payments are never deleted
     reported = (
-        "none" if row.authorization_id is None and row.status == "VOIDED" else row.status.lower()
+        "none"
+        if row["authorization_id"] is None and row["status"] == "VOIDED"
+        else row["status"].lower()
     )
     ctx.reply(PaymentStatusReported(order_id=cmd.order_id, status=reported))
 

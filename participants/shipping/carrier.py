@@ -1,9 +1,10 @@
 """A simulated carrier API: slow, flaky, and sometimes it books a shipment and loses the answer.
 
-It keeps its bookings in its own table and commits them in its own transaction, as a remote
-system would: the shipping service's transaction rolling back does not undo a booking. Bookings
-are keyed by the caller's idempotency key, and ``lookup`` answers "did you book this key?", which
-is how the shipping service resolves an unknown outcome without booking twice.
+It keeps its bookings in its own table, reached through its own connection pool, and commits
+them in its own transaction, as a remote system would: the shipping service's transaction
+rolling back does not undo a booking. Bookings are keyed by the caller's idempotency key, and
+``lookup`` answers "did you book this key?", which is how the shipping service resolves an
+unknown outcome without booking twice.
 
 Test addresses (documented in the README): postal code ``00000`` is always rejected as
 undeliverable; postal code ``99999`` always gets "carrier unavailable" (retried, then failed).
@@ -15,10 +16,10 @@ import asyncio
 import random
 import uuid
 
-from sqlalchemy import Column, DateTime, MetaData, Table, Text, func, select, update
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncEngine
+import asyncpg
+from sqlalchemy import Column, DateTime, MetaData, Table, Text, func
 
+from messaging.db import affected
 from schemas.common import ShippingAddress
 
 UNDELIVERABLE_POSTAL_CODE = "00000"
@@ -55,29 +56,76 @@ def bookings_table(metadata: MetaData) -> Table:
 
 
 class Carrier:
+    """The carrier's API, simulated.
+
+    It keeps a small connection pool of its own (``pool_size`` connections, opened on first
+    use; ``close`` it when the service stops), as a client of a remote HTTP API would keep its
+    own HTTP connections. It must not borrow from the service's database pool: a handler calls
+    the carrier while it holds its transaction's pooled connection, so with as many deliveries
+    in flight as that pool has connections, every connection would be held by a handler waiting
+    for one more, and none would ever come back (a pool deadlock). The carrier's pool waits on
+    nothing but its own short statements, so it always drains.
+    """
+
     def __init__(
         self,
         table: Table,
         *,
+        dsn: str,
+        pool_size: int = 2,
         failure_rate: float = 0.0,
         lose_response_rate: float = 0.0,
         latency_ms: int = 0,
         rng: random.Random | None = None,
     ) -> None:
         self.table = table
+        self.dsn = dsn
+        self.pool_size = pool_size
         self.failure_rate = failure_rate
         self.lose_response_rate = lose_response_rate
         self.latency_ms = latency_ms
         self.rng = rng or random.Random()
         self.calls = 0
+        self._pool: asyncpg.Pool | None = None
+        self._opening = asyncio.Lock()
+        name = ".".join(f'"{part}"' for part in (table.schema, table.name) if part)
+        # each one statement in a transaction of its own: a remote system's commit
+        self._book_sql = (
+            f"INSERT INTO {name} (idempotency_key, order_id, tracking_number, status)"
+            " VALUES ($1, $2, $3, 'BOOKED') ON CONFLICT DO NOTHING"
+        )
+        self._lookup_sql = f"SELECT tracking_number, status FROM {name} WHERE idempotency_key = $1"
+        self._cancel_sql = (
+            f"UPDATE {name} SET status = 'CANCELLED' WHERE idempotency_key = $1"
+            " AND status = 'BOOKED'"
+        )
+
+    async def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            async with self._opening:
+                if self._pool is None:
+                    self._pool = await asyncpg.create_pool(
+                        self.dsn,
+                        min_size=0,
+                        max_size=self.pool_size,
+                        max_inactive_connection_lifetime=60,
+                    )
+        return self._pool
+
+    async def close(self, timeout: float = 10) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), timeout)
+        except (TimeoutError, OSError, asyncpg.PostgresError):
+            pool.terminate()
 
     async def _latency(self) -> None:
         if self.latency_ms:
             await asyncio.sleep(self.latency_ms / 1000 * self.rng.uniform(0.5, 1.5))
 
-    async def book(
-        self, engine: AsyncEngine, key: str, order_id: str, address: ShippingAddress
-    ) -> str:
+    async def book(self, key: str, order_id: str, address: ShippingAddress) -> str:
         self.calls += 1
         await self._latency()
         if address.postal_code == UNDELIVERABLE_POSTAL_CODE:
@@ -85,37 +133,15 @@ class Carrier:
         if address.postal_code == UNAVAILABLE_POSTAL_CODE or self.rng.random() < self.failure_rate:
             raise CarrierUnavailable("carrier unavailable (503)")
         tracking = "TRK" + uuid.uuid5(TRACKING_NAMESPACE, key).hex[:12].upper()
-        async with engine.begin() as conn:
-            await conn.execute(
-                insert(self.table)
-                .values(
-                    idempotency_key=key,
-                    order_id=order_id,
-                    tracking_number=tracking,
-                    status="BOOKED",
-                )
-                .on_conflict_do_nothing()
-            )
+        await (await self.pool()).execute(self._book_sql, key, order_id, tracking)
         if self.rng.random() < self.lose_response_rate:
             raise CarrierResponseLost("carrier timed out after accepting the request")
         return tracking
 
-    async def lookup(self, engine: AsyncEngine, key: str) -> str | None:
-        async with engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(self.table.c.tracking_number, self.table.c.status).where(
-                        self.table.c.idempotency_key == key
-                    )
-                )
-            ).first()
-        return row.tracking_number if row is not None and row.status == "BOOKED" else None
+    async def lookup(self, key: str) -> str | None:
+        row = await (await self.pool()).fetchrow(self._lookup_sql, key)
+        return row["tracking_number"] if row is not None and row["status"] == "BOOKED" else None
 
-    async def cancel(self, engine: AsyncEngine, key: str) -> bool:
-        async with engine.begin() as conn:
-            result = await conn.execute(
-                update(self.table)
-                .where(self.table.c.idempotency_key == key, self.table.c.status == "BOOKED")
-                .values(status="CANCELLED")
-            )
-        return bool(result.rowcount)
+    async def cancel(self, key: str) -> bool:
+        status = await (await self.pool()).execute(self._cancel_sql, key)
+        return affected(status) > 0

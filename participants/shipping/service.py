@@ -1,22 +1,27 @@
 """Shipping service: books a shipment with the (flaky) carrier.
 
 A carrier error that may pass is retried through the delay queues with backoff; after
-``shipping_max_attempts`` deliveries the shipment fails and the process manager compensates.
+``shipping_max_attempts`` carrier failures the shipment fails and the process manager
+compensates. Only carrier failures count (a header on the retried copy): retries caused by
+anything else, a database restart say, do not make a shipment give up.
 Before every booking attempt, and before giving up, the service asks the carrier whether it
 already booked this idempotency key, so a lost response never turns into a second shipment.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import Awaitable, Callable
 
+import asyncpg
 import structlog
-from sqlalchemy import Column, DateTime, MetaData, Table, Text, Uuid, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Column, DateTime, MetaData, Table, Text, Uuid
 
 from messaging.consumer import Context, Handler
+from messaging.db import driver
 from messaging.errors import TransientError
-from messaging.service import ServiceDefinition
+from messaging.service import ServiceContext, ServiceDefinition
 from messaging.settings import Settings
 from participants.shipping.carrier import (
     Carrier,
@@ -25,6 +30,7 @@ from participants.shipping.carrier import (
     CarrierUnavailable,
     bookings_table,
 )
+from participants.sql import qualified
 from schemas.shipping import (
     CancelShipment,
     CreateShipment,
@@ -51,106 +57,132 @@ shipments = Table(
 bookings = bookings_table(metadata)
 
 
+#: carrier failures of this CreateShipment so far: set on the copy that goes round the delay
+#: queue when the carrier fails, and on no other retry, so that a database outage's retries do not
+#: spend the carrier's budget (``shipping_max_attempts``)
+CARRIER_ATTEMPTS = "sagabus-shipping-carrier-attempts"
+
+_SHIPMENTS = qualified(shipments)
+_LOCK = f"SELECT status, tracking_number, reason FROM {_SHIPMENTS} WHERE order_id = $1 FOR UPDATE"
+_RECORD = (
+    f"INSERT INTO {_SHIPMENTS} (order_id, saga_id, status, tracking_number, reason, updated_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id) DO UPDATE SET"
+    " status = EXCLUDED.status, tracking_number = EXCLUDED.tracking_number,"
+    " reason = EXCLUDED.reason, updated_at = EXCLUDED.updated_at"
+)
+
+
 def _key(ctx: Context) -> str:
     """The carrier booking key: one shipment per saga, whichever attempt asks."""
     return f"{ctx.envelope.saga_id}:shipment"
 
 
+def carrier_attempts(ctx: Context) -> int:
+    """How many deliveries of this command the carrier failed already."""
+    value = ctx.incoming.headers.get(CARRIER_ATTEMPTS, 0)
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        return 0
+
+
 async def _record(
-    ctx: Context, order_id: str, status: str, tracking: str | None, reason: str | None
+    ctx: Context,
+    pg: asyncpg.Connection,
+    order_id: str,
+    status: str,
+    tracking: str | None,
+    reason: str | None,
 ) -> None:
-    stmt = insert(shipments).values(
-        order_id=order_id,
-        saga_id=ctx.envelope.saga_id,
-        status=status,
-        tracking_number=tracking,
-        reason=reason,
-        updated_at=ctx.now,
-    )
-    await ctx.conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["order_id"],
-            set_={
-                "status": status,
-                "tracking_number": tracking,
-                "reason": reason,
-                "updated_at": ctx.now,
-            },
-        )
-    )
+    await pg.execute(_RECORD, order_id, ctx.envelope.saga_id, status, tracking, reason, ctx.now)
 
 
 def make_handlers(carrier: Carrier, settings: Settings) -> dict[str, Handler]:
     async def create(ctx: Context) -> None:
         cmd = ctx.incoming.body
         assert isinstance(cmd, CreateShipment)
-        row = (
-            await ctx.conn.execute(
-                select(shipments).where(shipments.c.order_id == cmd.order_id).with_for_update()
-            )
-        ).first()
+        pg = await driver(ctx.conn)
+        row = await pg.fetchrow(_LOCK, cmd.order_id)
         if row is not None:
-            if row.status == "CREATED":
+            if row["status"] == "CREATED":
                 ctx.reply(
-                    ShipmentCreated(order_id=cmd.order_id, tracking_number=row.tracking_number)
+                    ShipmentCreated(order_id=cmd.order_id, tracking_number=row["tracking_number"])
                 )
             else:
-                reason = row.reason or (
-                    "cancelled before creation" if row.status == "CANCELLED" else "failed"
+                reason = row["reason"] or (
+                    "cancelled before creation" if row["status"] == "CANCELLED" else "failed"
                 )
                 ctx.reply(ShipmentFailed(order_id=cmd.order_id, reason=reason))
             return
-        engine = ctx.conn.engine
         key = _key(ctx)
-        tracking = await carrier.lookup(engine, key)
+        tracking = await carrier.lookup(key)
         if tracking is None:
             try:
-                tracking = await carrier.book(engine, key, cmd.order_id, cmd.shipping_address)
+                tracking = await carrier.book(key, cmd.order_id, cmd.shipping_address)
             except CarrierRejected as e:
-                await _record(ctx, cmd.order_id, "FAILED", None, str(e))
+                await _record(ctx, pg, cmd.order_id, "FAILED", None, str(e))
                 ctx.reply(ShipmentFailed(order_id=cmd.order_id, reason=str(e)))
                 return
             except (CarrierUnavailable, CarrierResponseLost) as e:
-                tracking = await carrier.lookup(engine, key)
+                tracking = await carrier.lookup(key)
                 if tracking is None:
-                    if ctx.retries + 1 < settings.shipping_max_attempts:
-                        raise TransientError(str(e)) from e
-                    reason = f"carrier failed {ctx.retries + 1} times: {e}"
-                    await _record(ctx, cmd.order_id, "FAILED", None, reason)
+                    # only carrier failures count here, not the delivery's other retries
+                    attempts = carrier_attempts(ctx) + 1
+                    if attempts < settings.shipping_max_attempts:
+                        raise TransientError(str(e), headers={CARRIER_ATTEMPTS: attempts}) from e
+                    reason = f"carrier failed {attempts} times: {e}"
+                    await _record(ctx, pg, cmd.order_id, "FAILED", None, reason)
                     ctx.reply(ShipmentFailed(order_id=cmd.order_id, reason=reason))
                     return
                 log.info("carrier_outcome_resolved", tracking_number=tracking, error=str(e))
-        await _record(ctx, cmd.order_id, "CREATED", tracking, None)
+        await _record(ctx, pg, cmd.order_id, "CREATED", tracking, None)
         ctx.reply(ShipmentCreated(order_id=cmd.order_id, tracking_number=tracking))
 
     async def cancel(ctx: Context) -> None:
         cmd = ctx.incoming.body
         assert isinstance(cmd, CancelShipment)
-        row = (
-            await ctx.conn.execute(
-                select(shipments).where(shipments.c.order_id == cmd.order_id).with_for_update()
-            )
-        ).first()
-        engine = ctx.conn.engine
-        key = _key(ctx)
+        pg = await driver(ctx.conn)
+        row = await pg.fetchrow(_LOCK, cmd.order_id)
         # Whatever our row says, the carrier may hold a booking whose answer was lost.
-        had = await carrier.cancel(engine, key)
+        had = await carrier.cancel(_key(ctx))
         if row is None:
-            await _record(ctx, cmd.order_id, "CANCELLED", None, "cancelled before creation")
-        elif row.status == "CREATED":
-            await _record(ctx, cmd.order_id, "CANCELLED", row.tracking_number, "cancelled")
+            await _record(ctx, pg, cmd.order_id, "CANCELLED", None, "cancelled before creation")
+        elif row["status"] == "CREATED":
+            await _record(ctx, pg, cmd.order_id, "CANCELLED", row["tracking_number"], "cancelled")
             had = True
         ctx.reply(ShipmentCancelled(order_id=cmd.order_id, had_shipment=had))
 
     return {CreateShipment.TYPE: create, CancelShipment.TYPE: cancel}
 
 
+def carrier_pool_owner(carrier: Carrier) -> Callable[[ServiceContext], Awaitable[None]]:
+    """A background "loop" that owns the carrier's connection pool for the life of the service:
+    the runtime cancels its loops after the consumer has stopped, and then the pool is closed."""
+
+    async def carrier_pool(_: ServiceContext) -> None:
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            await carrier.close()
+
+    return carrier_pool
+
+
 def definition(settings: Settings, *, rng: random.Random | None = None) -> ServiceDefinition:
     carrier = Carrier(
         bookings,
+        dsn=settings.asyncpg_url,
         failure_rate=settings.carrier_failure_rate,
         lose_response_rate=settings.carrier_lose_response_rate,
         latency_ms=settings.carrier_latency_ms,
         rng=rng,
     )
-    return ServiceDefinition("shipping", SCHEMA, metadata, make_handlers(carrier, settings))
+    return ServiceDefinition(
+        "shipping",
+        SCHEMA,
+        metadata,
+        make_handlers(carrier, settings),
+        background=(carrier_pool_owner(carrier),),
+    )

@@ -220,3 +220,27 @@ async def test_other_handler_errors(
     assert h[HeaderNames.ERROR_CLASS] == error.__name__
     assert h[HeaderNames.FAILURE_KIND] == ("permanent" if retries == 0 else "retries_exhausted")
     assert rig.consumer.counts["retried"] == expected_calls - 1
+
+
+async def test_a_transient_error_sets_its_own_headers_on_the_retried_copy(rig: Rig) -> None:
+    """A handler's own retry bookkeeping (shipping counts carrier failures this way) travels on
+    the copy that goes round the delay queue; the consumer's retry count is not its to set."""
+    seen: list[tuple[int, int]] = []
+
+    async def counting(ctx: Context) -> None:
+        body = ctx.incoming.body
+        assert isinstance(body, CreateOrder)
+        own = int(ctx.incoming.headers.get("x-test-own-count", 0))
+        seen.append((own, ctx.retries))
+        if own < 2:
+            raise TransientError(
+                "again", headers={"x-test-own-count": own + 1, HeaderNames.RETRY_COUNT: 99}
+            )
+        ctx.reply(OrderCreated(order_id=body.order_id))
+
+    rig.consumer.handlers[CreateOrder.TYPE] = counting
+    await rig.send("o-own-count")
+
+    await wait_until(lambda: rig.consumer.counts["processed"] == 1, what="processing")
+    assert seen == [(0, 0), (1, 1), (2, 2)]
+    assert [d.get("x-test-own-count") for d in rig.deliveries] == [None, 1, 2]

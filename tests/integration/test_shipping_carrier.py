@@ -1,0 +1,153 @@
+"""The shipping handler and its carrier: no second connection from the service's pool while a
+handler holds one (a pool deadlock), and a carrier budget that only carrier failures spend."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from messaging.codec import Incoming
+from messaging.consumer import Context, Handler
+from messaging.db import create_schema, make_engine
+from messaging.errors import TransientError
+from messaging.settings import Settings
+from participants.shipping import service as shipping
+from participants.shipping.carrier import UNAVAILABLE_POSTAL_CODE, Carrier
+from schemas.common import LineItem
+from schemas.envelope import Envelope
+from schemas.shipping import CreateShipment, ShipmentCreated, ShipmentFailed
+from tests.support import ADDRESS
+
+pytestmark = pytest.mark.integration
+
+
+@pytest_asyncio.fixture
+async def carrier(database: Settings, engine: AsyncEngine) -> AsyncIterator[Carrier]:
+    await create_schema(engine, shipping.SCHEMA, shipping.metadata)
+    c = Carrier(shipping.bookings, dsn=database.asyncpg_url)
+    yield c
+    await c.close()
+
+
+def create_shipment(order_id: str, *, postal_code: str = "3511AA") -> Incoming:
+    body = CreateShipment(
+        order_id=order_id,
+        items=(LineItem(sku="SKU-S", quantity=1, unit_price_minor=100),),
+        shipping_address=ADDRESS.model_copy(update={"postal_code": postal_code}),
+    )
+    saga_id = uuid.uuid4()
+    env = Envelope(
+        message_id=uuid.uuid4(),
+        type=body.TYPE,
+        saga_id=saga_id,
+        correlation_id=saga_id,
+        idempotency_key=f"{saga_id}:shipping",
+        step="shipping",
+        occurred_at=datetime.now(UTC),
+    )
+    return Incoming(env, body)
+
+
+async def handle(
+    engine: AsyncEngine, handler: Handler, incoming: Incoming, *, retries: int = 0
+) -> Context:
+    """One delivery's transaction, as the consumer runs it (minus inbox and outbox)."""
+    async with engine.begin() as conn:
+        ctx = Context(conn, incoming, "shipping", retries=retries)
+        await handler(ctx)
+    return ctx
+
+
+async def test_many_deliveries_on_a_small_pool_do_not_deadlock(
+    database: Settings, carrier: Carrier, uid: str
+) -> None:
+    """Eight deliveries at once on a pool of two connections (one plus one overflow): each
+    handler holds one while it calls the carrier. With the carrier borrowing from the same pool,
+    both connections were held by handlers waiting for a third: nothing moved until the pool's
+    checkout timeout."""
+    small = make_engine(database.model_copy(update={"db_pool_size": 1}))
+    create = shipping.make_handlers(carrier, database)[CreateShipment.TYPE]
+    carrier.latency_ms = 5
+    orders = [f"ship-pool-{uid}-{i}" for i in range(8)]
+    try:
+        tasks = [asyncio.create_task(handle(small, create, create_shipment(o))) for o in orders]
+        done, pending = await asyncio.wait(tasks, timeout=20)
+        for task in pending:
+            task.cancel()
+        assert not pending, f"{len(pending)} of {len(tasks)} deliveries stuck: pool deadlock"
+        replies = [t.result().outgoing[0].body for t in done]
+        assert all(isinstance(r, ShipmentCreated) for r in replies), replies
+        async with small.connect() as conn:
+            booked = (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(shipping.bookings)
+                    .where(shipping.bookings.c.order_id.in_(orders))
+                )
+            ).scalar_one()
+        assert booked == len(orders)
+    finally:
+        await small.dispose()
+
+
+def _only_reply(ctx: Context) -> Any:
+    assert len(ctx.outgoing) == 1
+    return ctx.outgoing[0].body
+
+
+async def test_retries_for_other_reasons_do_not_spend_the_carrier_budget(
+    database: Settings, engine: AsyncEngine, carrier: Carrier, uid: str
+) -> None:
+    """A delivery that already went round the delay queues for other reasons (a database
+    restart, say) still gets ``shipping_max_attempts`` carrier attempts."""
+    assert database.shipping_max_attempts == 3
+    create = shipping.make_handlers(carrier, database)[CreateShipment.TYPE]
+    incoming = create_shipment(f"ship-budget-{uid}")
+    carrier.failure_rate = 1.0
+
+    # two retries for a database outage, then the carrier fails: the first carrier failure
+    with pytest.raises(TransientError) as failed:
+        await handle(engine, create, incoming, retries=2)
+    assert failed.value.headers == {shipping.CARRIER_ATTEMPTS: 1}
+
+    # the copy from the delay queue carries the count; now the carrier answers
+    carrier.failure_rate = 0.0
+    retried = Incoming(
+        incoming.envelope, incoming.body, {shipping.CARRIER_ATTEMPTS: 1, "sagabus-retry-count": 3}
+    )
+    ctx = await handle(engine, create, retried, retries=3)
+    assert isinstance(_only_reply(ctx), ShipmentCreated)
+
+
+async def test_carrier_failures_still_give_up_after_the_budget(
+    database: Settings, engine: AsyncEngine, carrier: Carrier, uid: str
+) -> None:
+    create = shipping.make_handlers(carrier, database)[CreateShipment.TYPE]
+    incoming = create_shipment(f"ship-gives-up-{uid}", postal_code=UNAVAILABLE_POSTAL_CODE)
+
+    attempts: list[int] = []
+    headers: dict[str, Any] = {}
+    for retries in range(database.shipping_max_attempts):
+        try:
+            ctx = await handle(
+                engine, create, Incoming(incoming.envelope, incoming.body, headers), retries=retries
+            )
+        except TransientError as e:
+            attempts.append(int(e.headers[shipping.CARRIER_ATTEMPTS]))
+            headers = dict(e.headers)
+            continue
+        reply = _only_reply(ctx)
+        assert isinstance(reply, ShipmentFailed)
+        assert reply.reason.startswith(f"carrier failed {database.shipping_max_attempts} times")
+        break
+    else:
+        pytest.fail("the shipment never gave up")
+    assert attempts == list(range(1, database.shipping_max_attempts))
