@@ -18,7 +18,7 @@ from messaging.settings import Settings
 from participants.inventory import service as inventory
 from participants.payment import service as payment
 from process_manager import ops
-from schemas.checkout import saga_id_for_order
+from schemas.checkout import StartCheckout, saga_id_for_order
 from schemas.payment import AuthorizePayment, PaymentAuthorized
 from tests.support import (
     DeadLetters,
@@ -74,9 +74,27 @@ async def test_authorize_resent_while_the_original_is_in_flight_is_answered(
     async with engine.begin() as conn:
         await inventory.seed(conn, {sku: 1})
     cmd = checkout(f"race-{uid}", sku=sku)
-    saga_id = saga_id_for_order(cmd.order_id)
     resent = uuid.uuid4()
+    # Two deliveries waiting together would share one transaction (the second then sees the
+    # first's effect): one transaction per delivery makes them race, as two payment instances do.
+    consumer = services.consumers["payment"]
+    consumer.settings = database.model_copy(update={"consumer_batch": 1})
+    try:
+        await _race(services, engine, database, amqp, dead_letters, cmd, resent)
+    finally:
+        consumer.settings = database
 
+
+async def _race(
+    services: Runtime,
+    engine: AsyncEngine,
+    database: Settings,
+    amqp: AbstractRobustConnection,
+    dead_letters: DeadLetters,
+    cmd: StartCheckout,
+    resent: uuid.UUID,
+) -> None:
+    saga_id = saga_id_for_order(cmd.order_id)
     async with table_locked(engine, "payment.ledger"):
         async with paused(services, "payment"):
             await ops.publish_starts(database.amqp_url, [ops.start_message(cmd)])
