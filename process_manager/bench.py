@@ -893,6 +893,11 @@ def command(
     facts = machine_facts()
 
     async def go() -> dict[str, Any]:
+        # SIGTERM (a CI job cancelled, `timeout`) cancels the run, so that its clean-up still
+        # stops the service processes and removes the bench database and vhosts
+        this = asyncio.current_task()
+        assert this is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, this.cancel)
         result: dict[str, Any] = {
             "run": run,
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -932,7 +937,11 @@ def command(
             result["peers"] = await run_peers(sagas, window)
         return result
 
-    result = run_async(go)
+    try:
+        result = run_async(go)
+    except asyncio.CancelledError:
+        click.echo(f"sagabus bench {run}: interrupted; its processes and scratch removed", err=True)
+        raise SystemExit(143) from None
     ok = result["sagabus"]["completed"] == sagas and not result["sagabus"].get("failures")
     if as_json:
         click.echo(json.dumps(result, default=str))
