@@ -137,19 +137,22 @@ PARTICIPANTS: tuple[str, ...] = tuple(
 )
 _DLQS = tuple(q.dlq for q in topology.QUEUES.values())
 _START_ONLY = TopicGrant(topology.COMMANDS_EXCHANGE, _exactly([topology.START_ROUTING_KEY]))
-_REPLAYS = [topology.replay_route(q.name) for q in topology.QUEUES.values()]
 #: ``dlq replay``: back into any work queue, and only into work queues
-_REPLAY_INTO_WORK_QUEUES = TopicGrant(_REPLAYS[0][0], _exactly(k for _, k in _REPLAYS))
+_REPLAY_INTO_WORK_QUEUES = TopicGrant(
+    topology.REPLAY_EXCHANGE,
+    _exactly(topology.replay_route(q.name)[1] for q in topology.QUEUES.values()),
+)
 
 
 def _failure_routes(service: str) -> tuple[TopicGrant, TopicGrant]:
     """Retries into its own delay queues, dead letters into its own DLQ: nothing else."""
     spec = topology.QUEUES[service]
-    retries = [topology.retry_route(spec, t) for t in range(1, topology.RETRY_TIERS + 1)]
-    dead_letters, key = topology.dead_letter_route(spec.name)
+    retry_keys = (topology.retry_route(spec, t)[1] for t in range(1, topology.RETRY_TIERS + 1))
     return (
-        TopicGrant(retries[0][0], _exactly(k for _, k in retries)),
-        TopicGrant(dead_letters, _exactly([key])),
+        TopicGrant(topology.RETRY_EXCHANGE, _exactly(retry_keys)),
+        TopicGrant(
+            topology.DEAD_LETTER_EXCHANGE, _exactly([topology.dead_letter_route(spec.name)[1]])
+        ),
     )
 
 
