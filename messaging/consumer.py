@@ -3,9 +3,10 @@
 For each delivery: decode and validate (a permanent failure dead-letters it at once); open a
 transaction; record the message id in the inbox (a conflict means it was processed already:
 ack and stop); run the handler, which changes state and queues outgoing messages; write those
-to the outbox; commit; ack. A transient failure sends the message to a delay queue (with its
-retry count) and acks the original; after ``max_attempts`` it is dead-lettered instead. Dead
-letters keep body, properties and trace headers and gain headers that say why.
+to the outbox; commit; ack. A transient failure sends the message to its own delay queue
+(through the retry exchange, with its retry count) and acks the original; after
+``max_attempts`` it is dead-lettered instead. Dead letters keep body, properties and trace
+headers and gain headers that say why.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ from messaging.outbox import Outbox, OutgoingMessage
 from messaging.publisher import Publisher
 from messaging.settings import Settings
 from messaging.topology import (
-    DEAD_LETTER_EXCHANGE,
     RETRY_TIERS,
     QueueSpec,
+    dead_letter_route,
     fact_route,
     reply_route,
+    retry_route,
 )
 from schemas.base import Message
 from schemas.envelope import Envelope, HeaderNames
@@ -547,9 +549,8 @@ class Consumer:
         extra = self._reason_headers(delivery, e)
         extra[HeaderNames.FAILURE_KIND] = kind
         extra[HeaderNames.RETRY_COUNT] = _retries(delivery)
-        await self.publisher.publish(
-            DEAD_LETTER_EXCHANGE, self.spec.name, self._copy(delivery, extra)
-        )
+        exchange, key = dead_letter_route(self.spec.name)
+        await self.publisher.publish(exchange, key, self._copy(delivery, extra))
         await delivery.ack()
         self.counts["dead_lettered"] += 1
         log.warning(
@@ -572,7 +573,7 @@ class Consumer:
         extra[HeaderNames.RETRY_COUNT] = retries + 1
         message = self._copy(delivery, extra)
         message.expiration = delay / 1000
-        await self.publisher.publish("", self.spec.retry_queue(tier + 1), message)
+        await self.publisher.publish(*retry_route(self.spec, tier + 1), message)
         await delivery.ack()
         self.counts["retried"] += 1
         log.info(

@@ -4,9 +4,10 @@ where operators query, group, replay and purge them with SQL behind the CLI.
 Nothing is lost: a dead letter is acked on its DLQ only after its row commits, and the row id is
 derived from (message id, failed queue, failed-at), so a redelivered dead letter is stored once.
 A replay republishes the original body, properties and message id to the queue that failed it
-(through the default exchange, so the other subscribers of a fan-out do not see it again), waits
-for the broker's confirm, and only then marks the row replayed. Killed midway, a replay at worst
-republishes a message the broker already has; consumers' inboxes drop that duplicate.
+(through the replay exchange, where only that queue is bound to its name, so the other
+subscribers of a fan-out do not see it again), waits for the broker's confirm, and only then
+marks the row replayed. Killed midway, a replay at worst republishes a message the broker already
+has; consumers' inboxes drop that duplicate.
 """
 
 from __future__ import annotations
@@ -395,6 +396,7 @@ def replay_message(row: Any, tracer: trace.Tracer) -> tuple[aio_pika.Message, tr
     headers = {k: v for k, v in row.headers.items() if k not in _STRIP}
     original = telemetry.extract(row.headers)
     original_ctx = trace.get_current_span(original).get_span_context()
+    exchange, key = topology.replay_route(row.queue)
     span = tracer.start_span(
         f"publish {row.queue}",
         context=original,
@@ -404,8 +406,8 @@ def replay_message(row: Any, tracer: trace.Tracer) -> tuple[aio_pika.Message, tr
         else [],
         attributes=telemetry.messaging_attributes(
             "publish",
-            destination="",
-            routing_key=row.queue,
+            destination=exchange,
+            routing_key=key,
             message_id=row.message_id or "",
             message_type=row.message_type or "",
             extra={"sagabus.dead_letter.id": str(row.id), "sagabus.replay": "true"},
@@ -461,7 +463,7 @@ async def replay(
                 break
             message, span = replay_message(row, tracer)
             try:
-                await publisher.publish("", row.queue, message)
+                await publisher.publish(*topology.replay_route(row.queue), message)
             finally:
                 span.end()
             await conn.execute(

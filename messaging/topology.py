@@ -6,9 +6,22 @@ Declaring is idempotent: running it twice (or from every service at start-up) ch
   manager; ``<participant>.<Command>`` reaches that participant's queue.
 - ``sagabus.replies`` (topic): participants' reply facts for the process manager.
 - ``sagabus.facts`` (fanout): public facts for choreographed consumers.
-- ``sagabus.dead-letter`` (direct): routing key = the work queue's name, to ``<queue>.dlq``.
+- ``sagabus.retry`` (topic): a consumer schedules a retry here with routing key
+  ``<queue>.retry.<n>``, bound to the delay queue of that name.
 - ``<queue>.retry.<n>``: classic delay queues; a message waits there for its per-message
-  expiration, then dead-letters back to ``<queue>`` through the default exchange.
+  expiration, then the broker dead-letters it back to ``<queue>`` through the default exchange.
+- ``sagabus.dlx`` (topic): a consumer dead-letters here with routing key ``<queue>``, bound
+  to ``<queue>.dlq``.
+- ``sagabus.dead-letter`` (direct): routing key ``<queue>``, to ``<queue>.dlq``; the work
+  queues' ``x-dead-letter-exchange``, used only by the broker itself (``x-delivery-limit``).
+- ``sagabus.replay`` (topic): routing key ``<queue>``, to that work queue; ``dlq replay``
+  publishes there.
+
+Every route a principal publishes a failed message through is a topic exchange whose routing
+keys start with the queue name, so topic permissions can confine a service to its own queue
+(see ``process_manager/provision.py``); nobody needs the default exchange. The broker-only
+direct exchange keeps its old name and type because a queue argument cannot change without
+re-creating the queue (and an exchange cannot change type).
 """
 
 from __future__ import annotations
@@ -21,17 +34,30 @@ from aio_pika.abc import AbstractChannel, ExchangeType
 
 from messaging.settings import Settings
 
+#: number of delay tiers per work queue (a retry beyond the last reuses the last)
+RETRY_TIERS = 4
+
 COMMANDS_EXCHANGE = "sagabus.commands"
 REPLIES_EXCHANGE = "sagabus.replies"
 FACTS_EXCHANGE = "sagabus.facts"
-DEAD_LETTER_EXCHANGE = "sagabus.dead-letter"
+#: where consumers schedule retries: key ``<queue>.retry.<n>``, to that delay queue
+RETRY_EXCHANGE = "sagabus.retry"
+#: where consumers dead-letter: key ``<queue>``, to ``<queue>.dlq``
+DEAD_LETTER_EXCHANGE = "sagabus.dlx"
+#: where the broker dead-letters (the work queues' argument): key ``<queue>``, to ``<queue>.dlq``
+BROKER_DEAD_LETTER_EXCHANGE = "sagabus.dead-letter"
+#: where ``dlq replay`` republishes: key ``<queue>``, to that work queue
+REPLAY_EXCHANGE = "sagabus.replay"
 START_ROUTING_KEY = "checkout.start"
 
 EXCHANGES: dict[str, ExchangeType] = {
     COMMANDS_EXCHANGE: ExchangeType.TOPIC,
     REPLIES_EXCHANGE: ExchangeType.TOPIC,
     FACTS_EXCHANGE: ExchangeType.FANOUT,
-    DEAD_LETTER_EXCHANGE: ExchangeType.DIRECT,
+    RETRY_EXCHANGE: ExchangeType.TOPIC,
+    DEAD_LETTER_EXCHANGE: ExchangeType.TOPIC,
+    BROKER_DEAD_LETTER_EXCHANGE: ExchangeType.DIRECT,
+    REPLAY_EXCHANGE: ExchangeType.TOPIC,
 }
 
 
@@ -47,6 +73,21 @@ class QueueSpec:
 
     def retry_queue(self, tier: int) -> str:
         return f"{self.name}.retry.{tier}"
+
+    @property
+    def retry_queues(self) -> tuple[str, ...]:
+        return tuple(self.retry_queue(t) for t in range(1, RETRY_TIERS + 1))
+
+    def all_bindings(self) -> tuple[tuple[str, str, str], ...]:
+        """(exchange, queue, routing key) of every binding to this work queue, its DLQ and its
+        delay queues. Dead-letter, retry and replay keys start with the work queue's name."""
+        return (
+            *((exchange, self.name, key) for exchange, key in self.bindings),
+            (REPLAY_EXCHANGE, self.name, self.name),
+            (DEAD_LETTER_EXCHANGE, self.dlq, self.name),
+            (BROKER_DEAD_LETTER_EXCHANGE, self.dlq, self.name),
+            *((RETRY_EXCHANGE, q, q) for q in self.retry_queues),
+        )
 
 
 def _q(service: str, *bindings: tuple[str, str]) -> QueueSpec:
@@ -71,8 +112,6 @@ QUEUES: dict[str, QueueSpec] = {
 }
 SERVICES: tuple[str, ...] = tuple(QUEUES)
 QUEUE_BY_NAME: dict[str, QueueSpec] = {q.name: q for q in QUEUES.values()}
-#: number of delay tiers per work queue (a retry beyond the last reuses the last)
-RETRY_TIERS = 4
 
 
 def command_route(participant: str, type_name: str) -> tuple[str, str]:
@@ -90,13 +129,41 @@ def fact_route(type_name: str) -> tuple[str, str]:
     return FACTS_EXCHANGE, type_name
 
 
+def retry_route(spec: QueueSpec, tier: int) -> tuple[str, str]:
+    """Into delay queue ``tier`` (1-based) of ``spec``'s work queue."""
+    return RETRY_EXCHANGE, spec.retry_queue(tier)
+
+
+def dead_letter_route(queue: str) -> tuple[str, str]:
+    """Into the DLQ of work queue ``queue``."""
+    return DEAD_LETTER_EXCHANGE, queue
+
+
+def replay_route(queue: str) -> tuple[str, str]:
+    """Back into work queue ``queue``."""
+    return REPLAY_EXCHANGE, queue
+
+
 def work_queue_arguments(spec: QueueSpec, settings: Settings) -> dict[str, Any]:
     return {
         "x-queue-type": "quorum",
-        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-dead-letter-exchange": BROKER_DEAD_LETTER_EXCHANGE,
         "x-dead-letter-routing-key": spec.name,
         "x-delivery-limit": settings.delivery_limit,
     }
+
+
+def retry_queue_arguments(spec: QueueSpec) -> dict[str, Any]:
+    """A delay queue: when a message's expiration passes, the broker dead-letters it back to
+    the work queue through the default exchange."""
+    return {
+        "x-queue-type": "classic",
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": spec.name,
+    }
+
+
+DLQ_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
 
 
 async def declare(
@@ -108,25 +175,18 @@ async def declare(
         exchanges[name] = await channel.declare_exchange(name, kind, durable=True)
     for service in services:
         spec = QUEUES[service]
-        queue = await channel.declare_queue(
-            spec.name, durable=True, arguments=work_queue_arguments(spec, settings)
-        )
-        for exchange, key in spec.bindings:
-            await queue.bind(exchanges[exchange], routing_key=key)
-        dlq = await channel.declare_queue(
-            spec.dlq, durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        await dlq.bind(exchanges[DEAD_LETTER_EXCHANGE], routing_key=spec.name)
-        for tier in range(1, RETRY_TIERS + 1):
-            await channel.declare_queue(
-                spec.retry_queue(tier),
-                durable=True,
-                arguments={
-                    "x-queue-type": "classic",
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": spec.name,
-                },
+        queues = {
+            spec.name: await channel.declare_queue(
+                spec.name, durable=True, arguments=work_queue_arguments(spec, settings)
+            ),
+            spec.dlq: await channel.declare_queue(spec.dlq, durable=True, arguments=DLQ_ARGUMENTS),
+        }
+        for name in spec.retry_queues:
+            queues[name] = await channel.declare_queue(
+                name, durable=True, arguments=retry_queue_arguments(spec)
             )
+        for exchange, queue, key in spec.all_bindings():
+            await queues[queue].bind(exchanges[exchange], routing_key=key)
 
 
 async def declare_all(settings: Settings) -> None:

@@ -18,11 +18,14 @@ How RabbitMQ checks access (observed on 3.10, and the reason for each grant):
 - Topic permissions limit the routing keys a user may publish with, but only on *topic*
   exchanges; a user with no topic permission for an exchange may use every key there.
 
-What least privilege cannot express with the current topology: retries go to ``<queue>.retry.N``
-and ``dlq replay`` to a work queue through the default exchange, and dead letters go to the
-direct exchange ``sagabus.dead-letter``; neither is a topic exchange, so a service allowed to
-retry may publish into *any* queue by name, and one allowed to dead-letter may publish into any
-DLQ. Closing that needs retry and dead-letter exchanges of type topic (a topology change).
+Failed messages are confined to their own queue's routes. A consumer schedules a retry on the
+topic exchange ``sagabus.retry`` with key ``<queue>.retry.<n>`` and dead-letters on the topic
+exchange ``sagabus.dlx`` with key ``<queue>``; its topic permissions there match only its own
+queue's keys. ``dlq replay`` republishes on the topic exchange ``sagabus.replay`` with key
+``<queue>``, which only the operator may write to, and only with work queue names. Nobody may
+write to the default exchange (it routes to any queue by name, whatever the topic permissions)
+nor to ``sagabus.dead-letter`` (direct, so not limited by routing key: only the broker
+dead-letters through it, and broker-internal dead-lettering needs no permission).
 """
 
 from __future__ import annotations
@@ -134,17 +137,36 @@ PARTICIPANTS: tuple[str, ...] = tuple(
 )
 _DLQS = tuple(q.dlq for q in topology.QUEUES.values())
 _START_ONLY = TopicGrant(topology.COMMANDS_EXCHANGE, _exactly([topology.START_ROUTING_KEY]))
+#: ``dlq replay``: back into any work queue, and only into work queues
+_REPLAY_INTO_WORK_QUEUES = TopicGrant(
+    topology.REPLAY_EXCHANGE,
+    _exactly(topology.replay_route(q.name)[1] for q in topology.QUEUES.values()),
+)
+
+
+def _failure_routes(service: str) -> tuple[TopicGrant, TopicGrant]:
+    """Retries into its own delay queues, dead letters into its own DLQ: nothing else."""
+    spec = topology.QUEUES[service]
+    retry_keys = (topology.retry_route(spec, t)[1] for t in range(1, topology.RETRY_TIERS + 1))
+    return (
+        TopicGrant(topology.RETRY_EXCHANGE, _exactly(retry_keys)),
+        TopicGrant(
+            topology.DEAD_LETTER_EXCHANGE, _exactly([topology.dead_letter_route(spec.name)[1]])
+        ),
+    )
 
 
 def _worker(service: str, *publishes: str, topics: tuple[TopicGrant, ...] = ()) -> Grant:
-    """A consumer of its own work queue. Every consumer dead-letters to ``sagabus.dead-letter``
-    and schedules retries into its own delay queues through the default exchange."""
+    """A consumer of its own work queue. Every consumer schedules retries into its own delay
+    queues and dead-letters into its own DLQ, each through a topic exchange with keys that start
+    with its queue's name."""
+    failures = _failure_routes(service)
     return Grant(
         principal=service,
         purpose=f"runs the {service} service",
         consumes=(topology.QUEUES[service].name,),
-        publishes=(*publishes, topology.DEAD_LETTER_EXCHANGE, ""),
-        topics=topics,
+        publishes=(*publishes, *(t.exchange for t in failures)),
+        topics=(*topics, *failures),
     )
 
 
@@ -181,8 +203,8 @@ GRANTS: dict[str, Grant] = {
         Grant(
             principal="operator",
             purpose="the CLI: `sagabus start`, and `sagabus dlq replay` into work queues",
-            publishes=(topology.COMMANDS_EXCHANGE, ""),
-            topics=(_START_ONLY,),
+            publishes=(topology.COMMANDS_EXCHANGE, _REPLAY_INTO_WORK_QUEUES.exchange),
+            topics=(_START_ONLY, _REPLAY_INTO_WORK_QUEUES),
         ),
     )
 }
@@ -322,19 +344,11 @@ def topology_definitions(settings: Settings, vhost: str) -> dict[str, list[dict[
 
     for spec in topology.QUEUES.values():
         queue(spec.name, topology.work_queue_arguments(spec, settings))
-        for exchange, key in spec.bindings:
-            bind(exchange, spec.name, key)
-        queue(spec.dlq, {"x-queue-type": "quorum"})
-        bind(topology.DEAD_LETTER_EXCHANGE, spec.dlq, spec.name)
-        for tier in range(1, topology.RETRY_TIERS + 1):
-            queue(
-                spec.retry_queue(tier),
-                {
-                    "x-queue-type": "classic",
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": spec.name,
-                },
-            )
+        queue(spec.dlq, dict(topology.DLQ_ARGUMENTS))
+        for name in spec.retry_queues:
+            queue(name, topology.retry_queue_arguments(spec))
+        for exchange, queue_name, key in spec.all_bindings():
+            bind(exchange, queue_name, key)
     return {"exchanges": exchanges, "queues": queues, "bindings": bindings}
 
 

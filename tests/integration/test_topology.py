@@ -69,21 +69,25 @@ async def test_declared_topology_matches_the_data(fresh: Settings) -> None:
         for b in mgmt_json(f"bindings/{vhost}")
         if b["source"]
     }
-    expected_names = set()
+    expected_names: set[str] = set()
+    expected_bindings: set[tuple[str, str, str]] = set()
     for spec in topology.QUEUES.values():
         work = queues[spec.name]
         assert work["arguments"] == topology.work_queue_arguments(spec, fresh)
         assert queues[spec.dlq]["arguments"]["x-queue-type"] == "quorum"
+        # consumers and the broker dead-letter to the DLQ, consumers retry to the delay queues,
+        # replays go back to the work queue: each by a routing key that starts with its name
         assert (topology.DEAD_LETTER_EXCHANGE, spec.dlq, spec.name) in bindings
+        assert (topology.BROKER_DEAD_LETTER_EXCHANGE, spec.dlq, spec.name) in bindings
+        assert (topology.REPLAY_EXCHANGE, spec.name, spec.name) in bindings
         for exchange, key in spec.bindings:
             assert (exchange, spec.name, key) in bindings
-        for tier in range(1, topology.RETRY_TIERS + 1):
-            retry = queues[spec.retry_queue(tier)]["arguments"]
+        for name in spec.retry_queues:
+            retry = queues[name]["arguments"]
             assert retry["x-dead-letter-exchange"] == ""
             assert retry["x-dead-letter-routing-key"] == spec.name
-        expected_names |= {
-            spec.name,
-            spec.dlq,
-            *(spec.retry_queue(t) for t in range(1, topology.RETRY_TIERS + 1)),
-        }
+            assert (topology.RETRY_EXCHANGE, name, name) in bindings
+        expected_names |= {spec.name, spec.dlq, *spec.retry_queues}
+        expected_bindings |= set(spec.all_bindings())
     assert set(queues) == expected_names
+    assert bindings == expected_bindings

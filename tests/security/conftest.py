@@ -6,6 +6,7 @@ the vhost, the users and the database are removed afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import urllib.parse
@@ -65,11 +66,10 @@ def sec_id() -> str:
     return uuid.uuid4().hex[:8]
 
 
-@pytest.fixture(scope="session")
-def provisioned(sec_id: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provisioned]:
-    vhost = f"sagabus-sec-{sec_id}"
-    prefix = f"sagabus-sec-{sec_id}-"
-    env_file = tmp_path_factory.mktemp("provision") / "amqp.env"
+@contextlib.contextmanager
+def provisioned_vhost(vhost: str, prefix: str, env_file: Path) -> Iterator[Provisioned]:
+    """``sagabus provision`` into a new vhost with users named ``prefix<principal>``; both are
+    removed on exit."""
     try:
         run_provision(
             "--vhost", vhost, "--user-prefix", prefix, "--admin-url", ADMIN_URL,
@@ -88,6 +88,24 @@ def provisioned(sec_id: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     finally:
         support.delete_vhost(vhost)
         delete_users(prefix)
+
+
+@pytest.fixture(scope="session")
+def provisioned(sec_id: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provisioned]:
+    """Shared by the session's security tests."""
+    env_file = tmp_path_factory.mktemp("provision") / "amqp.env"
+    with provisioned_vhost(f"sagabus-sec-{sec_id}", f"sagabus-sec-{sec_id}-", env_file) as p:
+        yield p
+
+
+@pytest.fixture
+def own_provisioned(tmp_path: Path) -> Iterator[Provisioned]:
+    """A provisioned vhost (and users) for one test alone: nothing else consumes its queues."""
+    oid = uuid.uuid4().hex[:8]
+    with provisioned_vhost(
+        f"sagabus-sec-own-{oid}", f"sagabus-sec-own-{oid}-", tmp_path / "amqp.env"
+    ) as p:
+        yield p
 
 
 @pytest_asyncio.fixture(scope="session")

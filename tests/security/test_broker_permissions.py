@@ -68,6 +68,17 @@ def basic_get(channel: Channel, queue: str) -> None:
         channel.basic_nack(method.delivery_tag, requeue=True)
 
 
+def purge(provisioned: Provisioned, *queues: str) -> None:
+    """Empty ``queues`` as the admin."""
+    connection = pika.BlockingConnection(pika.URLParameters(provisioned.admin_url))
+    try:
+        channel = connection.channel()
+        for q in queues:
+            channel.queue_purge(q)
+    finally:
+        connection.close()
+
+
 def refused(action: Callable[[], None], *what: str) -> None:
     with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
         action()
@@ -112,15 +123,76 @@ def test_payment_cannot_reply_as_another_participant(channel_as: Any) -> None:
     )
 
 
-def test_payment_can_do_its_own_work(channel_as: Any) -> None:
+def test_payment_can_do_its_own_work(provisioned: Provisioned, channel_as: Any) -> None:
+    spec = topology.QUEUES["payment"]
     channel = channel_as("payment")
     channel.basic_qos(prefetch_count=4)  # the consumer sets qos: no permission needed
-    consume(channel, topology.QUEUES["payment"].name)
-    basic_get(channel, topology.QUEUES["payment"].name)
-    # a reply, a dead letter and a retry: what its relay and consumer publish
+    consume(channel, spec.name)
+    basic_get(channel, spec.name)
+    # a reply, a retry into each delay tier and a dead letter: what its relay and consumer publish
     publish(channel, topology.REPLIES_EXCHANGE, "payment.Probe.v1")
-    publish(channel, topology.DEAD_LETTER_EXCHANGE, "sagabus.unbound-key")
-    publish(channel, "", "sagabus.no-such-queue")
+    for tier in range(1, topology.RETRY_TIERS + 1):
+        publish(channel, *topology.retry_route(spec, tier))
+    publish(channel, *topology.dead_letter_route(spec.name))
+    purge(provisioned, *spec.retry_queues, spec.dlq)  # the probes are not for the collector
+
+
+def test_payment_cannot_retry_or_dead_letter_into_another_services_queues(
+    channel_as: Any,
+) -> None:
+    """The retry and dead-letter exchanges are topic exchanges: payment's topic permissions
+    there match only its own queue's keys."""
+    inventory = topology.QUEUES["inventory"]
+    for tier in range(1, topology.RETRY_TIERS + 1):
+        exchange, key = topology.retry_route(inventory, tier)
+        refused(
+            functools.partial(publish, channel_as("payment"), exchange, key),
+            f"topic '{key}'",
+            f"exchange '{exchange}'",
+        )
+    exchange, key = topology.dead_letter_route(inventory.name)
+    refused(
+        functools.partial(publish, channel_as("payment"), exchange, key),
+        f"topic '{key}'",
+        f"exchange '{exchange}'",
+    )
+    # nor a key of its own name with something after it, nor a wildcard
+    payment = topology.QUEUES["payment"]
+    for exchange, key in (
+        (topology.RETRY_EXCHANGE, f"{payment.retry_queue(1)}.x"),
+        (topology.RETRY_EXCHANGE, "#"),
+        (topology.DEAD_LETTER_EXCHANGE, f"{payment.name}.x"),
+        (topology.DEAD_LETTER_EXCHANGE, payment.dlq),
+    ):
+        refused(functools.partial(publish, channel_as("payment"), exchange, key), f"'{key}'")
+
+
+@pytest.mark.parametrize("principal", sorted(provision.GRANTS))
+def test_nobody_may_publish_to_the_default_exchange(channel_as: Any, principal: str) -> None:
+    """The default exchange routes to any queue by name and takes no topic permission: no
+    principal may write to it, nor to the direct exchange only the broker dead-letters through."""
+    target = topology.QUEUES["inventory"].retry_queue(4)
+    refused(lambda: publish(channel_as(principal), "", target), "exchange 'amq.default'")
+    refused(
+        lambda: publish(
+            channel_as(principal), topology.BROKER_DEAD_LETTER_EXCHANGE, "sagabus.inventory"
+        ),
+        f"exchange '{topology.BROKER_DEAD_LETTER_EXCHANGE}'",
+    )
+
+
+def test_operator_replays_into_work_queues_only(provisioned: Provisioned, channel_as: Any) -> None:
+    inventory = topology.QUEUES["inventory"]
+    publish(channel_as("operator"), *topology.replay_route(inventory.name))
+    purge(provisioned, inventory.name)
+    exchange = topology.REPLAY_EXCHANGE
+    for key in (inventory.dlq, inventory.retry_queue(1), "#"):
+        refused(functools.partial(publish, channel_as("operator"), exchange, key), f"'{key}'")
+    for principal in ("payment", "client", "dead-letters"):
+        refused(
+            functools.partial(publish, channel_as(principal), exchange, inventory.name),
+            f"exchange '{exchange}'",
+        )
 
 
 def test_process_manager_commands_participants_and_nothing_else(channel_as: Any) -> None:
@@ -179,14 +251,6 @@ def test_no_principal_can_declare_bind_or_delete(channel_as: Any, principal: str
             topology.FACTS_EXCHANGE, "fanout", durable=True
         )
     )
-
-
-def test_the_default_exchange_is_not_limited_by_routing_key(channel_as: Any) -> None:
-    """The known gap (see process_manager/provision.py): the default exchange is a direct
-    exchange, where topic permissions do not apply, so a service allowed to schedule its
-    retries there can put a message into any queue by name. If this starts failing, the gap is
-    closed and the model's docstring should say so."""
-    publish(channel_as("payment"), "", topology.QUEUES["inventory"].retry_queue(4))
 
 
 def test_provision_again_changes_nothing(provisioned: Provisioned, channel_as: Any) -> None:

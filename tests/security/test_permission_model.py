@@ -22,15 +22,18 @@ REPLIES = sorted(t for t, m in REGISTRY.items() if m.KIND in ("reply", "fact"))
 COMMANDS = sorted(t for t, m in REGISTRY.items() if m.KIND == "command" and t != StartCheckout.TYPE)
 #: every queue in the topology
 QUEUES = [
-    name
-    for spec in topology.QUEUES.values()
-    for name in (
-        spec.name,
-        spec.dlq,
-        *(spec.retry_queue(t) for t in range(1, topology.RETRY_TIERS + 1)),
-    )
+    name for spec in topology.QUEUES.values() for name in (spec.name, spec.dlq, *spec.retry_queues)
 ]
 EXCHANGES = [*topology.EXCHANGES, provision.DEFAULT_EXCHANGE]
+#: every binding of the topology: (exchange, queue, routing key)
+BINDINGS = [b for spec in topology.QUEUES.values() for b in spec.all_bindings()]
+#: the exchanges a failed message travels through, and the default exchange
+FAILURE_EXCHANGES = (
+    topology.RETRY_EXCHANGE,
+    topology.DEAD_LETTER_EXCHANGE,
+    topology.BROKER_DEAD_LETTER_EXCHANGE,
+    topology.REPLAY_EXCHANGE,
+)
 
 
 def may_publish(principal: str, exchange: str, key: str) -> bool:
@@ -79,10 +82,51 @@ def test_only_order_publishes_facts() -> None:
 
 
 @pytest.mark.parametrize("service", topology.SERVICES)
-def test_every_consumer_may_dead_letter_and_retry_its_own_messages(service: str) -> None:
+def test_only_a_consumer_may_dead_letter_and_retry_its_own_messages(service: str) -> None:
     spec = topology.QUEUES[service]
-    assert may_publish(service, topology.DEAD_LETTER_EXCHANGE, spec.name)
-    assert may_publish(service, "", spec.retry_queue(1))
+    routes = [
+        topology.dead_letter_route(spec.name),
+        *(topology.retry_route(spec, t) for t in range(1, topology.RETRY_TIERS + 1)),
+    ]
+    for exchange, key in routes:
+        assert {p for p in GRANTS if may_publish(p, exchange, key)} == {service}, key
+
+
+def test_only_the_operator_may_replay_and_only_into_work_queues() -> None:
+    for spec in topology.QUEUES.values():
+        exchange, key = topology.replay_route(spec.name)
+        assert {p for p in GRANTS if may_publish(p, exchange, key)} == {"operator"}
+        for other in (spec.dlq, *spec.retry_queues):
+            assert not may_publish("operator", exchange, other)
+
+
+@pytest.mark.parametrize("principal", sorted(GRANTS))
+def test_nobody_may_write_to_an_exchange_that_routes_by_queue_name_unchecked(
+    principal: str,
+) -> None:
+    """The default exchange and the broker's direct dead-letter exchange take no topic
+    permissions: writing to either would reach any queue (or any DLQ) by name."""
+    grant = GRANTS[principal]
+    for exchange in (provision.DEFAULT_EXCHANGE, topology.BROKER_DEAD_LETTER_EXCHANGE):
+        assert not re.search(grant.write, exchange), exchange
+
+
+@pytest.mark.parametrize("principal", sorted(GRANTS))
+def test_failure_routes_reach_only_the_principals_own_queues(principal: str) -> None:
+    """Every queue a principal can put a message into through a retry, dead-letter or replay
+    route (the binding keys there are literal, so a key that matches routes to that queue)."""
+    reachable = {
+        queue
+        for exchange, queue, key in BINDINGS
+        if exchange in FAILURE_EXCHANGES and may_publish(principal, exchange, key)
+    }
+    if principal in topology.QUEUES:
+        spec = topology.QUEUES[principal]
+        assert reachable == {spec.dlq, *spec.retry_queues}
+    elif principal == "operator":
+        assert reachable == {spec.name for spec in topology.QUEUES.values()}
+    else:
+        assert reachable == set()
 
 
 @pytest.mark.parametrize("principal", sorted(GRANTS))
