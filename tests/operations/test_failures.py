@@ -66,7 +66,11 @@ async def test_step_timeout_resends_with_same_key_and_applies_once(
     idempotency key; when inventory comes back, one reservation is made and the saga completes."""
     sku = f"SKU-TO-{uuid.uuid4().hex[:6]}"
     await _seed(ops_engine, **{sku: 3})
-    await start_services(*ALL_BUT("inventory"))
+    # Many 1 s attempts: inventory, started once the re-send is seen, must answer before the
+    # process manager gives the step up, however slowly this machine starts a service.
+    patient = ops_settings.model_copy(update={"max_step_attempts": 30})
+    await start_services("process-manager", settings=patient)
+    await start_services(*ALL_BUT("inventory", "process-manager"))
     cmd = checkout(sku=sku)
     await ops.publish_starts(ops_settings.amqp_url, [ops.start_message(cmd)])
 
