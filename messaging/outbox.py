@@ -343,42 +343,34 @@ class Relay:
             return 0
         rows = [out.pending.popleft() for _ in range(n)]
         try:
+            await self._publish(rows)
+        except Exception as e:
+            self._warn("outbox_dispatch_failed", rows, e)
+            return 0
+        else:
             try:
-                await self._publish(rows)
-            except asyncio.CancelledError:
-                raise
+                await self._mark_sent(rows)
             except Exception as e:
-                log.warning(
-                    "outbox_dispatch_failed",
-                    service=self.service,
-                    rows=len(rows),
-                    error=f"{type(e).__name__}: {e}",
-                )
-                return 0
-            try:
-                async with self.engine.connect() as conn:
-                    pg = await driver(conn)  # no transaction: one autocommitted statement
-                    try:
-                        await pg.execute(self.outbox.mark_sent_sql, [r.id for r in rows])
-                    except BaseException:
-                        with contextlib.suppress(Exception):
-                            await conn.invalidate()
-                        raise
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning(
-                    "outbox_mark_sent_failed",
-                    service=self.service,
-                    rows=len(rows),
-                    error=f"{type(e).__name__}: {e}",
-                )
+                self._warn("outbox_mark_sent_failed", rows, e)
         finally:
             out.in_flight.difference_update(r.id for r in rows)
         self.dispatches += 1
         self.dispatched += n
         self._published(rows)
         return n
+
+    async def _mark_sent(self, rows: Sequence[Pending]) -> None:
+        async with self.engine.connect() as conn:
+            pg = await driver(conn)  # no transaction: one autocommitted statement
+            try:
+                await pg.execute(self.outbox.mark_sent_sql, [r.id for r in rows])
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()  # as in drain: not back into the pool
+                raise
+
+    def _warn(self, event: str, rows: Sequence[Pending], e: Exception) -> None:
+        log.warning(event, service=self.service, rows=len(rows), error=f"{type(e).__name__}: {e}")
 
     async def _dispatch_loop(self, stop: asyncio.Event) -> None:
         out = self.outbox

@@ -58,8 +58,8 @@ async def prune(
         q = _q(outbox)
         removed_out = await _delete_in_batches(
             engine,
-            f"DELETE FROM {q} WHERE id IN (SELECT id FROM {q} WHERE created_at < now() - $1::interval"
-            " AND sent_at IS NOT NULL LIMIT $2)",
+            f"DELETE FROM {q} WHERE id IN (SELECT id FROM {q}"
+            " WHERE created_at < now() - $1::interval AND sent_at IS NOT NULL LIMIT $2)",
             outbox_keep,
             batch,
         )

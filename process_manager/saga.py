@@ -549,9 +549,7 @@ def _on_reply(state: SagaState, reply: Reply, *, now: datetime, policy: Policy) 
     return _needs_manual(state, reason)
 
 
-def _on_reconciled(
-    state: SagaState, status: str, *, now: datetime, policy: Policy
-) -> Decision:
+def _on_reconciled(state: SagaState, status: str, *, now: datetime, policy: Policy) -> Decision:
     step = state.reconciling
     assert step is not None
     state = replace(state, reconciling=None)
