@@ -374,14 +374,24 @@ class Relay:
 
     async def _dispatch_loop(self, stop: asyncio.Event) -> None:
         out = self.outbox
-        while not stop.is_set():
-            if not out.pending:
-                out.pending_ready.clear()
-                await _wait_any(stop, out.pending_ready, self.settings.outbox_poll_s)
-                continue
-            if not await self.dispatch_once():
-                # the rows went back to the sweep: it tries them now, with its own back-off
-                out.local_wakeup.set()
+        try:
+            while not stop.is_set():
+                if not out.pending:
+                    out.pending_ready.clear()
+                    await _wait_any(stop, out.pending_ready, self.settings.outbox_poll_s)
+                    continue
+                if not await self.dispatch_once():
+                    # the rows went back to the sweep: it tries them now, with its own back-off
+                    out.local_wakeup.set()
+        except Exception as e:  # a bug: never leave rows excluded from the sweep for good
+            log.error("outbox_dispatch_stopped", service=self.service, error=f"{e!r}")
+            raise
+        finally:
+            # whatever ends dispatch hands what it held back to the sweep
+            out.dispatching = False
+            out.pending.clear()
+            out.in_flight.clear()
+            out.local_wakeup.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         listener = asyncio.create_task(self._listen(stop))

@@ -337,3 +337,27 @@ async def _true(value: bool) -> bool:
 
 async def _unsent_is_empty(rig: Rig) -> bool:
     return await rig.unsent() == []
+
+
+async def test_if_dispatch_dies_the_sweep_takes_its_rows(rig: Rig, database: Settings) -> None:
+    """A dispatcher that fails unexpectedly (a bug) hands the rows it held back to the sweep:
+    nothing stays excluded from the sweep, and the rows are published all the same."""
+    relay = _relay(rig, _quiet(database))
+
+    async def broken() -> int:
+        raise RuntimeError("a bug in dispatch")
+
+    relay.dispatch_once = broken  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop))
+    try:
+        await wait_for(lambda: _true(relay.drains == 1), timeout=10, what="the start-up sweep")
+        sent = message(rig.exchange, "routed", 1)
+        await _write_and_hand_over(rig, sent)
+        got = await rig.received(1, timeout=10)
+        assert [m.message_id for m in got] == [str(sent.envelope.message_id)]
+        assert rig.outbox.in_flight == set()
+        assert not rig.outbox.dispatching
+    finally:
+        stop.set()
+        await running
