@@ -74,6 +74,8 @@ class Settings(BaseSettings):
 
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "info"
+    #: this process's instance id in spans (``service.instance.id``) and logs (``instance``);
+    #: unset: ``<host>-<pid>``
     service_instance: str | None = None
     #: serve Prometheus metrics on this port (``/metrics``); unset: no endpoint
     metrics_port: int | None = Field(default=None, ge=1, le=65535)

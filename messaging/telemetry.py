@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any
@@ -23,6 +24,19 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 _EXPORTER: SpanExporter | None = None
 _PROVIDERS: dict[str, TracerProvider] = {}
+_INSTANCE: str | None = None
+
+
+def instance_id() -> str:
+    """This process's instance id: ``SAGABUS_SERVICE_INSTANCE`` (see :func:`set_instance`), or
+    ``<host>-<pid>``. It tells apart two instances of one service in spans and logs."""
+    return _INSTANCE or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def set_instance(instance: str | None) -> None:
+    """Set once by the entry point, before the first tracer or log line."""
+    global _INSTANCE
+    _INSTANCE = instance or None
 
 
 def _exporter() -> SpanExporter | None:
@@ -67,7 +81,9 @@ def tracer_provider(service: str) -> TracerProvider:
     override = os.environ.get("OTEL_SERVICE_NAME")
     if override and os.environ.get("SAGABUS_SINGLE_SERVICE") == "1":
         name = override
-    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": name, "service.instance.id": instance_id()})
+    )
     exporter = _exporter()
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
@@ -146,8 +162,14 @@ def _add_trace_ids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableM
     return event
 
 
+def _add_instance(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event.setdefault("instance", instance_id())
+    return event
+
+
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
-    """structlog: JSON lines when not on a terminal, readable lines on one."""
+    """structlog: JSON lines when not on a terminal, readable lines on one; every line carries
+    the process's ``instance`` id."""
     lvl = logging.getLevelName(level.upper())
     if not isinstance(lvl, int):
         lvl = logging.INFO
@@ -162,6 +184,7 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             _add_trace_ids,
+            _add_instance,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             renderer,

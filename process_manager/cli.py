@@ -177,6 +177,7 @@ def run(services: tuple[str, ...]) -> None:
     )
     if names is not None and len(services) == 1:
         os.environ.setdefault("SAGABUS_SINGLE_SERVICE", "1")
+    telemetry.set_instance(s.service_instance)
     telemetry.configure_logging(s.log_format, s.log_level)
 
     async def go() -> None:

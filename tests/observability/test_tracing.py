@@ -49,19 +49,15 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
     def Export(self, request: Any, context: Any) -> Any:
         with self.lock:
             for rs in request.resource_spans:
-                service = next(
-                    (
-                        a.value.string_value
-                        for a in rs.resource.attributes
-                        if a.key == "service.name"
-                    ),
-                    "",
-                )
+                resource = {a.key: a.value.string_value for a in rs.resource.attributes}
+                service = resource.get("service.name", "")
+                instance = resource.get("service.instance.id", "")
                 for ss in rs.scope_spans:
                     for s in ss.spans:
                         self.spans.append(
                             {
                                 "service": service,
+                                "instance": instance,
                                 "name": s.name,
                                 "kind": s.kind,
                                 "trace_id": s.trace_id.hex(),
@@ -127,6 +123,7 @@ async def traced(
         "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
         "OTEL_BSP_SCHEDULE_DELAY": "200",
         "SAGABUS_LOG_FORMAT": "json",
+        "SAGABUS_SERVICE_INSTANCE": "obs-1",
     }
     port = _free_port()
     log_path = tmp_path_factory.mktemp("otel") / "services.jsonl"
@@ -201,6 +198,8 @@ async def test_one_trace_across_every_service_continuing_the_callers_traceparent
         timeout=60,
         what="spans from every service, with every consumer's parent",
     )
+    # the services' resource says which instance they are (SAGABUS_SERVICE_INSTANCE)
+    assert {sp["instance"] for sp in spans if sp["service"] in wanted} == {"obs-1"}
     _dump("completed", spans)
     by_id = {s["span_id"]: s for s in spans}
     consumers = [s for s in spans if s["kind"] == CONSUMER]
@@ -436,6 +435,8 @@ def test_every_handler_log_line_carries_saga_and_trace_ids(traced: Traced) -> No
     for x in handled:
         for key in ("service", "message_type", "saga_id", "correlation_id", "trace_id", "span_id"):
             assert x.get(key), (key, x)
+    # every line says which instance wrote it (SAGABUS_SERVICE_INSTANCE)
+    assert {x.get("instance") for x in lines} == {"obs-1"}
     for x in lines:
         if x.get("event") in ("saga_transitioned", "message_dead_lettered", "duplicate_ignored"):
             assert x.get("trace_id") and x.get("message_id"), x
