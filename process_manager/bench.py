@@ -847,6 +847,12 @@ async def run_peers(sagas: int, window: int) -> list[dict[str, Any]]:
     help="Also run the peer saga engines of benchmarks.peers (default: when it imports).",
 )
 @click.option(
+    "--peer-sagas",
+    type=click.IntRange(1, 1_000_000),
+    default=None,
+    help="Sagas each peer runs (default: --sagas); a slow peer can be measured on fewer.",
+)
+@click.option(
     "--sample-s",
     type=click.FloatRange(0.05, 3600),
     default=None,
@@ -867,6 +873,7 @@ def command(
     as_json: bool,
     skip_floor: bool,
     peers: bool | None,
+    peer_sagas: int | None,
     sample_s: float | None,
     log_dir: Path | None,
     keep: bool,
@@ -934,7 +941,7 @@ def command(
         if with_peers:
             if not as_json:
                 click.echo(f"sagabus bench {run}: peers...", err=True)
-            result["peers"] = await run_peers(sagas, window)
+            result["peers"] = await run_peers(peer_sagas or sagas, window)
         return result
 
     try:
