@@ -108,7 +108,7 @@ async def run(service: str, rounds: int, messages: int, warmup: int) -> None:
                 sent += n
                 deadline = asyncio.get_running_loop().time() + 600
                 # the consumer's counters have no event to wait on: poll, with a deadline
-                while consumer.counts["processed"] < sent:  # noqa: ASYNC110
+                while consumer.counts["processed"] < sent:
                     if asyncio.get_running_loop().time() > deadline:
                         raise SystemExit(f"{service}: {sent} messages not processed in 600 s")
                     await asyncio.sleep(0.2)
