@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from messaging import telemetry
 from messaging.codec import Incoming, decode
-from messaging.db import driver
+from messaging.db import driver, qualified
 from messaging.errors import ConcurrencyConflict, PermanentError, TransientError
 from messaging.outbox import Outbox, OutgoingMessage
 from messaging.publisher import Publisher
@@ -232,7 +232,7 @@ class Consumer:
         self._pending: list[_Work] = []
         self._flushers = 0
         self._flush_tasks: set[asyncio.Task[None]] = set()
-        q = ".".join(f'"{p}"' for p in (inbox.schema, inbox.name) if p)
+        q = qualified(inbox)
         # Plain SQL on asyncpg, one prepared statement for any batch size (SQLAlchemy 2.0
         # compiles PostgreSQL's INSERT .. ON CONFLICT anew on every call).
         self._claim_sql = (

@@ -78,6 +78,14 @@ async def driver(conn: AsyncConnection) -> asyncpg.Connection:
     return pg
 
 
+def qualified(table: Table) -> str:
+    """``"schema"."name"`` of ``table``, for the plain SQL of the hot paths: built once from the
+    ``Table`` objects (which stay the source of the DDL) and run on asyncpg, which prepares each
+    statement once per connection (SQLAlchemy 2.0 compiles PostgreSQL's ``INSERT .. ON
+    CONFLICT`` anew on every call; see docs/benchmarks.md)."""
+    return ".".join(f'"{part}"' for part in (table.schema, table.name) if part)
+
+
 def affected(status: str) -> int:
     """Rows affected, from a command status such as ``INSERT 0 1`` or ``UPDATE 3``."""
     try:

@@ -37,17 +37,13 @@ from sqlalchemy import Table, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from messaging import telemetry
-from messaging.db import OUTBOX_CHANNEL, driver
+from messaging.db import OUTBOX_CHANNEL, driver, qualified
 from messaging.publisher import Publisher
 from messaging.settings import Settings
 from schemas.base import Message
 from schemas.envelope import Envelope, HeaderNames
 
 log = structlog.get_logger("sagabus.outbox")
-
-
-def _qualified(table: Table) -> str:
-    return ".".join(f'"{p}"' for p in (table.schema, table.name) if p)
 
 
 @dataclass(frozen=True)
@@ -101,14 +97,19 @@ class Outbox:
         self.in_flight: set[int] = set()
         #: true while a relay in this process dispatches (set by :meth:`Relay.run`)
         self.dispatching = False
-        name = _qualified(table)
+        #: most rows waiting for dispatch in memory; beyond, new rows are left to the sweep
+        self.max_pending = 10_000
+        name = qualified(table)
         # Plain SQL: SQLAlchemy 2.0 does not cache the compiled form of PostgreSQL's
         # INSERT .. ON CONFLICT, and compiling it for every message cost more than running it.
         # The arrays make it one prepared statement for any batch size.
         self.insert_sql = (
             f"INSERT INTO {name} (message_id, message_type, saga_id, exchange, routing_key,"
-            " correlation_id, headers, body)"
-            " SELECT m, t, s, e, r, c, h::jsonb, b FROM unnest($1::uuid[], $2::text[],"
+            " correlation_id, headers, body, created_at)"
+            # created_at: this statement's time, not the transaction's start, which may be
+            # long before the commit (a batch, a lock wait): the sweep's grace counts from it
+            " SELECT m, t, s, e, r, c, h::jsonb, b, clock_timestamp() FROM unnest($1::uuid[],"
+            " $2::text[],"
             " $3::uuid[], $4::text[], $5::text[], $6::uuid[], $7::text[], $8::bytea[])"
             " AS x(m, t, s, e, r, c, h, b) ON CONFLICT (message_id) DO NOTHING"
             " RETURNING id, message_id, created_at"
@@ -186,9 +187,10 @@ class Outbox:
 
     def committed(self, rows: Sequence[Pending] = ()) -> None:
         """Called after the writing transaction commits. ``rows`` (what :meth:`write` returned)
-        go to this process's relay to be published at once; without them, or with no relay
-        dispatching here, the relay's sweep is woken instead."""
-        if rows and self.dispatching:
+        go to this process's relay to be published at once; without them, with no relay
+        dispatching here, or with a backlog of ``max_pending`` rows already waiting (the broker
+        is slow or away), the relay's sweep is woken instead and reads them from the table."""
+        if rows and self.dispatching and len(self.pending) < self.max_pending:
             self.pending.extend(rows)
             self.in_flight.update(r.id for r in rows)
             self.pending_ready.set()
@@ -334,7 +336,8 @@ class Relay:
         """Dispatch: publish the rows handed over by this process's committed transactions
         (at most one batch), then mark them sent. Returns how many were published.
 
-        A failed publish leaves the rows unsent for the sweep (woken at once); a failed mark
+        A failed publish leaves the rows, and every other row waiting, unsent for the sweep
+        (woken at once); a failed mark
         leaves published rows unsent, which the sweep publishes again later and the consumers'
         inboxes drop."""
         out = self.outbox
@@ -346,6 +349,11 @@ class Relay:
             await self._publish(rows)
         except Exception as e:
             self._warn("outbox_dispatch_failed", rows, e)
+            # The broker is away or refusing: every row waiting goes to the sweep, which
+            # publishes them in order with its own back-off, instead of each batch waiting out
+            # its own publish timeout here.
+            out.pending.clear()
+            out.in_flight.clear()
             return 0
         else:
             try:
@@ -431,7 +439,7 @@ class Relay:
                 grace = (
                     0.0
                     if woken or not self.settings.outbox_dispatch
-                    else (self.settings.outbox_dispatch_grace_s)
+                    else self.settings.outbox_dispatch_grace_s
                 )
                 if published and self.settings.outbox_linger_s > 0:
                     # Busy: let the commits landing meanwhile join the next batch, so that one

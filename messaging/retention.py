@@ -23,13 +23,9 @@ import structlog
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from messaging.db import affected, driver
+from messaging.db import affected, driver, qualified
 
 log = structlog.get_logger("sagabus.retention")
-
-
-def _q(table: Table) -> str:
-    return ".".join(f'"{p}"' for p in (table.schema, table.name) if p)
 
 
 async def _delete_in_batches(engine: AsyncEngine, sql: str, keep: timedelta, batch: int) -> int:
@@ -55,7 +51,7 @@ async def prune(
     """Delete expired inbox rows and sent outbox rows; returns (inbox, outbox) rows deleted."""
     removed_in = removed_out = 0
     if outbox_keep is not None:
-        q = _q(outbox)
+        q = qualified(outbox)
         removed_out = await _delete_in_batches(
             engine,
             f"DELETE FROM {q} WHERE id IN (SELECT id FROM {q}"
@@ -64,7 +60,7 @@ async def prune(
             batch,
         )
     if inbox_keep is not None:
-        q = _q(inbox)
+        q = qualified(inbox)
         removed_in = await _delete_in_batches(
             engine,
             f"DELETE FROM {q} WHERE message_id IN (SELECT message_id FROM {q}"

@@ -5,10 +5,9 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Column, DateTime, MetaData, Table, Text, func
 
 from messaging.consumer import Context, Handler
-from messaging.db import driver
+from messaging.db import driver, qualified
 from messaging.service import ServiceDefinition
 from messaging.settings import Settings
-from participants.sql import qualified
 from schemas.order import OrderCancelled, OrderCompleted
 
 SCHEMA = "analytics"

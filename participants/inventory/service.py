@@ -31,11 +31,10 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from messaging.consumer import Context, Handler
-from messaging.db import driver
+from messaging.db import driver, qualified
 from messaging.errors import PermanentError, TransientError
 from messaging.service import ServiceDefinition
 from messaging.settings import Settings
-from participants.sql import qualified
 from schemas.inventory import (
     InventoryReleased,
     InventoryReserved,

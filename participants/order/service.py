@@ -14,11 +14,10 @@ import structlog
 from sqlalchemy import BigInteger, Column, DateTime, MetaData, Table, Text, Uuid
 
 from messaging.consumer import Context, Handler
-from messaging.db import driver
+from messaging.db import driver, qualified
 from messaging.errors import PermanentError
 from messaging.service import ServiceDefinition
 from messaging.settings import Settings
-from participants.sql import qualified
 from schemas.order import (
     CancelOrder,
     CompleteOrder,

@@ -33,11 +33,10 @@ from sqlalchemy import (
 )
 
 from messaging.consumer import Context, Handler
-from messaging.db import driver
+from messaging.db import driver, qualified
 from messaging.errors import PermanentError
 from messaging.service import ServiceDefinition
 from messaging.settings import Settings
-from participants.sql import qualified
 from schemas.payment import (
     AuthorizationVoided,
     AuthorizePayment,

@@ -19,7 +19,7 @@ import uuid
 import asyncpg
 from sqlalchemy import Column, DateTime, MetaData, Table, Text, func
 
-from messaging.db import affected
+from messaging.db import affected, qualified
 from schemas.common import ShippingAddress
 
 UNDELIVERABLE_POSTAL_CODE = "00000"
@@ -88,7 +88,7 @@ class Carrier:
         self.calls = 0
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
-        name = ".".join(f'"{part}"' for part in (table.schema, table.name) if part)
+        name = qualified(table)
         # each one statement in a transaction of its own: a remote system's commit
         self._book_sql = (
             f"INSERT INTO {name} (idempotency_key, order_id, tracking_number, status)"

@@ -19,7 +19,7 @@ import structlog
 from sqlalchemy import Column, DateTime, MetaData, Table, Text, Uuid
 
 from messaging.consumer import Context, Handler
-from messaging.db import driver
+from messaging.db import driver, qualified
 from messaging.errors import TransientError
 from messaging.service import ServiceContext, ServiceDefinition
 from messaging.settings import Settings
@@ -30,7 +30,6 @@ from participants.shipping.carrier import (
     CarrierUnavailable,
     bookings_table,
 )
-from participants.sql import qualified
 from schemas.shipping import (
     CancelShipment,
     CreateShipment,
@@ -130,7 +129,11 @@ def make_handlers(carrier: Carrier, settings: Settings) -> dict[str, Handler]:
                 if tracking is None:
                     # only carrier failures count here, not the delivery's other retries
                     attempts = carrier_attempts(ctx) + 1
-                    if attempts < settings.shipping_max_attempts:
+                    # Give up on the carrier's budget, or when this is the last delivery the
+                    # consumer will make (other retries, a database restart, spent the rest):
+                    # the process manager gets an answer either way, not a dead letter.
+                    last_delivery = ctx.retries + 1 >= settings.max_attempts
+                    if attempts < settings.shipping_max_attempts and not last_delivery:
                         raise TransientError(str(e), headers={CARRIER_ATTEMPTS: attempts}) from e
                     reason = f"carrier failed {attempts} times: {e}"
                     await _record(ctx, pg, cmd.order_id, "FAILED", None, reason)

@@ -316,18 +316,19 @@ async def test_the_polled_sweep_leaves_young_and_in_flight_rows_to_their_dispatc
 async def test_a_failed_dispatch_leaves_the_rows_to_the_sweep(rig: Rig, database: Settings) -> None:
     """An unroutable row makes the dispatch's publish raise: nothing is marked sent, and the
     sweep publishes the rows once they can be routed (at-least-once, same ids)."""
-    relay = _relay(rig, _quiet(database, outbox_dispatch_grace_s=0))
+    # one row per batch: the failing batch also gives the row queued behind it to the sweep
+    relay = _relay(rig, _quiet(database, outbox_dispatch_grace_s=0, outbox_batch=1))
     rig.outbox.dispatching = True  # as Relay.run sets it; dispatch is driven by hand here
     good = message(rig.exchange, "routed", 1)
     lost = message(rig.exchange, "nobody-listens-yet", 2)
-    await _write_and_hand_over(rig, good, lost)
+    await _write_and_hand_over(rig, lost, good)
     assert await relay.dispatch_once() == 0
     assert rig.outbox.in_flight == set() and not rig.outbox.pending
     assert sorted(await rig.unsent()) == sorted(
         [good.envelope.message_id, lost.envelope.message_id]
     )
     await rig.queue.bind(rig.exchange, routing_key="nobody-listens-yet")
-    assert await relay.drain() == 2
+    assert await relay.drain() == 2  # one batch of one row after the other
     assert await rig.unsent() == []
 
 

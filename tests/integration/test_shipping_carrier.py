@@ -151,3 +151,18 @@ async def test_carrier_failures_still_give_up_after_the_budget(
     else:
         pytest.fail("the shipment never gave up")
     assert attempts == list(range(1, database.shipping_max_attempts))
+
+
+async def test_the_last_delivery_answers_even_with_carrier_budget_left(
+    database: Settings, engine: AsyncEngine, carrier: Carrier, uid: str
+) -> None:
+    """Retries for other reasons spent the consumer's deliveries: on the last one a carrier
+    failure answers ShipmentFailed (the process manager compensates) instead of raising into
+    a dead letter, although the carrier budget is not spent."""
+    assert database.shipping_max_attempts < database.max_attempts
+    create = shipping.make_handlers(carrier, database)[CreateShipment.TYPE]
+    incoming = create_shipment(f"ship-last-{uid}", postal_code=UNAVAILABLE_POSTAL_CODE)
+    ctx = await handle(engine, create, incoming, retries=database.max_attempts - 1)
+    reply = _only_reply(ctx)
+    assert isinstance(reply, ShipmentFailed)
+    assert reply.reason.startswith("carrier failed 1 times")
