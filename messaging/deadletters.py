@@ -393,7 +393,11 @@ _STRIP = {
 
 
 def replay_message(row: Any, tracer: trace.Tracer) -> tuple[aio_pika.Message, trace.Span]:
-    headers = {k: v for k, v in row.headers.items() if k not in _STRIP}
+    headers = {
+        k: v
+        for k, v in row.headers.items()
+        if k not in _STRIP and not k.startswith(HeaderNames.RETRY_STATE_PREFIX)
+    }
     original = telemetry.extract(row.headers)
     original_ctx = trace.get_current_span(original).get_span_context()
     exchange, key = topology.replay_route(row.queue)

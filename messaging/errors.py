@@ -15,7 +15,8 @@ class TransientError(SagabusError):
 
     ``headers`` are set on the copy that goes round the delay queue, so that a handler can keep
     a count of its own (the carrier attempts of the shipping service, for one) that other
-    failures, such as a database outage, do not add to. The consumer's own headers win."""
+    failures, such as a database outage, do not add to. The consumer's own headers win. Name
+    them with ``HeaderNames.RETRY_STATE_PREFIX``: a dead-letter replay starts them afresh."""
 
     def __init__(self, *args: object, headers: Mapping[str, str | int] | None = None) -> None:
         super().__init__(*args)

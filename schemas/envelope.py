@@ -41,6 +41,9 @@ class HeaderNames:
     BAGGAGE = "baggage"
     # Added by the consumer when a message is retried or dead-lettered.
     RETRY_COUNT = "sagabus-retry-count"
+    #: prefix of the headers a handler keeps across its retries (``TransientError(headers=)``):
+    #: retry state, which a dead-letter replay resets along with the retry count
+    RETRY_STATE_PREFIX = "sagabus-retry-state-"
     ERROR_CLASS = "sagabus-error-class"
     ERROR_MESSAGE = "sagabus-error-message"
     FAILED_QUEUE = "sagabus-failed-queue"

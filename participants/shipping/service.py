@@ -30,6 +30,7 @@ from participants.shipping.carrier import (
     CarrierUnavailable,
     bookings_table,
 )
+from schemas.envelope import HeaderNames
 from schemas.shipping import (
     CancelShipment,
     CreateShipment,
@@ -59,7 +60,7 @@ bookings = bookings_table(metadata)
 #: carrier failures of this CreateShipment so far: set on the copy that goes round the delay
 #: queue when the carrier fails, and on no other retry, so that a database outage's retries do not
 #: spend the carrier's budget (``shipping_max_attempts``)
-CARRIER_ATTEMPTS = "sagabus-shipping-carrier-attempts"
+CARRIER_ATTEMPTS = HeaderNames.RETRY_STATE_PREFIX + "shipping-carrier-attempts"
 
 _SHIPMENTS = qualified(shipments)
 _LOCK = f"SELECT status, tracking_number, reason FROM {_SHIPMENTS} WHERE order_id = $1 FOR UPDATE"
