@@ -196,19 +196,8 @@ async def test_rows_written_in_a_rolled_back_transaction_are_never_published(rig
 async def test_a_commit_signalled_during_a_drain_is_published_without_waiting_for_the_poll(
     rig: Rig, database: Settings
 ) -> None:
-    # This relay hears only the in-process signal (its LISTEN connection has nowhere to go) and
-    # would otherwise poll once an hour.
-    quiet = database.model_copy(
-        update={"database_url": "postgresql://postgres@127.0.0.1:1/nowhere", "outbox_poll_s": 3600}
-    )
-    relay = Relay(
-        service="it-relay-wakeup",
-        engine=rig.engine,
-        outbox=rig.outbox,
-        publisher=rig.relay.publisher,
-        settings=quiet,
-        tracer=telemetry.tracer("it-relay"),
-    )
+    # This relay hears only the in-process signal and would otherwise poll once an hour.
+    relay = _relay(rig, _quiet(database))
     late = message(rig.exchange, "routed")
     drain = relay.drain
     drains = 0
