@@ -133,6 +133,15 @@ async def create_schema(engine: AsyncEngine, schema: str, metadata: MetaData) ->
         await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('sagabus-migrate'))"))
         await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
         await conn.run_sync(lambda sync: metadata.create_all(sync, checkfirst=True))
+        # create_all skips the tables that exist; an index added since (the retention's BRIN
+        # indexes) is created on them here
+        await conn.run_sync(lambda sync: _create_missing_indexes(sync, metadata))
+
+
+def _create_missing_indexes(sync: Any, metadata: MetaData) -> None:
+    for table in metadata.sorted_tables:
+        for index in table.indexes:
+            index.create(sync, checkfirst=True)
 
 
 async def ensure_database(settings: Settings) -> bool:

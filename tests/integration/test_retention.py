@@ -86,3 +86,45 @@ async def test_prune_deletes_only_expired_inbox_rows_and_old_sent_outbox_rows(
     finally:
         async with engine.begin() as conn:
             await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+async def test_migrating_an_existing_schema_adds_indexes_it_lacks(
+    engine: AsyncEngine, uid: str
+) -> None:
+    """A schema created before an index was added to its tables gets the index on migrate."""
+    schema = f"it_indexes_{uid}"
+    metadata = MetaData(schema=schema)
+    inbox_table(metadata)
+    await create_schema(engine, schema, metadata)
+    try:
+        async with engine.begin() as conn:
+            names = (
+                (
+                    await conn.execute(
+                        text("SELECT indexname FROM pg_indexes WHERE schemaname = :s"),
+                        {"s": schema},
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            brin = [n for n in names if "received_at" in n]
+            assert brin, names
+            for name in brin:
+                await conn.execute(text(f'DROP INDEX "{schema}"."{name}"'))
+        await create_schema(engine, schema, metadata)  # as a service start-up does
+        async with engine.connect() as conn:
+            again = (
+                (
+                    await conn.execute(
+                        text("SELECT indexname FROM pg_indexes WHERE schemaname = :s"),
+                        {"s": schema},
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        assert sorted(again) == sorted(names)
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
