@@ -28,6 +28,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from messaging import topology
 from participants.shipping.carrier import UNAVAILABLE_POSTAL_CODE, UNDELIVERABLE_POSTAL_CODE
+from process_manager.demo import Scenario
 from schemas.checkout import StartCheckout, saga_id_for_order
 from schemas.common import LineItem, ShippingAddress
 from schemas.envelope import HeaderNames
@@ -536,13 +537,6 @@ POISON_KINDS = (
 
 
 # -- the scenario plan -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    expected: str
-    weight: int
 
 
 SCENARIOS = (
