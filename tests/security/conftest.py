@@ -1,6 +1,8 @@
 """A provisioned broker for the security tests: a vhost of their own, the topology declared by
 the admin, and one restricted user per service made by ``sagabus provision`` itself.
 
+``restricted`` runs every service as its own user in that vhost (shared by the security tests).
+
 RabbitMQ users are shared by every vhost, so these get a user prefix unique to the test session;
 the vhost, the users and the database are removed afterwards."""
 
@@ -22,8 +24,9 @@ from click.testing import CliRunner
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from messaging.db import ensure_database, make_engine
+from messaging.service import Runtime
 from messaging.settings import Settings
-from process_manager import provision
+from process_manager import bootstrap, provision
 from tests import support
 
 PG_ADMIN = os.environ.get("SAGABUS_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -136,3 +139,23 @@ async def sec_engine(sec_settings: Settings) -> AsyncIterator[AsyncEngine]:
     e = make_engine(sec_settings)
     yield e
     await e.dispose()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def restricted(
+    provisioned: Provisioned, sec_settings: Settings, sec_engine: AsyncEngine
+) -> AsyncIterator[dict[str, Runtime]]:
+    """One runtime per service, each connected as its own user, like one container each."""
+    runtimes: dict[str, Runtime] = {}
+    try:
+        for name in bootstrap.FACTORIES:
+            s = sec_settings.model_copy(update={"amqp_url": provisioned.url(name)})
+            runtimes[name] = Runtime(bootstrap.definitions(s, [name]), s, engine=sec_engine)
+            await runtimes[name].start()
+        s = sec_settings.model_copy(update={"amqp_url": provisioned.url("dead-letters")})
+        runtimes["dead-letters"] = Runtime([], s, engine=sec_engine, dead_letters=True)
+        await runtimes["dead-letters"].start()
+        yield runtimes
+    finally:
+        for runtime in runtimes.values():
+            await runtime.stop()

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 import pytest
-import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from messaging import deadletters, topology
@@ -24,33 +22,13 @@ from participants.inventory import service as inventory
 from participants.notification import service as notification
 from participants.payment import service as payment
 from participants.shipping.carrier import UNAVAILABLE_POSTAL_CODE
-from process_manager import bootstrap, ops
+from process_manager import ops
 from schemas.envelope import HeaderNames
 from schemas.payment import AuthorizePayment
 from tests.security.conftest import Provisioned
 from tests.support import checkout, one, rows, wait_for, wait_terminal
 
 pytestmark = pytest.mark.integration
-
-
-@pytest_asyncio.fixture(scope="session")
-async def restricted(
-    provisioned: Provisioned, sec_settings: Settings, sec_engine: AsyncEngine
-) -> AsyncIterator[dict[str, Runtime]]:
-    """One runtime per service, each connected as its own user, like one container each."""
-    runtimes: dict[str, Runtime] = {}
-    try:
-        for name in bootstrap.FACTORIES:
-            s = sec_settings.model_copy(update={"amqp_url": provisioned.url(name)})
-            runtimes[name] = Runtime(bootstrap.definitions(s, [name]), s, engine=sec_engine)
-            await runtimes[name].start()
-        s = sec_settings.model_copy(update={"amqp_url": provisioned.url("dead-letters")})
-        runtimes["dead-letters"] = Runtime([], s, engine=sec_engine, dead_letters=True)
-        await runtimes["dead-letters"].start()
-        yield runtimes
-    finally:
-        for runtime in runtimes.values():
-            await runtime.stop()
 
 
 async def seed(engine: AsyncEngine, sku: str, units: int) -> None:
