@@ -131,7 +131,14 @@ async def create_schema(engine: AsyncEngine, schema: str, metadata: MetaData) ->
     async with engine.begin() as conn:
         # Concurrent start-ups race on CREATE SCHEMA/TABLE IF NOT EXISTS; serialise them.
         await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('sagabus-migrate'))"))
-        await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+        # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists,
+        # and a service running as its own role (``sagabus provision``) owns its schema but may
+        # not create schemas: it is created only when it is missing
+        exists = await conn.scalar(
+            text("SELECT 1 FROM pg_namespace WHERE nspname = :schema"), {"schema": schema}
+        )
+        if not exists:
+            await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
         await conn.run_sync(lambda sync: metadata.create_all(sync, checkfirst=True))
         # create_all skips the tables that exist; an index added since (the retention's BRIN
         # indexes) is created on them here
@@ -163,3 +170,54 @@ async def ensure_database(settings: Settings) -> bool:
         return True
     finally:
         await conn.close()
+
+
+#: connections a deployable holds besides its pool: the outbox relay's LISTEN connection
+CONNECTIONS_OUTSIDE_POOL = 1
+#: headroom for the CLI and the containers' health checks
+CLI_CONNECTIONS = 5
+
+
+async def check_pool_budget(
+    engine_or_dsn: AsyncEngine | str, settings: Settings, *, deployables: int
+) -> str | None:
+    """A one-line warning when ``deployables`` processes with these settings can open more
+    connections than the server accepts from ordinary roles, else None.
+
+    Each process may open ``db_pool_size`` pooled connections plus as many overflow ones, and
+    keeps one more for the outbox relay's LISTEN; the CLI and health checks get a small margin.
+    The server keeps ``superuser_reserved_connections`` (and, from PostgreSQL 16,
+    ``reserved_connections``) of its ``max_connections`` for administrators."""
+    query = (
+        "SELECT current_setting('max_connections')::int,"
+        " current_setting('superuser_reserved_connections')::int,"
+        " coalesce(current_setting('reserved_connections', true), '0')::int"
+    )
+    if isinstance(engine_or_dsn, str):
+        conn = await asyncpg.connect(Settings(database_url=engine_or_dsn).asyncpg_url, timeout=10)
+        try:
+            row = await conn.fetchrow(query)
+        finally:
+            await conn.close()
+        assert row is not None
+        limit, su_reserved, reserved = row[0], row[1], row[2]
+    else:
+        async with engine_or_dsn.connect() as c:
+            limit, su_reserved, reserved = (await c.execute(text(query))).one()
+    available = limit - su_reserved - reserved
+    per_process = 2 * settings.db_pool_size + CONNECTIONS_OUTSIDE_POOL
+    needed = deployables * per_process + CLI_CONNECTIONS
+    if needed <= available:
+        return None
+    fitting = ((available - CLI_CONNECTIONS) // max(deployables, 1) - CONNECTIONS_OUTSIDE_POOL) // 2
+    advice = (
+        f"set SAGABUS_DB_POOL_SIZE={fitting} or lower, or raise max_connections"
+        if fitting >= 1
+        else "raise max_connections or run fewer processes"
+    )
+    return (
+        f"{deployables} processes x (2 x db_pool_size {settings.db_pool_size}"
+        f" + {CONNECTIONS_OUTSIDE_POOL}) + {CLI_CONNECTIONS} for the CLI = {needed} connections,"
+        f" but max_connections {limit} leaves {available} after {su_reserved + reserved}"
+        f" reserved: {advice}"
+    )

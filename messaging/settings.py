@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     declare_topology: bool = True
     database_url: str = "postgresql://postgres@127.0.0.1:5432/sagabus"
     #: database pool per process
-    db_pool_size: int = Field(default=10, ge=1, le=200)
+    db_pool_size: int = Field(default=5, ge=1, le=200)
     #: unacknowledged deliveries per consumer
     prefetch: int = Field(default=64, ge=1, le=1000)
     #: most deliveries one consumer handles in one database transaction (1: one per message)

@@ -4,7 +4,9 @@ The permission model is data (``GRANTS``): per principal, the queues it consumes
 it publishes to, and the routing keys it may use on the topic exchanges. ``apply`` puts it on a
 broker through the management HTTP API (and can declare the topology there as the admin);
 ``definitions`` renders it, with the topology, as a RabbitMQ definitions file to load at boot.
-Both are idempotent. ``command`` is ``sagabus provision``.
+Both are idempotent. ``command`` is ``sagabus provision``; with ``--database-admin-url`` it also
+applies the database's model (``process_manager.provision_db``: one PostgreSQL role per service,
+owning only its own schema, and an operator role).
 
 How RabbitMQ checks access (observed on 3.10, and the reason for each grant):
 
@@ -577,6 +579,122 @@ def env_file_text(accounts: Sequence[Account], amqp_host: str, vhost: str) -> st
     return "\n".join(lines) + "\n"
 
 
+def read_database_env(path: Path) -> tuple[dict[str, str], list[str]]:
+    """The database lines of an env file this command wrote before: role -> password, and the
+    lines themselves (kept as they are when this run does not provision the database)."""
+    from process_manager.provision_db import ENV_KEY_PREFIX as DB_KEY_PREFIX
+
+    found: dict[str, str] = {}
+    lines: list[str] = []
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return found, lines
+    except OSError as e:
+        raise ProvisionError(f"cannot read {path}: {e.strerror}") from None
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if not sep or not key.startswith(DB_KEY_PREFIX):
+            continue
+        lines.append(line.strip())
+        url = urllib.parse.urlsplit(value.strip().strip("'\""))
+        if url.username and url.password:
+            found[urllib.parse.unquote(url.username)] = urllib.parse.unquote(url.password)
+    return found, lines
+
+
+def database_env_text(lines: Sequence[str]) -> str:
+    if not lines:
+        return ""
+    header = [
+        "# PostgreSQL roles written by `sagabus provision --database-admin-url`. SECRET.",
+        "# Give each service its line as SAGABUS_DATABASE_URL, and the CLI the OPERATOR one:",
+        "# e.g. SAGABUS_DATABASE_URL=$SAGABUS_DATABASE_URL_PAYMENT for the payment service.",
+    ]
+    return "\n".join([*header, *lines]) + "\n"
+
+
+@dataclass
+class DatabaseRole:
+    principal: str
+    role: str
+    schema: str | None
+    password: str
+    #: "file", "environment", "demo" or "new"
+    source: str
+    #: "created" or "updated" (the role existed; its password is set again, same or new)
+    action: str = "created"
+    url: str = ""
+
+    @property
+    def env_key(self) -> str:
+        from process_manager.provision_db import env_key
+
+        return env_key(self.principal)
+
+
+def plan_database(
+    existing: Iterable[str],
+    *,
+    role_prefix: str,
+    known: Mapping[str, str],
+    environ: Mapping[str, str],
+    demo_passwords: bool = False,
+    rotate: bool = False,
+) -> list[DatabaseRole]:
+    """Each role's password: from SAGABUS_DATABASE_PASSWORD_<PRINCIPAL>, else the demo one, else
+    the one in the env file (role -> password in ``known``) unless ``rotate``, else a new one.
+    A role that exists keeps working only with the password set here, so one whose password is
+    not known needs ``rotate``."""
+    from process_manager import provision_db as pdb
+
+    existing = set(existing)
+    roles: list[DatabaseRole] = []
+    unknown: list[str] = []
+    for p in pdb.PRINCIPALS:
+        role = pdb.role_name(p, role_prefix)
+        schema = pdb.SCHEMAS.get(p)
+        from_env = environ.get(pdb.password_env_key(p))
+        if from_env:
+            password, source = from_env, "environment"
+        elif demo_passwords:
+            password, source = demo_password(p), "demo"
+        elif role in known and not rotate:
+            password, source = known[role], "file"
+        else:
+            if p in existing and not rotate:
+                unknown.append(role)
+            password, source = pdb.new_password(), "new"
+        action = "updated" if p in existing else "created"
+        roles.append(DatabaseRole(p, role, schema, password, source, action))
+    if unknown:
+        raise ProvisionError(
+            f"database roles {', '.join(unknown)} exist and their passwords are not known here "
+            "(not in --output, nor in SAGABUS_DATABASE_PASSWORD_<SERVICE>): pass --rotate to "
+            "set new ones"
+        )
+    return roles
+
+
+def _database_call(admin_url: str, coro: Any) -> Any:
+    import asyncio
+
+    import asyncpg
+
+    # a loop of its own, not asyncio.run: that would also unset the caller's current loop
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    except (TimeoutError, OSError, asyncpg.CannotConnectNowError) as e:
+        raise Unreachable(f"cannot reach PostgreSQL at {redact(admin_url)} ({e})") from None
+    except asyncpg.PostgresError as e:
+        raise ProvisionError(f"PostgreSQL refused: {e}") from None
+    except ValueError as e:  # a URL without a database, say
+        raise click.UsageError(f"--database-admin-url: {e}") from None
+    finally:
+        loop.close()
+
+
 # -- the command -------------------------------------------------------------------------------
 
 
@@ -653,6 +771,21 @@ def _admin_pair(value: str | None) -> tuple[str, str] | None:
     show_default=True,
     help="Also declare the exchanges, queues and bindings as the admin.",
 )
+@click.option(
+    "--database-admin-url",
+    default=None,
+    envvar="SAGABUS_DATABASE_ADMIN_URL",
+    show_envvar=True,
+    help="Also create one PostgreSQL role per service, owning only its schema, and an operator "
+    "role: a superuser's postgresql:// URL of the database to provision [default: none, the "
+    "database is left alone]. Passwords come from SAGABUS_DATABASE_PASSWORD_<SERVICE> if set.",
+)
+@click.option(
+    "--role-prefix",
+    default="sagabus_",
+    show_default=True,
+    help="PostgreSQL role names are PREFIX + service name with '-' as '_'.",
+)
 @click.option("--json", "as_json", is_flag=True)
 def command(
     vhost: str | None,
@@ -666,10 +799,14 @@ def command(
     demo_passwords: bool,
     do_apply: bool,
     do_topology: bool,
+    database_admin_url: str | None,
+    role_prefix: str,
     as_json: bool,
 ) -> None:
     """Create one RabbitMQ user per service, allowed only the queues it consumes and the
-    exchanges (and routing keys) it publishes to. Idempotent."""
+    exchanges (and routing keys) it publishes to; with --database-admin-url, also one
+    PostgreSQL role per service that owns only its own schema, and an operator role for the
+    CLI. Idempotent."""
     try:
         settings = Settings()
     except Exception as e:  # pydantic validation of SAGABUS_* variables
@@ -685,6 +822,18 @@ def command(
     admin = _admin_pair(definitions_admin)
     if admin is not None and definitions_path is None:
         raise click.UsageError("--definitions-admin needs --definitions")
+    from process_manager import provision_db
+
+    if not provision_db.valid_prefix(role_prefix):
+        raise click.BadParameter(
+            "lower-case letters, digits and '_' only (at most 40)", param_hint="--role-prefix"
+        )
+    if database_admin_url is not None and not database_admin_url.startswith(
+        ("postgresql://", "postgres://", "postgresql+asyncpg://")
+    ):
+        raise click.UsageError(
+            f"--database-admin-url must be a postgresql:// URL, got {redact(database_admin_url)!r}"
+        )
     mgmt = Management(admin_url)
     target = vhost or "/"
     host = amqp_host or f"{mgmt.hostname}:5672"
@@ -701,6 +850,21 @@ def command(
         raise ProvisionError(
             f"users {', '.join(unknown)} exist{where}: pass --rotate to set new passwords"
         )
+    known_roles, kept_lines = read_database_env(output) if output is not None else ({}, [])
+    db_roles: list[DatabaseRole] | None = None
+    if database_admin_url is not None and do_apply:
+        existing_roles = _database_call(
+            database_admin_url,
+            provision_db.existing_roles(database_admin_url, role_prefix=role_prefix),
+        )
+        db_roles = plan_database(
+            existing_roles,
+            role_prefix=role_prefix,
+            known=known_roles,
+            environ=os.environ,
+            demo_passwords=demo_passwords,
+            rotate=rotate,
+        )
     if not do_apply:
         for a in accounts:
             a.action = "not applied"
@@ -713,8 +877,32 @@ def command(
             create_vhost=vhost is not None,
             declare_topology=do_topology,
         )
+    db_error: click.ClickException | None = None
+    if db_roles is not None:
+        assert database_admin_url is not None
+        try:
+            urls = _database_call(
+                database_admin_url,
+                provision_db.apply_roles(
+                    database_admin_url,
+                    role_prefix=role_prefix,
+                    passwords={r.principal: r.password for r in db_roles},
+                ),
+            )
+        except click.ClickException as e:
+            # the broker's new passwords must still reach the file; the roles are unchanged
+            # (applied in one transaction), so the file's database lines stay valid
+            db_error, db_roles = e, None
+        else:
+            for r in db_roles:
+                r.url = urls[r.principal]
+            kept_lines = [f"{r.env_key}={r.url}" for r in db_roles]
     if output is not None:
-        write_secret_file(output, env_file_text(accounts, host, target))
+        write_secret_file(
+            output, env_file_text(accounts, host, target) + database_env_text(kept_lines)
+        )
+    if db_error is not None:
+        raise db_error
     if definitions_path is not None:
         doc = definitions(accounts, settings, vhost=target, admin=admin, fixed_salts=demo_passwords)
         text = json.dumps(doc, indent=2) + "\n"
@@ -725,12 +913,31 @@ def command(
                 raise ProvisionError(f"cannot write {definitions_path}: {e.strerror}") from None
         else:
             write_secret_file(definitions_path, text)
-    _report(accounts, host, target, show_credentials=output is None, as_json=as_json)
+    _report(
+        accounts,
+        host,
+        target,
+        show_credentials=output is None,
+        as_json=as_json,
+        database=db_roles,
+        database_url=database_admin_url,
+    )
 
 
 def _report(
-    accounts: Sequence[Account], host: str, vhost: str, *, show_credentials: bool, as_json: bool
+    accounts: Sequence[Account],
+    host: str,
+    vhost: str,
+    *,
+    show_credentials: bool,
+    as_json: bool,
+    database: Sequence[DatabaseRole] | None = None,
+    database_url: str | None = None,
 ) -> None:
+    def shown(r: DatabaseRole) -> bool:
+        # a password given in the environment is known to the caller: never echoed
+        return show_credentials and r.source != "environment"
+
     if as_json:
         rows = []
         for a in accounts:
@@ -747,7 +954,26 @@ def _report(
             if show_credentials and a.password is not None:
                 row["amqp_url"] = a.amqp_url(host, vhost)
             rows.append(row)
-        click.echo(json.dumps({"vhost": vhost, "users": rows}, indent=2))
+        report: dict[str, Any] = {"vhost": vhost, "users": rows}
+        if database is not None:
+            from process_manager.provision_db import database_name
+
+            assert database_url is not None
+            db_rows = []
+            for r in database:
+                db_row: dict[str, Any] = {
+                    "principal": r.principal,
+                    "role": r.role,
+                    "schema": r.schema,
+                    "password": r.action,
+                    "password_from": r.source,
+                    "env_key": r.env_key,
+                }
+                if shown(r):
+                    db_row["database_url"] = r.url
+                db_rows.append(db_row)
+            report["database"] = {"database": database_name(database_url), "roles": db_rows}
+        click.echo(json.dumps(report, indent=2))
         return
     for a in accounts:
         p = a.grant.permissions()
@@ -762,12 +988,21 @@ def _report(
                 click.echo(f"{a.env_key}={a.amqp_url(host, vhost)}")
             else:
                 click.echo(f"# {a.user}: existing password kept (--rotate sets a new one)")
+    for r in database or ():
+        owns = f"owns schema {r.schema}" if r.schema else "reads every schema (the CLI)"
+        click.echo(f"{r.role} ({r.action}): {owns}")
+        if show_credentials:
+            if shown(r):
+                click.echo(f"{r.env_key}={r.url}")
+            else:
+                click.echo(f"# {r.role}: password from the environment")
 
 
 __all__ = [
     "GRANTS",
     "PARTICIPANTS",
     "Account",
+    "DatabaseRole",
     "Grant",
     "Management",
     "TopicGrant",
@@ -776,5 +1011,7 @@ __all__ = [
     "definitions",
     "password_hash",
     "plan",
+    "plan_database",
+    "read_database_env",
     "topology_definitions",
 ]

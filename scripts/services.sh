@@ -31,4 +31,16 @@ for _ in $(seq 1 60); do
   curl -fsS -u guest:guest http://127.0.0.1:15672/api/overview >/dev/null 2>&1 && break
   sleep 1
 done
+# The broker's limit on one message (deploy/rabbitmq/rabbitmq.conf, above the services'
+# SAGABUS_MAX_MESSAGE_BYTES): set on the running node, no restart. The setting lives as long as
+# the node, so a restarted node gets it back from the next run of this script.
+conf="$(dirname "${BASH_SOURCE[0]}")/../deploy/rabbitmq/rabbitmq.conf"
+max_size=$(sed -n 's/^max_message_size *= *\([0-9][0-9]*\) *$/\1/p' "$conf" 2>/dev/null | tail -n1)
+max_size=${max_size:-1048576}
+current=$(rabbitmqctl -q eval 'application:get_env(rabbit, max_message_size).' 2>/dev/null || true)
+if [ "$current" != "{ok,$max_size}" ]; then
+  say "setting RabbitMQ max_message_size to $max_size bytes (was ${current:-unknown})"
+  rabbitmqctl -q eval "application:set_env(rabbit, max_message_size, $max_size)." >/dev/null \
+    || say "could not set max_message_size (rabbitmqctl eval failed); messages up to 128 MiB pass"
+fi
 say "PostgreSQL and RabbitMQ (management on :15672) are up"
