@@ -40,6 +40,9 @@ def make_engine(settings: Settings) -> AsyncEngine:
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_size,
         pool_recycle=1800,
+        # an error's text never carries the statement's parameters (payment tokens, addresses)
+        # into logs, dead-letter headers or the CLI's messages
+        hide_parameters=True,
     )
     event.listen(engine.sync_engine, "checkout", _drop_closed)
     return engine

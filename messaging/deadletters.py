@@ -8,6 +8,11 @@ A replay republishes the original body, properties and message id to the queue t
 subscribers of a fan-out do not see it again), waits for the broker's confirm, and only then
 marks the row replayed. Killed midway, a replay at worst republishes a message the broker already
 has; consumers' inboxes drop that duplicate.
+
+Personal data: what the store shows (``list``, ``show``, ``groups``, a replay's report) has
+payment tokens and addresses masked, in the body, the headers and the error text; a replay
+publishes the stored bytes, unmasked. Rows expire after ``dead_letter_retention_s``
+(``RETAINED``), and ``sagabus erase`` redacts the stored bodies of an erased customer.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from messaging import telemetry, topology
 from messaging.publisher import Publisher
+from messaging.retention import RetentionRule
+from messaging.telemetry import mask_json_body, mask_personal, mask_text
 from schemas.envelope import HeaderNames
 
 log = structlog.get_logger("sagabus.dead_letters")
@@ -82,6 +89,10 @@ dead_letters = Table(
     Column("purged_at", DateTime(timezone=True), nullable=True),
     Column("purged_by", Text, nullable=True),
 )
+
+#: every stored dead letter, whatever its status, expires after ``dead_letter_retention_s`` (no
+#: row here absorbs a duplicate: a replay's copy meets the consumers' inboxes and idempotency)
+RETAINED = (RetentionRule(dead_letters, "collected_at", "dead_letter_retention_s", guard=False),)
 
 _UUIDISH = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 _NUMBER = re.compile(r"\d+")
@@ -308,7 +319,7 @@ def to_json(row: Any, *, full: bool = False) -> dict[str, Any]:
         "saga_id": row.saga_id,
         "queue": row.queue,
         "error_class": row.error_class,
-        "error_message": row.error_message,
+        "error_message": mask_text(row.error_message),
         "failure_kind": row.failure_kind,
         "group": row.fingerprint,
         "retry_count": row.retry_count,
@@ -322,12 +333,14 @@ def to_json(row: Any, *, full: bool = False) -> dict[str, Any]:
     if full:
         out["original_exchange"] = row.original_exchange
         out["original_routing_key"] = row.original_routing_key
-        out["headers"] = row.headers
+        out["headers"] = mask_personal(row.headers)
         out["properties"] = row.properties
         try:
-            out["body"] = row.body.decode("utf-8")
+            row.body.decode("utf-8")
         except UnicodeDecodeError:
             out["body_hex"] = row.body.hex()
+        else:
+            out["body"] = mask_json_body(row.body)
         out["purged_at"] = row.purged_at.isoformat() if row.purged_at else None
         out["purged_by"] = row.purged_by
     return out
@@ -369,7 +382,7 @@ async def groups(engine: AsyncEngine, f: Filters) -> list[dict[str, Any]]:
             "error_class": r.error_class,
             "queue": r.queue,
             "message_type": r.message_type,
-            "example": normalise(r.example),
+            "example": mask_text(normalise(r.example)),
             "first_failed_at": r.first.isoformat(),
             "last_failed_at": r.last.isoformat(),
         }

@@ -25,7 +25,7 @@ from messaging.db import create_schema, inbox_table, make_engine, outbox_table
 from messaging.deadletters import Collector
 from messaging.outbox import Outbox, Relay
 from messaging.publisher import Publisher
-from messaging.retention import prune_loop
+from messaging.retention import RetentionRule, prune_loop
 from messaging.settings import Settings
 
 log = structlog.get_logger("sagabus.service")
@@ -38,6 +38,8 @@ class ServiceDefinition:
     metadata: MetaData
     handlers: dict[str, Handler]
     background: Sequence[Callable[[ServiceContext], Awaitable[None]]] = ()
+    #: its own rows that expire (``messaging.retention``), pruned with its inbox and outbox
+    retained: Sequence[RetentionRule] = ()
     outbox: Table = field(init=False)
     inbox: Table = field(init=False)
 
@@ -151,6 +153,8 @@ class Runtime:
                         outbox_retention_s=self.settings.outbox_retention_s,
                         interval_s=self.settings.retention_interval_s,
                         stop=self.stop_event,
+                        rules=d.retained,
+                        settings=self.settings,
                     )
                 )
             )

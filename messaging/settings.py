@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     inbox_retention_s: float = Field(default=14 * 86_400, ge=0)
     outbox_retention_s: float = Field(default=86_400, ge=0)
     retention_interval_s: float = Field(default=600, gt=0)
+    #: retention of business rows (``RetentionRule``s; 0 keeps them for ever): finished sagas
+    #: with their history and closed manual cases; dead letters whatever their status;
+    #: participants' rows of finished business. Rows that guard against late duplicates are
+    #: kept at least as long as the inbox and dead-letter windows (docs/personal-data.md)
+    saga_retention_s: float = Field(default=90 * 86_400, ge=0)
+    dead_letter_retention_s: float = Field(default=30 * 86_400, ge=0)
+    participant_retention_s: float = Field(default=90 * 86_400, ge=0)
 
     #: process manager: per step timeout and bounded re-sends
     step_timeout_s: float = Field(default=30.0, gt=0)

@@ -8,8 +8,10 @@ exported, and an unreachable collector only costs dropped spans, never a failing
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import socket
 import sys
 from collections.abc import Mapping, MutableMapping
@@ -167,6 +169,119 @@ def _add_instance(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
     return event
 
 
+# -- personal data in logs and displays --------------------------------------------------------
+
+#: keys whose values are personal data wherever they appear (a message body, a log field, a
+#: header): the payment token and the shipping address with each of its fields
+PERSONAL_KEYS = frozenset(
+    {
+        "payment_token",
+        "shipping_address",
+        "address",
+        "line1",
+        "line2",
+        "city",
+        "postal_code",
+    }
+)
+MASK = "***"
+#: payment tokens inside free text (``tok_visa``): the prefix stays, so a reader still sees
+#: that a token was there
+_TOKEN = re.compile(r"\btok_[A-Za-z0-9._:-]+")
+#: ``"line1": "1 Main Street"`` (JSON) or ``'line1': '1 Main Street'`` (a Python repr) in text
+_KEYS = "|".join(sorted(PERSONAL_KEYS - {"shipping_address", "address"}))
+_KEYED = re.compile(
+    r"""(?P<k>(?P<q>["'])(?:""" + _KEYS + r""")(?P=q)\s*[:=]\s*)(?:"[^"]*"|'[^']*')"""
+)
+#: PostgreSQL's error details quote the offending values: ``Key (col)=(value)`` and ``Failing
+#: row contains (...)``
+_PG_KEY = re.compile(r"Key \(([^)]*)\)=\((?:[^()]|\([^()]*\))*\)")
+_PG_ROW = re.compile(r"Failing row contains \((?:[^()]|\([^()]*\))*\)")
+
+
+def mask_text(text: str) -> str:
+    """``text`` with payment tokens, keyed personal values and PostgreSQL's quoted row values
+    replaced by ``***``."""
+    text = _TOKEN.sub("tok_" + MASK, text)
+    text = _KEYED.sub(lambda m: f"{m['k']}{m['q']}{MASK}{m['q']}", text)
+    text = _PG_KEY.sub(lambda m: f"Key ({m[1]})=({MASK})", text)
+    return _PG_ROW.sub(f"Failing row contains ({MASK})", text)
+
+
+def mask_personal(value: Any, *, key: str | None = None) -> Any:
+    """A copy of ``value`` (dicts, lists and strings, nested) with personal data masked: every
+    leaf under a personal key becomes ``***`` (the structure stays, so a reader sees which
+    fields there were), and strings elsewhere go through :func:`mask_text`."""
+    if key is not None and key.lower() in PERSONAL_KEYS:
+        if isinstance(value, Mapping):
+            return {k: mask_personal(v, key=key) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [mask_personal(v, key=key) for v in value]
+        return None if value is None else MASK
+    if isinstance(value, Mapping):
+        return {k: mask_personal(v, key=str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [mask_personal(v) for v in value]
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, bytes):
+        return mask_text(value.decode("utf-8", "replace"))
+    return value
+
+
+def mask_json_body(body: bytes) -> str:
+    """A message body for display: JSON with its personal fields masked, or, when it is not
+    JSON, its text with tokens and keyed values masked."""
+    text = body.decode("utf-8", "replace")
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return mask_text(text)
+    masked = mask_personal(parsed)
+    return text if masked == parsed else json.dumps(masked, ensure_ascii=False)
+
+
+def _mask_personal_data(
+    _: Any, __: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: no payment token or address reaches a log line, whichever field
+    (or exception text) carries it."""
+    for k in list(event):
+        event[k] = mask_personal(event[k], key=k)
+    return event
+
+
+class _MaskingFilter(logging.Filter):
+    """The same for the standard library's loggers (SQLAlchemy, aio-pika, asyncio)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: leave it to logging
+            return True
+        masked = mask_text(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
+            record.exc_text = mask_text(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+def log_processors(renderer: Any) -> list[Any]:
+    """The structlog chain of every service, ending in ``renderer``: personal data is masked
+    after the exception is formatted, so the traceback's text is masked too."""
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        _add_trace_ids,
+        _add_instance,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        _mask_personal_data,
+        renderer,
+    ]
+
+
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     """structlog: JSON lines when not on a terminal, readable lines on one; every line carries
     the process's ``instance`` id."""
@@ -180,19 +295,14 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
         else structlog.processors.JSONRenderer()
     )
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            _add_trace_ids,
-            _add_instance,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=log_processors(renderer),
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _MaskingFilter) for f in handler.filters):
+            handler.addFilter(_MaskingFilter())
     logging.getLogger("aio_pika").setLevel(logging.ERROR)
     logging.getLogger("aiormq").setLevel(logging.ERROR)

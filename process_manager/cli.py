@@ -849,6 +849,58 @@ def dlq_purge(
     click.echo(f"archived {n} dead letter(s)")
 
 
+# -- personal data --------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--customer", help="Customer id: every order of theirs.")
+@click.option("--order", "order_id", help="One order id.")
+@click.option("--dry-run", is_flag=True, help="Show what would change; change nothing.")
+@click.option("--json", "as_json", is_flag=True)
+def erase(customer: str | None, order_id: str | None, dry_run: bool, as_json: bool) -> None:
+    """Redact a customer's (or an order's) payment token, address and customer id wherever
+    they are stored: sagas, participants' tables, sent outbox rows, dead letters. Orders whose
+    saga is still running are skipped (run again once they finish)."""
+    from process_manager import bootstrap
+    from process_manager.erase import erase as do_erase
+
+    if (customer is None) == (order_id is None):
+        raise click.UsageError("name exactly one of --customer or --order")
+    if (customer or order_id or "").strip() == "":
+        raise click.UsageError("the id must not be empty")
+    s = settings()
+    report = _with_engine(
+        lambda e: do_erase(
+            e, bootstrap.definitions(s), customer=customer, order=order_id, dry_run=dry_run
+        )
+    )
+    subject = f"customer {customer}" if customer is not None else f"order {order_id}"
+    if not report.found:
+        raise Failed(f"nothing stored for {subject}")
+    if as_json:
+        emit_json(report.as_json())
+    else:
+        verb = "would redact" if dry_run else "redacted"
+        click.echo(
+            f"{verb} {sum(report.touched.values())} row(s) for {subject}"
+            f" ({len(report.orders)} order(s))"
+        )
+        if report.touched:
+            table = Table("table", "rows")
+            for name, n in sorted(report.touched.items()):
+                table.add_row(name, str(n))
+            Console().print(table)
+        for skipped in report.skipped:
+            click.echo(
+                f"skipped order {skipped['order_id']}: {skipped['why']} ({skipped['status']});"
+                " run again once it has finished"
+            )
+        if report.unsent_outbox:
+            click.echo(f"left {report.unsent_outbox} unsent outbox row(s) as they are")
+    if report.skipped and not report.orders:
+        sys.exit(EXIT_FAILED)
+
+
 @cli.command()
 @click.option("--sagas", type=click.IntRange(1, 100_000), default=200, show_default=True)
 @click.option("--seed", type=int, default=None, help="Scenario mix seed (default: time).")

@@ -24,6 +24,7 @@ from messaging.consumer import Context
 from messaging.errors import PermanentError
 from messaging.metrics import metrics
 from messaging.outbox import OutgoingMessage
+from messaging.retention import RetentionRule
 from messaging.service import ServiceContext, ServiceDefinition
 from messaging.settings import Settings
 from messaging.topology import command_route
@@ -426,10 +427,40 @@ def definition(settings: Settings) -> ServiceDefinition:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(sctx.stop.wait(), settings.sweeper_interval_s)
 
+    # Finished sagas (a FAILED_NEEDS_MANUAL one only once its case is closed), then the history
+    # and the closed cases of sagas that are gone. A saga row is a guard: it makes a second
+    # StartCheckout for its order start nothing. Terminal sagas are not written to any more, so
+    # ``updated_at`` is when they finished (and the ``sagas_status`` index covers it).
+    retained = (
+        RetentionRule(
+            store.sagas,
+            "updated_at",
+            "saga_retention_s",
+            "status IN ('COMPLETED', 'COMPENSATED') OR (status = 'FAILED_NEEDS_MANUAL' AND NOT"
+            " EXISTS (SELECT 1 FROM process_manager.manual_cases c WHERE c.saga_id ="
+            " sagas.saga_id AND c.resolved_at IS NULL))",
+        ),
+        RetentionRule(
+            store.history,
+            "at",
+            "saga_retention_s",
+            "NOT EXISTS (SELECT 1 FROM process_manager.sagas s WHERE s.saga_id = history.saga_id)",
+            guard=False,
+        ),
+        RetentionRule(
+            store.manual_cases,
+            "resolved_at",
+            "saga_retention_s",
+            "NOT EXISTS (SELECT 1 FROM process_manager.sagas s"
+            " WHERE s.saga_id = manual_cases.saga_id)",
+            guard=False,
+        ),
+    )
     return ServiceDefinition(
         name=SERVICE,
         schema=store.SCHEMA,
         metadata=store.metadata,
         handlers=make_handlers(policy),  # type: ignore[arg-type]
         background=(timeouts, sweeper),
+        retained=retained,
     )

@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from messaging.consumer import Context, Handler
 from messaging.db import driver, qualified
 from messaging.errors import PermanentError, TransientError
+from messaging.retention import RetentionRule
 from messaging.service import ServiceDefinition
 from messaging.settings import Settings
 from schemas.inventory import (
@@ -207,4 +208,8 @@ def definition(settings: Settings) -> ServiceDefinition:
         ReserveInventory.TYPE: reserve,
         ReleaseInventory.TYPE: release,
     }
-    return ServiceDefinition("inventory", SCHEMA, metadata, handlers)
+    # reservations that are settled (PENDING exists only inside a transaction); stock is kept
+    retained = (
+        RetentionRule(reservations, "updated_at", "participant_retention_s", "status <> 'PENDING'"),
+    )
+    return ServiceDefinition("inventory", SCHEMA, metadata, handlers, retained=retained)

@@ -8,6 +8,7 @@ from sqlalchemy import Column, DateTime, MetaData, Table, Text, Uuid
 
 from messaging.consumer import Context, Handler
 from messaging.db import driver, qualified
+from messaging.retention import RetentionRule
 from messaging.service import ServiceDefinition
 from messaging.settings import Settings
 from schemas.order import OrderCancelled, OrderCompleted
@@ -53,4 +54,5 @@ async def notify(ctx: Context) -> None:
 
 def definition(settings: Settings) -> ServiceDefinition:
     handlers: dict[str, Handler] = {OrderCompleted.TYPE: notify, OrderCancelled.TYPE: notify}
-    return ServiceDefinition("notification", SCHEMA, metadata, handlers)
+    retained = (RetentionRule(notifications, "sent_at", "participant_retention_s"),)
+    return ServiceDefinition("notification", SCHEMA, metadata, handlers, retained=retained)

@@ -16,6 +16,7 @@ from sqlalchemy import BigInteger, Column, DateTime, MetaData, Table, Text, Uuid
 from messaging.consumer import Context, Handler
 from messaging.db import driver, qualified
 from messaging.errors import PermanentError
+from messaging.retention import RetentionRule
 from messaging.service import ServiceDefinition
 from messaging.settings import Settings
 from schemas.order import (
@@ -153,4 +154,11 @@ def definition(settings: Settings) -> ServiceDefinition:
         CompleteOrder.TYPE: complete_order,
         CancelOrder.TYPE: cancel_order,
     }
-    return ServiceDefinition("order", SCHEMA, metadata, handlers)
+    # settled orders only; a PENDING one is still in a saga. A cancelled row without a
+    # customer is a tombstone: a guard, like every rule here
+    retained = (
+        RetentionRule(
+            orders, "updated_at", "participant_retention_s", "status IN ('COMPLETED', 'CANCELLED')"
+        ),
+    )
+    return ServiceDefinition("order", SCHEMA, metadata, handlers, retained=retained)

@@ -35,6 +35,7 @@ from sqlalchemy import (
 from messaging.consumer import Context, Handler
 from messaging.db import driver, qualified
 from messaging.errors import PermanentError
+from messaging.retention import RetentionRule
 from messaging.service import ServiceDefinition
 from messaging.settings import Settings
 from schemas.payment import (
@@ -311,4 +312,14 @@ def definition(settings: Settings) -> ServiceDefinition:
         RefundPayment.TYPE: refund,
         GetPaymentStatus.TYPE: status,
     }
-    return ServiceDefinition("payment", SCHEMA, metadata, handlers)
+    # settled payments (an AUTHORIZED one still holds money). The ledger is kept: it is the
+    # accounting record and the last guard against a second capture, and holds no personal data
+    retained = (
+        RetentionRule(
+            payments,
+            "updated_at",
+            "participant_retention_s",
+            "status IN ('CAPTURED', 'VOIDED', 'REFUNDED', 'DECLINED')",
+        ),
+    )
+    return ServiceDefinition("payment", SCHEMA, metadata, handlers, retained=retained)

@@ -21,6 +21,7 @@ from sqlalchemy import Column, DateTime, MetaData, Table, Text, Uuid
 from messaging.consumer import Context, Handler
 from messaging.db import driver, qualified
 from messaging.errors import TransientError
+from messaging.retention import RetentionRule
 from messaging.service import ServiceContext, ServiceDefinition
 from messaging.settings import Settings
 from participants.shipping.carrier import (
@@ -189,4 +190,9 @@ def definition(settings: Settings, *, rng: random.Random | None = None) -> Servi
         metadata,
         make_handlers(carrier, settings),
         background=(carrier_pool_owner(carrier),),
+        # shipments and the simulated carrier's bookings (its memory of idempotency keys)
+        retained=(
+            RetentionRule(shipments, "updated_at", "participant_retention_s"),
+            RetentionRule(bookings, "created_at", "participant_retention_s"),
+        ),
     )

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -312,3 +313,138 @@ async def test_purge_archives_and_the_cli_filters_and_refuses_without_yes(
     assert len(archived) == 2  # archived, not destroyed
     shown = json.loads(cli("show", archived[0]["id"], "--json").stdout)
     assert shown["status"] == "purged" and shown["purged_by"]
+
+
+# -- personal data: masked on display, original on replay -------------------------------------
+
+
+def _dlq_cli(s: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "process_manager.cli", "dlq", *args],
+        env=_env(s),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def test_show_and_list_mask_personal_fields_of_a_stored_dead_letter(
+    ops_settings: Settings, ops_engine: AsyncEngine
+) -> None:
+    from messaging.db import create_schema
+
+    uid = uuid.uuid4().hex[:8]
+    token, street, postal = f"tok_private_{uid}", f"{uid} Hidden Road", f"P{uid}"
+    body = checkout(f"pii-{uid}", token=token, postal_code=postal).model_dump(mode="json")
+    body["shipping_address"]["line1"] = street
+    await create_schema(ops_engine, deadletters.SCHEMA, deadletters.metadata)
+    dl_id = uuid.uuid4()
+    async with ops_engine.begin() as conn:
+        await conn.execute(
+            deadletters.dead_letters.insert().values(
+                id=dl_id,
+                message_id=str(uuid.uuid4()),
+                message_type="checkout.StartCheckout.v1",
+                saga_id=None,
+                queue="sagabus.process-manager",
+                error_class="PermanentError",
+                error_message=f"rejected: Failing row contains (pii-{uid}, {token}, {street})",
+                failure_kind="permanent",
+                fingerprint=f"pii{uid}",
+                retry_count=0,
+                headers={"sagabus-error-message": f"token {token} refused"},
+                properties={"message_id": None, "type": "checkout.StartCheckout.v1"},
+                body=json.dumps(body).encode(),
+                failed_at=datetime.now(UTC),
+                status="open",
+            )
+        )
+    outputs = [
+        _dlq_cli(ops_settings, "show", str(dl_id), "--json"),
+        _dlq_cli(ops_settings, "show", str(dl_id)),
+        _dlq_cli(ops_settings, "list", str(dl_id), "--json"),
+        _dlq_cli(ops_settings, "list", str(dl_id)),
+    ]
+    for out in outputs:
+        assert out.returncode == 0, out.stderr
+        for secret in (token, street, postal):
+            assert secret not in out.stdout, (secret, out.stdout)
+    shown = json.loads(outputs[0].stdout)
+    masked = json.loads(shown["body"])
+    assert masked["payment_token"] == "***"
+    assert set(masked["shipping_address"].values()) == {"***"}
+    assert masked["order_id"] == f"pii-{uid}" and masked["customer_id"] == "cus_test"
+    assert masked["items"] == body["items"]  # everything else as stored
+    listed = json.loads(outputs[2].stdout)
+    assert [r["id"] for r in listed] == [str(dl_id)]
+    # the stored row itself is untouched: replay must send what arrived
+    async with ops_engine.connect() as conn:
+        stored = (
+            await conn.execute(
+                select(deadletters.dead_letters.c.body).where(
+                    deadletters.dead_letters.c.id == dl_id
+                )
+            )
+        ).scalar_one()
+    assert json.loads(stored) == body
+
+
+async def test_a_masked_dead_letter_is_replayed_with_its_original_token(
+    start_services: Start, ops_settings: Settings, ops_engine: AsyncEngine
+) -> None:
+    """The payment service fails an AuthorizePayment until it is fixed; `dlq show` masks the
+    token, and `dlq replay` sends the real one: the payment is authorized with it."""
+    from participants.inventory import service as inventory
+    from participants.payment import service as payment
+    from tests.support import wait_terminal
+
+    uid = uuid.uuid4().hex[:8]
+    sku, token = f"SKU-PII-{uid}", f"tok_replayed_{uid}"
+    async with ops_engine.begin() as conn:
+        await inventory.seed(conn, {sku: 5})
+    patient = ops_settings.model_copy(update={"step_timeout_s": 120.0})
+    await start_services(
+        "process-manager",
+        "order",
+        "payment",
+        "inventory",
+        "shipping",
+        dead_letters=True,
+        settings=patient,
+    )
+    async with ops_engine.begin() as conn:
+        await conn.execute(
+            text("ALTER TABLE payment.payments ADD CONSTRAINT outage CHECK (false) NOT VALID")
+        )
+    try:
+        cmd = checkout(sku=sku, token=token)
+        await ops.publish_starts(ops_settings.amqp_url, [ops.start_message(cmd)])
+        saga = str(ops_saga(cmd.order_id))
+
+        async def dead() -> list[dict[str, Any]]:
+            return await _open(ops_engine, queue="sagabus.payment", saga_id=saga)
+
+        row = (await wait_for(dead, timeout=60, what="AuthorizePayment dead-lettered"))[0]
+    finally:
+        async with ops_engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE payment.payments DROP CONSTRAINT outage"))
+
+    shown = _dlq_cli(ops_settings, "show", row["id"], "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert token not in shown.stdout
+    assert json.loads(json.loads(shown.stdout)["body"])["payment_token"] == "***"
+
+    replayed = _dlq_cli(ops_settings, "replay", row["id"], "--json")
+    assert replayed.returncode == 0, replayed.stderr
+    assert token not in replayed.stdout
+    status = await wait_terminal(ops_engine, cmd.order_id, timeout=60)
+    assert status["state"] == "COMPLETED", status
+    async with ops_engine.connect() as conn:
+        stored = (
+            await conn.execute(
+                select(payment.payments.c.payment_token).where(
+                    payment.payments.c.order_id == cmd.order_id
+                )
+            )
+        ).scalar_one()
+    assert stored == token
