@@ -77,8 +77,19 @@ def summarize(error: ValidationError) -> str:
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
 
 
-def decode(delivery: AbstractIncomingMessage, *, max_bytes: int) -> Incoming:
-    """Validate a delivery into an envelope and a typed body, or raise ``PermanentError``."""
+def decode(
+    delivery: AbstractIncomingMessage,
+    *,
+    max_bytes: int,
+    headers: Mapping[str, Any] | None = None,
+    start: bool | None = None,
+) -> Incoming:
+    """Validate a delivery into an envelope and a typed body, or raise ``PermanentError``.
+
+    ``headers`` are the headers believed (``messaging.trust``; default: all of them). On the
+    start route (``start``; default: judged by the type) only the type, the body, the message
+    id, the correlation id and the trace context are read: the saga id is derived from the body
+    and every other envelope field takes its initial value."""
     if len(delivery.body) > max_bytes:
         raise PermanentError(f"body of {len(delivery.body)} bytes exceeds limit of {max_bytes}")
     if delivery.content_type not in (None, "", "application/json"):
@@ -98,8 +109,13 @@ def decode(delivery: AbstractIncomingMessage, *, max_bytes: int) -> Incoming:
     except ValidationError as e:
         raise PermanentError(f"invalid {delivery.type}: {summarize(e)}") from None
 
-    headers = dict(delivery.headers or {})
-    if isinstance(body, StartCheckout):
+    headers = dict((delivery.headers or {}) if headers is None else headers)
+    if start is None:
+        start = isinstance(body, StartCheckout)
+    if start:
+        if not isinstance(body, StartCheckout):
+            raise PermanentError(f"{delivery.type} is not a start command")
+        headers = {k: v for k, v in headers.items() if not k.startswith(HeaderNames.PREFIX)}
         # The public entry point: only the type and body are required.
         saga_id = saga_id_for_order(body.order_id)
         message_id = (
@@ -139,6 +155,7 @@ def decode(delivery: AbstractIncomingMessage, *, max_bytes: int) -> Incoming:
             causation_id=_uuid(causation, HeaderNames.CAUSATION_ID) if causation else None,
             idempotency_key=_header(headers, HeaderNames.IDEMPOTENCY_KEY),
             step=_header(headers, HeaderNames.STEP),
+            reply_token=_header(headers, HeaderNames.REPLY_TOKEN),
             attempt=_int(_header(headers, HeaderNames.ATTEMPT), HeaderNames.ATTEMPT, 1),
             fence=_int(_header(headers, HeaderNames.FENCE), HeaderNames.FENCE, 0),
             occurred_at=occurred,

@@ -28,10 +28,11 @@ from opentelemetry import trace
 from sqlalchemy import Table, exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from messaging import telemetry
+from messaging import telemetry, trust
 from messaging.codec import Incoming, decode
 from messaging.db import driver, qualified
 from messaging.errors import ConcurrencyConflict, PermanentError, TransientError
+from messaging.metrics import metrics
 from messaging.outbox import Outbox, OutgoingMessage
 from messaging.publisher import Publisher
 from messaging.settings import Settings
@@ -45,6 +46,7 @@ from messaging.topology import (
 )
 from schemas.base import Message
 from schemas.envelope import Envelope, HeaderNames
+from schemas.registry import REGISTRY
 
 log = structlog.get_logger("sagabus.consumer")
 
@@ -93,6 +95,7 @@ class Context:
             step=env.step,
             attempt=env.attempt,
             fence=env.fence,
+            reply_token=env.reply_token,
             occurred_at=self.now,
             **self._trace_headers(),
         )
@@ -106,7 +109,7 @@ class Context:
         exchange, key = fact_route(body.TYPE)
         env = self.derived_envelope(
             body, message_id=uuid.uuid5(self.envelope.message_id, f"fact:{body.TYPE}")
-        )
+        ).model_copy(update={"reply_token": None})  # a public fact answers no dispatch
         self.outgoing.append(OutgoingMessage(env, body, exchange, key))
 
 
@@ -150,14 +153,6 @@ def _where(e: BaseException) -> str:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
-
-
-def _retries(delivery: AbstractIncomingMessage) -> int:
-    value = dict(delivery.headers or {}).get(HeaderNames.RETRY_COUNT, 0)
-    try:
-        return int(value) if isinstance(value, int | str | bytes) else 0
-    except ValueError:
-        return 0
 
 
 async def _call(handler: Handler, ctx: Context) -> None:
@@ -206,8 +201,15 @@ class Consumer:
         publisher: Publisher,
         settings: Settings,
         tracer: trace.Tracer,
+        broker_user: str | None = None,
     ) -> None:
         self.service = service
+        #: this service's own broker user (the ``user_id`` of everything it publishes)
+        self.broker_user = broker_user
+        #: provisioned users' prefix: senders are checked; None: they are not (``guest``)
+        self.sender_prefix = (
+            trust.sender_prefix(broker_user, service) if broker_user is not None else None
+        )
         self.spec = spec
         self.engine = engine
         self.inbox = inbox
@@ -224,6 +226,7 @@ class Consumer:
             "duplicates": 0,
             "retried": 0,
             "dead_lettered": 0,
+            "rejected_security": 0,
         }
         #: database transactions run (fewer than messages when deliveries share one)
         self.transactions = 0
@@ -238,7 +241,7 @@ class Consumer:
         self._claim_sql = (
             f"INSERT INTO {q} (message_id, message_type, saga_id)"
             " SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[])"
-            " ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
+            " ON CONFLICT (message_id, message_type) DO NOTHING RETURNING message_id, message_type"
         )
 
     async def start(self, channel: aio_pika.abc.AbstractChannel) -> None:
@@ -316,20 +319,44 @@ class Consumer:
                 **telemetry.trace_ids(),
             )
             try:
-                incoming = decode(delivery, max_bytes=self.settings.max_message_bytes)
+                arrived = trust.arrival(
+                    delivery,
+                    self.spec.name,
+                    own_user=self.broker_user,
+                    max_retries=self.settings.max_attempts,
+                )
+            except trust.Forbidden as e:
+                span.set_status(trace.StatusCode.ERROR, str(e))
+                await self.reject(delivery, trust.as_received(delivery), e)
+                return
+            try:
+                if delivery.type in REGISTRY:  # judged by its route before its body is read
+                    trust.check(
+                        arrived, self.spec.name, delivery.type, sender_prefix=self.sender_prefix
+                    )
+                incoming = decode(
+                    delivery,
+                    max_bytes=self.settings.max_message_bytes,
+                    headers=arrived.headers,
+                    start=arrived.start,
+                )
                 handler = self.handlers.get(incoming.envelope.type)
                 if handler is None:
                     raise PermanentError(
                         f"no handler for {incoming.envelope.type} on queue {self.spec.name}"
                     )
+            except trust.Forbidden as e:
+                span.set_status(trace.StatusCode.ERROR, str(e))
+                await self.reject(delivery, arrived, e)
+                return
             except PermanentError as e:
                 span.set_status(trace.StatusCode.ERROR, str(e))
-                await self.dead_letter(delivery, e)
+                await self.dead_letter(delivery, arrived, e)
                 return
             except Exception as e:  # a decoder surprise is still this message's fault
                 span.record_exception(e)
                 await self.dead_letter(
-                    delivery, PermanentError(f"undecodable: {type(e).__name__}: {e}"[:500])
+                    delivery, arrived, PermanentError(f"undecodable: {type(e).__name__}: {e}"[:500])
                 )
                 return
             env = incoming.envelope
@@ -344,32 +371,33 @@ class Consumer:
                 step=env.step,
                 attempt=env.attempt,
             )
-            await self._process(delivery, incoming, handler, span)
+            await self._process(delivery, arrived, incoming, handler, span)
 
     async def _process(
         self,
         delivery: AbstractIncomingMessage,
+        arrived: trust.Arrival,
         incoming: Incoming,
         handler: Handler,
         span: trace.Span,
     ) -> None:
         for conflict_try in range(CONFLICT_RETRIES + 1):
             try:
-                duplicate = await self._submit(incoming, handler, _retries(delivery))
+                duplicate = await self._submit(incoming, handler, arrived.retries)
             except ConcurrencyConflict as e:
                 if conflict_try < CONFLICT_RETRIES:
                     await asyncio.sleep(random.uniform(0.005, 0.05) * (conflict_try + 1))
                     continue
-                await self.retry_later(delivery, e)
+                await self.retry_later(delivery, arrived, e)
                 return
             except PermanentError as e:
                 span.set_status(trace.StatusCode.ERROR, str(e))
-                await self.dead_letter(delivery, e)
+                await self.dead_letter(delivery, arrived, e)
                 return
             except Exception as e:
                 span.record_exception(e)
                 if isinstance(e, TransientError) or is_transient_db_error(e):
-                    await self.retry_later(delivery, e)
+                    await self.retry_later(delivery, arrived, e)
                 else:
                     # An unexpected error (a bug, a surprise from a library): retry a bounded
                     # number of times like a transient one, then dead-letter with the reason.
@@ -378,7 +406,7 @@ class Consumer:
                         error=f"{type(e).__name__}: {str(e)[:500]}",
                         where=_where(e),
                     )
-                    await self.retry_later(delivery, e)
+                    await self.retry_later(delivery, arrived, e)
                 return
             break
         await delivery.ack()
@@ -457,8 +485,10 @@ class Consumer:
                 if not w.done.done():
                     w.done.set_result(duplicate)
 
-    async def _claim(self, conn: AsyncConnection, envelopes: Sequence[Envelope]) -> set[str]:
-        """Insert the inbox rows; the message ids that were new (as text)."""
+    async def _claim(
+        self, conn: AsyncConnection, envelopes: Sequence[Envelope]
+    ) -> set[tuple[str, str]]:
+        """Insert the inbox rows; the (message id as text, type) keys that were new."""
         pg = await driver(conn)
         records = await pg.fetch(
             self._claim_sql,
@@ -466,7 +496,7 @@ class Consumer:
             [e.type for e in envelopes],
             [e.saga_id for e in envelopes],
         )
-        return {str(r[0]) for r in records}
+        return {(str(r[0]), r[1]) for r in records}
 
     async def _transaction(self, incoming: Incoming, handler: Handler, retries: int) -> bool:
         env = incoming.envelope
@@ -489,11 +519,12 @@ class Consumer:
         async with self.engine.begin() as conn:
             claimed = await self._claim(conn, [w.incoming.envelope for w in batch])
             for w in batch:
-                message_id = str(w.incoming.envelope.message_id)
-                if message_id not in claimed:  # processed before, or twice in this batch
+                env = w.incoming.envelope
+                key = (str(env.message_id), env.type)
+                if key not in claimed:  # processed before, or twice in this batch
                     duplicates.append(True)
                     continue
-                claimed.discard(message_id)
+                claimed.discard(key)
                 ctx = Context(conn, w.incoming, self.service, retries=w.retries)
                 # in the delivery's own context, so its span and log fields are the current ones
                 await loop.create_task(_call(w.handler, ctx), context=w.context)
@@ -506,8 +537,18 @@ class Consumer:
 
     # -- failure routes ----------------------------------------------------------------------
 
-    def _copy(self, delivery: AbstractIncomingMessage, extra: dict[str, Any]) -> aio_pika.Message:
-        headers = dict(delivery.headers or {})
+    def _copy(
+        self, delivery: AbstractIncomingMessage, arrived: trust.Arrival, extra: dict[str, Any]
+    ) -> aio_pika.Message:
+        """A copy for a failure route: the believed headers, where it first came from and who
+        first sent it (the copy is published by this service's own user)."""
+        headers = dict(arrived.headers)
+        headers[HeaderNames.ORIGINAL_EXCHANGE] = arrived.route.exchange
+        headers[HeaderNames.ORIGINAL_ROUTING_KEY] = arrived.route.routing_key
+        if arrived.sender is not None:
+            headers[HeaderNames.ORIGINAL_USER_ID] = arrived.sender
+        else:
+            headers.pop(HeaderNames.ORIGINAL_USER_ID, None)
         headers.update(extra)
         return aio_pika.Message(
             body=delivery.body,
@@ -521,36 +562,47 @@ class Consumer:
             message_id=delivery.message_id,
             timestamp=delivery.timestamp,
             type=delivery.type,
-            user_id=None,
+            user_id=None,  # the publisher sets this service's own user
             app_id=delivery.app_id,
         )
 
-    def _reason_headers(
-        self, delivery: AbstractIncomingMessage, e: BaseException
-    ) -> dict[str, Any]:
-        headers = dict(delivery.headers or {})
+    def _reason_headers(self, e: BaseException) -> dict[str, Any]:
         return {
             HeaderNames.ERROR_CLASS: type(e).__name__,
             HeaderNames.ERROR_MESSAGE: str(e)[:1000] or type(e).__name__,
             HeaderNames.FAILED_QUEUE: self.spec.name,
-            # a message that went round a delay queue keeps its first exchange and routing key
-            HeaderNames.ORIGINAL_EXCHANGE: headers.get(
-                HeaderNames.ORIGINAL_EXCHANGE, delivery.exchange or ""
-            ),
-            HeaderNames.ORIGINAL_ROUTING_KEY: headers.get(
-                HeaderNames.ORIGINAL_ROUTING_KEY, delivery.routing_key or ""
-            ),
             HeaderNames.FAILED_AT: datetime.now(UTC).isoformat(),
         }
 
-    async def dead_letter(
-        self, delivery: AbstractIncomingMessage, e: BaseException, *, kind: str = "permanent"
+    async def reject(
+        self, delivery: AbstractIncomingMessage, arrived: trust.Arrival, e: trust.Forbidden
     ) -> None:
-        extra = self._reason_headers(delivery, e)
+        """A security event: dead-lettered with its reason, logged and counted."""
+        self.counts["rejected_security"] += 1
+        metrics().rejected_security.labels(self.service, e.metric_reason).inc()
+        log.warning(
+            "message_rejected_security",
+            reason=e.reason,
+            error=str(e)[:500],
+            exchange=delivery.exchange,
+            routing_key=delivery.routing_key,
+            user_id=delivery.user_id,
+        )
+        await self.dead_letter(delivery, arrived, e, kind="security")
+
+    async def dead_letter(
+        self,
+        delivery: AbstractIncomingMessage,
+        arrived: trust.Arrival,
+        e: BaseException,
+        *,
+        kind: str = "permanent",
+    ) -> None:
+        extra = self._reason_headers(e)
         extra[HeaderNames.FAILURE_KIND] = kind
-        extra[HeaderNames.RETRY_COUNT] = _retries(delivery)
+        extra[HeaderNames.RETRY_COUNT] = arrived.retries
         exchange, key = dead_letter_route(self.spec.name)
-        await self.publisher.publish(exchange, key, self._copy(delivery, extra))
+        await self.publisher.publish(exchange, key, self._copy(delivery, arrived, extra))
         await delivery.ack()
         self.counts["dead_lettered"] += 1
         log.warning(
@@ -560,18 +612,21 @@ class Consumer:
             failure_kind=kind,
         )
 
-    async def retry_later(self, delivery: AbstractIncomingMessage, e: BaseException) -> None:
-        retries = _retries(delivery)
+    async def retry_later(
+        self, delivery: AbstractIncomingMessage, arrived: trust.Arrival, e: BaseException
+    ) -> None:
+        retries = arrived.retries
         if retries + 1 >= self.settings.max_attempts:
-            await self.dead_letter(delivery, e, kind="retries_exhausted")
+            await self.dead_letter(delivery, arrived, e, kind="retries_exhausted")
             return
         delays = self.settings.retry_delays_ms
-        tier = min(retries, len(delays) - 1, RETRY_TIERS - 1)
-        delay = _jittered(delays[min(retries, len(delays) - 1)], self.settings.retry_jitter)
+        step = min(retries, len(delays) - 1)
+        tier = min(step, RETRY_TIERS - 1)
+        delay = _jittered(delays[step], self.settings.retry_jitter)
         extra: dict[str, Any] = dict(e.headers) if isinstance(e, TransientError) else {}
-        extra.update(self._reason_headers(delivery, e))
+        extra.update(self._reason_headers(e))
         extra[HeaderNames.RETRY_COUNT] = retries + 1
-        message = self._copy(delivery, extra)
+        message = self._copy(delivery, arrived, extra)
         message.expiration = delay / 1000
         await self.publisher.publish(*retry_route(self.spec, tier + 1), message)
         await delivery.ack()

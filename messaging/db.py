@@ -122,8 +122,10 @@ def inbox_table(metadata: MetaData) -> Table:
     return Table(
         "inbox",
         metadata,
+        # keyed by id *and* type: an id chosen by an outside client (a start's) can never
+        # collide with the id of another type of message, internal or not
         Column("message_id", Uuid, primary_key=True),
-        Column("message_type", Text, nullable=False),
+        Column("message_type", Text, primary_key=True),
         Column("saga_id", Uuid, nullable=True),
         Column("received_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
         Index(None, "received_at", postgresql_using="brin"),
@@ -173,6 +175,33 @@ async def ensure_database(settings: Settings) -> bool:
         return True
     finally:
         await conn.close()
+
+
+async def upgrade_inbox_key(engine: AsyncEngine, schema: str) -> bool:
+    """An inbox made before the key included the message type gets the new key. True if it
+    changed. Idempotent; serialised like ``create_schema``."""
+    async with engine.begin() as conn:
+        await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('sagabus-migrate'))"))
+        columns = (
+            await conn.execute(
+                text(
+                    "SELECT array_agg(a.attname::text ORDER BY a.attname)"
+                    " FROM pg_index i JOIN pg_attribute a"
+                    " ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+                    " WHERE i.indrelid = to_regclass(:t) AND i.indisprimary"
+                ),
+                {"t": f'"{schema}"."inbox"'},
+            )
+        ).scalar()
+        if columns != ["message_id"]:
+            return False
+        await conn.execute(
+            text(
+                f'ALTER TABLE "{schema}"."inbox" DROP CONSTRAINT inbox_pkey,'
+                " ADD PRIMARY KEY (message_id, message_type)"
+            )
+        )
+        return True
 
 
 #: connections a deployable holds besides its pool: the outbox relay's LISTEN connection

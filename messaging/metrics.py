@@ -107,6 +107,13 @@ class Metrics:
             ["service"],
             registry=self.registry,
         )
+        #: exposed as sagabus_messages_rejected_security_total
+        self.rejected_security = Counter(
+            "sagabus_messages_rejected_security",
+            "Messages refused as a security event (forbidden route or sender, bad reply token)",
+            ["service", "reason"],
+            registry=self.registry,
+        )
         self.outbox_lag = Gauge(
             "sagabus_outbox_oldest_unsent_seconds",
             "Age of the oldest unpublished outbox row (outbox lag)",

@@ -10,11 +10,23 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
 
-class Publisher:
-    """Publishes on a confirm-mode channel. Unroutable messages raise instead of vanishing."""
+def broker_user(connection: AbstractRobustConnection) -> str:
+    """The user a connection authenticated as (RabbitMQ's default when the URL names none)."""
+    url = getattr(connection, "url", None)
+    return (getattr(url, "user", None) or "guest") if url is not None else "guest"
 
-    def __init__(self, channel: AbstractChannel) -> None:
+
+class Publisher:
+    """Publishes on a confirm-mode channel. Unroutable messages raise instead of vanishing.
+
+    Every message carries the AMQP ``user_id`` of the connection's user, which RabbitMQ checks
+    (it refuses a publish that names another user): consumers believe a sender by it
+    (``messaging.trust``)."""
+
+    def __init__(self, channel: AbstractChannel, user: str | None = None) -> None:
         self._channel = channel
+        #: the broker user this publisher's connection authenticated as
+        self.user = user
         self._exchanges: dict[str, AbstractExchange] = {}
         self._pending: set[asyncio.Future[Any]] = set()
         channel.close_callbacks.add(self._on_close)
@@ -29,7 +41,7 @@ class Publisher:
     @classmethod
     async def open(cls, connection: AbstractRobustConnection) -> Publisher:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        return cls(channel)
+        return cls(channel, broker_user(connection))
 
     async def _exchange(self, name: str) -> AbstractExchange:
         if name == "":
@@ -44,6 +56,8 @@ class Publisher:
         self, exchange: str, routing_key: str, message: aio_pika.Message, *, timeout: float = 30
     ) -> None:
         ex = await self._exchange(exchange)
+        if self.user is not None:
+            message.user_id = self.user
         task = asyncio.ensure_future(
             ex.publish(message, routing_key=routing_key, mandatory=True, timeout=timeout)
         )

@@ -21,7 +21,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from messaging import deadletters, telemetry, topology
 from messaging.consumer import Consumer, Handler
-from messaging.db import create_schema, inbox_table, make_engine, outbox_table
+from messaging.db import (
+    create_schema,
+    inbox_table,
+    make_engine,
+    outbox_table,
+    upgrade_inbox_key,
+)
 from messaging.deadletters import Collector
 from messaging.outbox import Outbox, Relay
 from messaging.publisher import Publisher
@@ -69,6 +75,7 @@ class ServiceContext:
 async def migrate(definitions: Sequence[ServiceDefinition], engine: AsyncEngine) -> None:
     for d in definitions:
         await create_schema(engine, d.schema, d.metadata)
+        await upgrade_inbox_key(engine, d.schema)
 
 
 class Runtime:
@@ -134,8 +141,17 @@ class Runtime:
                 publisher=publisher,
                 settings=self.settings,
                 tracer=tracer,
+                broker_user=publisher.user,
             )
             self.consumers[d.name] = consumer
+            if consumer.sender_prefix is None:
+                log.warning(
+                    "sender_check_off",
+                    service=d.name,
+                    broker_user=publisher.user,
+                    why="the broker user is not a provisioned one (<prefix><service>): replies "
+                    "are believed from any user allowed on their route",
+                )
             self._tasks.append(asyncio.create_task(relay.run(self.stop_event)))
             ctx = ServiceContext(
                 d, self.settings, self.engine, outbox, publisher, tracer, self.stop_event

@@ -33,6 +33,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, ExchangeType
 
 from messaging.settings import Settings
+from schemas.registry import REGISTRY
 
 #: number of delay tiers per work queue (a retry beyond the last reuses the last)
 RETRY_TIERS = 4
@@ -142,6 +143,79 @@ def dead_letter_route(queue: str) -> tuple[str, str]:
 def replay_route(queue: str) -> tuple[str, str]:
     """Back into work queue ``queue``."""
     return REPLAY_EXCHANGE, queue
+
+
+# -- who may send what, by which route ----------------------------------------------------------
+#
+# A consumer believes a message's type only for the route it came by: the table below says, per
+# work queue, which types may arrive there by which (exchange, routing key), and which principal
+# (broker user ``<prefix><principal>``) must have sent it. ``sagabus provision`` turns the same
+# table into broker permissions (``process_manager/provision.py``), so the code and the broker
+# cannot disagree. Retries (back from a delay queue through the default exchange) and replays
+# (``sagabus.replay``) are judged by the original route they carry.
+
+#: the principal that starts sagas; any user allowed to publish on the start route may (the
+#: broker's topic permissions decide who that is: ``client`` and ``operator``)
+ANY_SENDER = ""
+
+
+@dataclass(frozen=True)
+class Route:
+    exchange: str
+    routing_key: str
+
+
+def owner_of(type_name: str) -> str:
+    """The service that owns a wire type: its first word (``payment.PaymentAuthorized.v1``)."""
+    return type_name.split(".", 1)[0]
+
+
+def _accepted() -> dict[str, dict[str, tuple[Route, str]]]:
+    """queue -> type -> (the one route it may arrive by, the principal that must send it)."""
+    table: dict[str, dict[str, tuple[Route, str]]] = {q.name: {} for q in QUEUES.values()}
+    pm = QUEUES["process-manager"].name
+    for type_name, model in REGISTRY.items():
+        owner = owner_of(type_name)
+        if model.KIND == "command" and owner == START_ROUTING_KEY.split(".")[0]:
+            # the public entry point: the saga's own start route
+            table[pm][type_name] = (Route(COMMANDS_EXCHANGE, START_ROUTING_KEY), ANY_SENDER)
+        elif model.KIND == "command" and owner in QUEUES:
+            table[QUEUES[owner].name][type_name] = (
+                Route(*command_route(owner, type_name)),
+                "process-manager",
+            )
+        elif model.KIND in ("reply", "fact"):
+            # every reply (and fact) goes to the process manager by its own type name
+            table[pm][type_name] = (Route(*reply_route(type_name)), owner)
+            if model.KIND == "fact":
+                for spec in QUEUES.values():
+                    if (FACTS_EXCHANGE, "") in spec.bindings:
+                        table[spec.name][type_name] = (Route(*fact_route(type_name)), owner)
+    return table
+
+
+#: queue name -> message type -> (its route, the principal that must send it)
+ACCEPTED: dict[str, dict[str, tuple[Route, str]]] = _accepted()
+
+
+def accepted_route(queue: str, type_name: str) -> tuple[Route, str] | None:
+    """The route ``type_name`` may arrive by on ``queue`` and its sender, or None: never."""
+    return ACCEPTED.get(queue, {}).get(type_name)
+
+
+def publishes(principal: str) -> tuple[Route, ...]:
+    """Every route ``principal`` sends messages on (for its broker permissions)."""
+    found = {
+        route
+        for types in ACCEPTED.values()
+        for route, sender in types.values()
+        if sender == principal
+    }
+    return tuple(sorted(found, key=lambda r: (r.exchange, r.routing_key)))
+
+
+def is_start_route(exchange: str, routing_key: str) -> bool:
+    return (exchange, routing_key) == (COMMANDS_EXCHANGE, START_ROUTING_KEY)
 
 
 def work_queue_arguments(spec: QueueSpec, settings: Settings) -> dict[str, Any]:

@@ -15,11 +15,18 @@ too: its compensation is idempotent and a no-op when there was nothing to undo.
 
 Fencing: every dispatch increments ``seq`` and the command carries it. A reply whose fence or type
 does not match what the saga awaits is recorded as ignored and never applied.
+
+Reply tokens: every dispatch also carries a token that nobody outside the process manager can
+know (derived from a random ``nonce`` the caller passes, as it passes ``now``), kept in the state
+for each fence. A reply must echo the token of the dispatch its fence names, or it is recorded as
+rejected and never applied: the fence orders replies, the token proves they answer a dispatch.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -265,6 +272,14 @@ class SagaState:
     reconciling: str | None = None
     started_at: datetime | None = None
     definition_version: str = DEFINITION_VERSION
+    #: (fence, reply token) of every dispatch so far
+    tokens: tuple[tuple[int, str], ...] = ()
+
+    def token_for(self, fence: int) -> str | None:
+        for seq, token in self.tokens:
+            if seq == fence:
+                return token
+        return None
 
     @property
     def order_id(self) -> str:
@@ -286,6 +301,8 @@ class Reply:
     body: Message
     fence: int
     message_id: uuid.UUID
+    #: the reply token it echoes (None: it echoed none)
+    token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -330,13 +347,16 @@ class Command:
     fence: int
     idempotency_key: str
     body: Message
+    #: the token its reply must echo
+    reply_token: str = ""
 
 
 @dataclass(frozen=True)
 class Decision:
     state: SagaState | None
     commands: tuple[Command, ...] = ()
-    outcome: Literal["applied", "ignored"] = "applied"
+    #: rejected: a reply that does not carry its dispatch's token (a security event)
+    outcome: Literal["applied", "ignored", "rejected"] = "applied"
     #: a short, stable description for the history (why ignored, what happened)
     note: str = ""
     #: for metrics and logs: which transition happened
@@ -351,8 +371,19 @@ class InvalidTransition(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
+#: the namespace of the ids the process manager derives; inboxes key messages by id and type,
+#: so no id an outside client chooses can stand for one of these
+COMMAND_NAMESPACE = uuid.UUID("5a6f1d2e-8c1b-4f7e-9b0a-3c2d1e0f9a8b")
+
+
 def command_id(saga_id: uuid.UUID, step: str, seq: int, attempt: int) -> uuid.UUID:
-    return uuid.uuid5(saga_id, f"{seq}:{step}:{attempt}")
+    return uuid.uuid5(COMMAND_NAMESPACE, f"{saga_id}:{seq}:{step}:{attempt}")
+
+
+def reply_token(nonce: str, saga_id: uuid.UUID, fence: int) -> str:
+    """The token of dispatch ``fence``: as unguessable as ``nonce``, which the caller draws
+    from a secure random source for every decision (an empty nonce is for tests only)."""
+    return hashlib.sha256(f"{nonce}:{saga_id}:{fence}".encode()).hexdigest()[:32]
 
 
 def idempotency_key(saga_id: uuid.UUID, step: str) -> str:
@@ -360,11 +391,15 @@ def idempotency_key(saga_id: uuid.UUID, step: str) -> str:
 
 
 def _dispatch(
-    state: SagaState, step: str, *, now: datetime, policy: Policy, new_seq: bool
+    state: SagaState, step: str, *, now: datetime, policy: Policy, new_seq: bool, nonce: str
 ) -> tuple[SagaState, Command]:
     spec = STEPS[step]
     seq = state.seq + 1 if new_seq else state.seq
     attempt = 1 if new_seq else state.attempt + 1
+    token = state.token_for(seq)
+    if token is None:  # a new dispatch (or a re-send of one made before tokens existed)
+        token = reply_token(nonce, state.saga_id, seq)
+        state = replace(state, tokens=(*state.tokens, (seq, token)))
     forward = step in FORWARD_BY_NAME
     query = step == RECONCILE.name
     timeout = policy.step_timeout if forward or query else policy.compensation_timeout
@@ -384,6 +419,7 @@ def _dispatch(
         fence=seq,
         idempotency_key=idempotency_key(state.saga_id, step),
         body=spec.build(state.checkout),
+        reply_token=token,
     )
     return new_state, cmd
 
@@ -409,17 +445,23 @@ def compensation_plan(completed: tuple[str, ...], unknown: str | None = None) ->
 
 
 def _begin_compensation(
-    state: SagaState, reason: str, *, unknown: str | None, now: datetime, policy: Policy
+    state: SagaState,
+    reason: str,
+    *,
+    unknown: str | None,
+    now: datetime,
+    policy: Policy,
+    nonce: str,
 ) -> tuple[SagaState, tuple[Command, ...]]:
     plan = compensation_plan(state.completed, unknown)
     state = replace(
         state, failure_reason=reason, compensation_plan=plan, compensated=(), unknown_step=unknown
     )
-    return _next_compensation(state, now=now, policy=policy)
+    return _next_compensation(state, now=now, policy=policy, nonce=nonce)
 
 
 def _next_compensation(
-    state: SagaState, *, now: datetime, policy: Policy
+    state: SagaState, *, now: datetime, policy: Policy, nonce: str
 ) -> tuple[SagaState, tuple[Command, ...]]:
     if not state.compensation_plan:
         return (
@@ -428,12 +470,12 @@ def _next_compensation(
         )
     step, rest = state.compensation_plan[0], state.compensation_plan[1:]
     state = replace(state, compensation_plan=rest)
-    state, cmd = _dispatch(state, step, now=now, policy=policy, new_seq=True)
+    state, cmd = _dispatch(state, step, now=now, policy=policy, new_seq=True, nonce=nonce)
     return state, (cmd,)
 
 
 def _next_forward(
-    state: SagaState, *, now: datetime, policy: Policy
+    state: SagaState, *, now: datetime, policy: Policy, nonce: str
 ) -> tuple[SagaState, tuple[Command, ...]]:
     done = len(state.completed)
     if done == len(FORWARD):
@@ -441,11 +483,13 @@ def _next_forward(
             replace(state, status=SagaStatus.COMPLETED, awaiting=None, deadline=None, attempt=0),
             (),
         )
-    state, cmd = _dispatch(state, FORWARD[done].name, now=now, policy=policy, new_seq=True)
+    state, cmd = _dispatch(
+        state, FORWARD[done].name, now=now, policy=policy, new_seq=True, nonce=nonce
+    )
     return state, (cmd,)
 
 
-def start(message: Start, *, now: datetime, policy: Policy) -> Decision:
+def start(message: Start, *, now: datetime, policy: Policy, nonce: str = "") -> Decision:
     cmd = message.command
     state = SagaState(
         saga_id=saga_id_for_order(cmd.order_id),
@@ -454,25 +498,30 @@ def start(message: Start, *, now: datetime, policy: Policy) -> Decision:
         seq=0,
         started_at=now,
     )
-    state, cmds = _next_forward(state, now=now, policy=policy)
+    state, cmds = _next_forward(state, now=now, policy=policy, nonce=nonce)
     return Decision(state, cmds, note="started", transition=(None, state.status))
 
 
-def decide(state: SagaState | None, message: Input, *, now: datetime, policy: Policy) -> Decision:
-    """Decide what ``message`` does to ``state``. Pure: same inputs, same decision."""
+def decide(
+    state: SagaState | None, message: Input, *, now: datetime, policy: Policy, nonce: str = ""
+) -> Decision:
+    """Decide what ``message`` does to ``state``. Pure: same inputs, same decision.
+
+    ``nonce`` makes the reply tokens of any new dispatch unguessable: the caller draws it from a
+    secure random source (``secrets.token_hex``) for each call."""
     if isinstance(message, Start):
         if state is not None:
             return Decision(state, outcome="ignored", note="duplicate StartCheckout")
-        return start(message, now=now, policy=policy)
+        return start(message, now=now, policy=policy, nonce=nonce)
     if state is None:
         raise InvalidTransition(f"{type(message).__name__} for a saga that does not exist")
     before = state.status
     if isinstance(message, Reply):
-        d = _on_reply(state, message, now=now, policy=policy)
+        d = _on_reply(state, message, now=now, policy=policy, nonce=nonce)
     elif isinstance(message, Timeout):
-        d = _on_timeout(state, message, now=now, policy=policy)
+        d = _on_timeout(state, message, now=now, policy=policy, nonce=nonce)
     elif isinstance(message, ForceCompensate):
-        d = _on_force_compensate(state, message, now=now, policy=policy)
+        d = _on_force_compensate(state, message, now=now, policy=policy, nonce=nonce)
     elif isinstance(message, Expire):
         d = (
             Decision(state, outcome="ignored", note=f"already {state.status}")
@@ -480,16 +529,29 @@ def decide(state: SagaState | None, message: Input, *, now: datetime, policy: Po
             else _needs_manual(state, message.reason)
         )
     else:
-        d = _on_resume(state, now=now, policy=policy)
+        d = _on_resume(state, now=now, policy=policy, nonce=nonce)
     after = d.state.status if d.state is not None else None
     return replace(d, transition=(before, after))
 
 
-def _on_reply(state: SagaState, reply: Reply, *, now: datetime, policy: Policy) -> Decision:
+def _on_reply(
+    state: SagaState, reply: Reply, *, now: datetime, policy: Policy, nonce: str
+) -> Decision:
     body = reply.body
     kind = type(body)
     awaited = STEPS[state.awaiting] if state.awaiting else None
     name = kind.__name__
+
+    expected = state.token_for(reply.fence)
+    if expected is None and state.tokens == () and reply.token is None:
+        pass  # a saga whose dispatches all predate reply tokens (started before the upgrade)
+    elif expected is None or reply.token is None or not hmac.compare_digest(expected, reply.token):
+        return Decision(
+            state,
+            outcome="rejected",
+            note=f"{name} rejected: its reply token does not match the dispatch of fence "
+            f"{reply.fence}",
+        )
 
     if awaited is None or reply.fence != state.seq or kind not in awaited.success + awaited.failure:
         # Not for the step we wait on. A late *success* of a forward step that we are undoing, or
@@ -505,13 +567,16 @@ def _on_reply(state: SagaState, reply: Reply, *, now: datetime, policy: Policy) 
             if comp is not None:
                 spec = COMPENSATIONS[comp]
                 cmd = Command(
-                    message_id=uuid.uuid5(state.saga_id, f"late:{comp}:{reply.message_id}"),
+                    message_id=uuid.uuid5(
+                        COMMAND_NAMESPACE, f"{state.saga_id}:late:{comp}:{reply.message_id}"
+                    ),
                     participant=spec.participant,
                     step=comp,
                     attempt=1,
                     fence=reply.fence,
                     idempotency_key=idempotency_key(state.saga_id, comp),
                     body=spec.build(state.checkout),
+                    reply_token=state.token_for(reply.fence) or "",
                 )
                 return Decision(
                     state,
@@ -530,36 +595,42 @@ def _on_reply(state: SagaState, reply: Reply, *, now: datetime, policy: Policy) 
 
     if awaited is RECONCILE:
         assert isinstance(body, PaymentStatusReported)
-        return _on_reconciled(state, body.status, now=now, policy=policy)
+        return _on_reconciled(state, body.status, now=now, policy=policy, nonce=nonce)
     forward = awaited.name in FORWARD_BY_NAME
     if forward and kind in awaited.success:
         state = replace(state, completed=(*state.completed, awaited.name))
-        state, cmds = _next_forward(state, now=now, policy=policy)
+        state, cmds = _next_forward(state, now=now, policy=policy, nonce=nonce)
         return Decision(state, cmds, note=f"{awaited.name} succeeded")
     if forward:
         reason = f"{awaited.name} failed: {name}" + _reason_suffix(body)
-        state, cmds = _begin_compensation(state, reason, unknown=None, now=now, policy=policy)
+        state, cmds = _begin_compensation(
+            state, reason, unknown=None, now=now, policy=policy, nonce=nonce
+        )
         return Decision(state, cmds, note=reason)
     # a compensation settled
     if kind in awaited.success:
         state = replace(state, compensated=(*state.compensated, awaited.name))
-        state, cmds = _next_compensation(state, now=now, policy=policy)
+        state, cmds = _next_compensation(state, now=now, policy=policy, nonce=nonce)
         return Decision(state, cmds, note=f"{awaited.name} done")
     reason = f"{awaited.name} failed: {name}" + _reason_suffix(body)
     return _needs_manual(state, reason)
 
 
-def _on_reconciled(state: SagaState, status: str, *, now: datetime, policy: Policy) -> Decision:
+def _on_reconciled(
+    state: SagaState, status: str, *, now: datetime, policy: Policy, nonce: str
+) -> Decision:
     step = state.reconciling
     assert step is not None
     state = replace(state, reconciling=None)
     if status in RECONCILED[step]:
         state = replace(state, completed=(*state.completed, step))
-        state, cmds = _next_forward(state, now=now, policy=policy)
+        state, cmds = _next_forward(state, now=now, policy=policy, nonce=nonce)
         return Decision(state, cmds, note=f"{step} reconciled: payment {status}")
     # Definitely did not happen: compensate what did, nothing unknown is left.
     reason = f"{step} timed out; payment reports {status}"
-    state, cmds = _begin_compensation(state, reason, unknown=None, now=now, policy=policy)
+    state, cmds = _begin_compensation(
+        state, reason, unknown=None, now=now, policy=policy, nonce=nonce
+    )
     return Decision(state, cmds, note=reason)
 
 
@@ -595,7 +666,9 @@ def _needs_manual(state: SagaState, reason: str) -> Decision:
     return Decision(state, note=f"needs manual: {reason}")
 
 
-def _on_timeout(state: SagaState, timeout: Timeout, *, now: datetime, policy: Policy) -> Decision:
+def _on_timeout(
+    state: SagaState, timeout: Timeout, *, now: datetime, policy: Policy, nonce: str
+) -> Decision:
     if state.awaiting is None or timeout.seq != state.seq:
         return Decision(state, outcome="ignored", note=f"stale timeout for fence {timeout.seq}")
     step = state.awaiting
@@ -604,13 +677,15 @@ def _on_timeout(state: SagaState, timeout: Timeout, *, now: datetime, policy: Po
     limit = policy.max_step_attempts if forward or query else policy.max_compensation_attempts
     if state.attempt < limit:
         # The outcome is unknown, not failed: send the same command again, same key.
-        state, cmd = _dispatch(state, step, now=now, policy=policy, new_seq=False)
+        state, cmd = _dispatch(state, step, now=now, policy=policy, new_seq=False, nonce=nonce)
         return Decision(state, (cmd,), note=f"{step} timed out: re-sent as attempt {state.attempt}")
     if forward and step in RECONCILED:
         # Unknown, not failed: ask the payment service what happened before undoing anything.
         note = f"{step} timed out after {state.attempt} attempts: asking payment status"
         state = replace(state, reconciling=step)
-        state, cmd = _dispatch(state, RECONCILE.name, now=now, policy=policy, new_seq=True)
+        state, cmd = _dispatch(
+            state, RECONCILE.name, now=now, policy=policy, new_seq=True, nonce=nonce
+        )
         return Decision(state, (cmd,), note=note)
     if forward or step == RECONCILE.name:
         unknown = state.reconciling if step == RECONCILE.name else step
@@ -621,13 +696,15 @@ def _on_timeout(state: SagaState, timeout: Timeout, *, now: datetime, policy: Po
             else f"{unknown} timed out after {state.attempt} attempts"
         )
         state = replace(state, reconciling=None)
-        state, cmds = _begin_compensation(state, reason, unknown=unknown, now=now, policy=policy)
+        state, cmds = _begin_compensation(
+            state, reason, unknown=unknown, now=now, policy=policy, nonce=nonce
+        )
         return Decision(state, cmds, note=reason)
     return _needs_manual(state, f"{step} timed out after {state.attempt} attempts")
 
 
 def _on_force_compensate(
-    state: SagaState, msg: ForceCompensate, *, now: datetime, policy: Policy
+    state: SagaState, msg: ForceCompensate, *, now: datetime, policy: Policy, nonce: str
 ) -> Decision:
     if state.status.terminal:
         return Decision(state, outcome="ignored", note=f"already {state.status}")
@@ -636,19 +713,23 @@ def _on_force_compensate(
     reason = f"operator: {msg.reason}"
     unknown = state.reconciling if state.awaiting == RECONCILE.name else state.awaiting
     state = replace(state, reconciling=None)
-    state, cmds = _begin_compensation(state, reason, unknown=unknown, now=now, policy=policy)
+    state, cmds = _begin_compensation(
+        state, reason, unknown=unknown, now=now, policy=policy, nonce=nonce
+    )
     return Decision(state, cmds, note=reason)
 
 
-def _on_resume(state: SagaState, *, now: datetime, policy: Policy) -> Decision:
+def _on_resume(state: SagaState, *, now: datetime, policy: Policy, nonce: str) -> Decision:
     if state.status is SagaStatus.FAILED_NEEDS_MANUAL:
         # An operator fixed the cause: retry compensating from where it stopped.
         plan = compensation_plan(state.completed, state.unknown_step)
         remaining = tuple(s for s in plan if s not in state.compensated)
         state = replace(state, compensation_plan=remaining)
-        state, cmds = _next_compensation(state, now=now, policy=policy)
+        state, cmds = _next_compensation(state, now=now, policy=policy, nonce=nonce)
         return Decision(state, cmds, note="operator resumed compensation")
     if state.status.terminal or state.awaiting is None:
         return Decision(state, outcome="ignored", note=f"nothing to resume in {state.status}")
-    state, cmd = _dispatch(state, state.awaiting, now=now, policy=policy, new_seq=False)
+    state, cmd = _dispatch(
+        state, state.awaiting, now=now, policy=policy, new_seq=False, nonce=nonce
+    )
     return Decision(state, (cmd,), note=f"operator re-sent {state.awaiting}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -84,6 +85,7 @@ def outgoing(
         step=cmd.step,
         attempt=cmd.attempt,
         fence=cmd.fence,
+        reply_token=cmd.reply_token,
         occurred_at=now,
         traceparent=carrier.get("traceparent"),
         tracestate=carrier.get("tracestate"),
@@ -103,6 +105,9 @@ def _count(
 ) -> None:
     m = metrics().saga
     state = decision.state
+    if decision.outcome == "rejected":
+        metrics().rejected_security.labels(SERVICE, "bad_reply_token").inc()
+        return
     if decision.outcome == "ignored" or state is None:
         m.ignored.inc()
         return
@@ -143,6 +148,14 @@ def _observe(decision: Decision, state: SagaState) -> None:
         span.set_attribute("sagabus.saga.transition", f"{before}->{after}")
     for cmd in decision.commands:
         span.add_event("command_decided", {"sagabus.saga.step": cmd.step, "attempt": cmd.attempt})
+    if decision.outcome == "rejected":
+        log.warning(
+            "message_rejected_security",
+            reason="bad reply token",
+            saga_id=str(state.saga_id),
+            note=decision.note,
+        )
+        return
     log.info(
         "saga_transitioned" if decision.outcome == "applied" else "saga_message_ignored",
         saga_id=str(state.saga_id),
@@ -158,7 +171,11 @@ def make_handlers(policy: Policy) -> dict[str, object]:
         env = ctx.envelope
         assert isinstance(ctx.incoming.body, StartCheckout)
         decision = decide(
-            None, Start(ctx.incoming.body, env.message_id), now=ctx.now, policy=policy
+            None,
+            Start(ctx.incoming.body, env.message_id),
+            now=ctx.now,
+            policy=policy,
+            nonce=secrets.token_hex(16),
         )
         assert decision.state is not None
         state = decision.state
@@ -215,9 +232,15 @@ def make_handlers(policy: Policy) -> dict[str, object]:
         try:
             decision = decide(
                 loaded.state,
-                Reply(ctx.incoming.body, fence=env.fence, message_id=env.message_id),
+                Reply(
+                    ctx.incoming.body,
+                    fence=env.fence,
+                    message_id=env.message_id,
+                    token=env.reply_token,
+                ),
                 now=ctx.now,
                 policy=policy,
+                nonce=secrets.token_hex(16),
             )
         except InvalidTransition as e:
             raise PermanentError(str(e)) from None
@@ -321,7 +344,13 @@ async def fire_due_timeouts(sctx: ServiceContext, policy: Policy, *, limit: int 
                     "sagabus.saga.step": loaded.state.awaiting or "",
                 },
             ):
-                decision = decide(loaded.state, Timeout(loaded.state.seq), now=now, policy=policy)
+                decision = decide(
+                    loaded.state,
+                    Timeout(loaded.state.seq),
+                    now=now,
+                    policy=policy,
+                    nonce=secrets.token_hex(16),
+                )
                 await _apply(
                     conn,
                     loaded,
@@ -360,7 +389,9 @@ async def sweep_expired(
             loaded = await store.load(conn, saga_id)
             assert loaded is not None
             reason = f"saga exceeded its time-to-live of {ttl} in {loaded.state.status}"
-            decision = decide(loaded.state, Expire(reason), now=now, policy=policy)
+            decision = decide(
+                loaded.state, Expire(reason), now=now, policy=policy, nonce=secrets.token_hex(16)
+            )
             await _apply(
                 conn,
                 loaded,
@@ -393,7 +424,7 @@ async def operator_action(
         loaded = await store.load(conn, saga_id, lock=True)
         if loaded is None:
             return None
-        decision = decide(loaded.state, action, now=now, policy=policy)
+        decision = decide(loaded.state, action, now=now, policy=policy, nonce=secrets.token_hex(16))
         out: list[OutgoingMessage] = []
         await _apply(
             conn,

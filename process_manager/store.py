@@ -102,6 +102,7 @@ def _dump(state: SagaState) -> dict[str, Any]:
         "compensated": list(state.compensated),
         "unknown_step": state.unknown_step,
         "reconciling": state.reconciling,
+        "tokens": [[seq, token] for seq, token in state.tokens],
     }
 
 
@@ -123,6 +124,7 @@ def _load(row: Any) -> SagaState:
         reconciling=s.get("reconciling"),
         started_at=row.started_at,
         definition_version=row.definition_version,
+        tokens=tuple((int(seq), str(token)) for seq, token in s.get("tokens", ())),
     )
 
 

@@ -14,6 +14,8 @@ and write it without parsing the body:
 ``step``               header ``sagabus-step``
 ``attempt``            header ``sagabus-attempt`` (1 for the first send of a step)
 ``fence``              header ``sagabus-fence`` (the saga's step sequence when sent)
+``reply_token``        header ``sagabus-reply-token`` (a command's unguessable token; the
+                       reply echoes it)
 ``traceparent``        header ``traceparent`` (W3C Trace Context)
 ``tracestate``         header ``tracestate``
 =====================  ===================================================================
@@ -36,6 +38,7 @@ class HeaderNames:
     ATTEMPT = "sagabus-attempt"
     FENCE = "sagabus-fence"
     OCCURRED_AT = "sagabus-occurred-at"
+    REPLY_TOKEN = "sagabus-reply-token"
     TRACEPARENT = "traceparent"
     TRACESTATE = "tracestate"
     BAGGAGE = "baggage"
@@ -52,6 +55,11 @@ class HeaderNames:
     FAILED_AT = "sagabus-failed-at"
     FAILURE_KIND = "sagabus-failure-kind"
     REPLAYED_FROM = "sagabus-replayed-from"
+    #: the broker-validated user that published the message first (kept across its retries,
+    #: dead letter and replay, which other users publish)
+    ORIGINAL_USER_ID = "sagabus-original-user-id"
+    #: every header of ours starts with this; none is believed from outside on the start route
+    PREFIX = "sagabus-"
 
 
 class Envelope(BaseModel):
@@ -66,6 +74,7 @@ class Envelope(BaseModel):
     step: str | None = None
     attempt: int = Field(default=1, ge=1)
     fence: int = Field(default=0, ge=0)
+    reply_token: str | None = Field(default=None, max_length=200)
     occurred_at: datetime
     traceparent: str | None = None
     tracestate: str | None = None
@@ -85,6 +94,8 @@ class Envelope(BaseModel):
             h[HeaderNames.IDEMPOTENCY_KEY] = self.idempotency_key
         if self.step is not None:
             h[HeaderNames.STEP] = self.step
+        if self.reply_token is not None:
+            h[HeaderNames.REPLY_TOKEN] = self.reply_token
         if self.traceparent:
             h[HeaderNames.TRACEPARENT] = self.traceparent
         if self.tracestate:

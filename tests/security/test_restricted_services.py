@@ -134,6 +134,8 @@ async def test_oversize_and_unknown_messages_are_dead_lettered_unprocessed(
         sent = _command(body, AuthorizePayment.TYPE)
     else:
         sent = _command(json.dumps(valid).encode(), "payment.Teleport.v1")
+    # sent as the process manager sends it: under its own, broker-validated user_id
+    sent.user_id = f"{provisioned.user_prefix}process-manager"
     consumer = restricted["payment"].consumers["payment"]
     processed = consumer.counts["processed"]
 

@@ -19,10 +19,11 @@ from process_manager.saga import (
     SagaState,
     Start,
     decide,
+    reply_token,
     start,
 )
 from schemas.base import Message
-from schemas.checkout import StartCheckout
+from schemas.checkout import StartCheckout, saga_id_for_order
 from schemas.common import LineItem, ShippingAddress
 from schemas.inventory import InventoryReleased, InventoryReserved, InventoryUnavailable
 from schemas.order import OrderCancelled, OrderCompleted, OrderCreated
@@ -138,6 +139,9 @@ def reply(step: str, fence: int, *, ok: bool = True, copy: int = 0) -> Reply:
         body=body,
         fence=fence,
         message_id=uuid.uuid5(REPLY_NS, f"{step}:{fence}:{ok}:{copy}"),
+        # the participant echoes the token of the dispatch it answers (the tests decide with
+        # the empty nonce, so every dispatch's token is known here)
+        token=reply_token("", saga_id_for_order(CHECKOUT.order_id), fence),
     )
 
 

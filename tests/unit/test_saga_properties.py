@@ -107,8 +107,15 @@ def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
     if prev.status.terminal:
         # nothing in this driver may take a saga out of its terminal state
         assert new == prev
-        assert d.outcome == "ignored"
+        assert d.outcome in ("ignored", "rejected")
         assert all(c.step in COMPENSATIONS for c in d.commands)
+
+    if d.outcome == "rejected":
+        # a reply without its dispatch's token: recorded, never applied, nothing sent
+        assert isinstance(msg, Reply)
+        assert msg.token != prev.token_for(msg.fence)
+        assert new == prev and d.commands == ()
+        return
 
     if d.outcome == "ignored":
         assert new == prev
