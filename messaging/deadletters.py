@@ -158,6 +158,20 @@ def row_from_delivery(delivery: AbstractIncomingMessage, dlq: str) -> dict[str, 
         }.get(reason, f"dead-lettered by the broker: {reason}")
         kind = "broker"
         queue = _s(death.get("queue")) or queue
+        exchange = _s(death.get("exchange"))
+        keys = death.get("routing-keys")
+        if exchange:
+            # It came straight to the work queue and crashed its consumer until the broker gave
+            # up: its route and sender are what the broker saw, whatever its headers claim (a
+            # replay is judged by them). A retry copy (exchange "") keeps the ones we wrote.
+            headers[HeaderNames.ORIGINAL_EXCHANGE] = exchange
+            headers[HeaderNames.ORIGINAL_ROUTING_KEY] = (
+                _s(keys[0]) if isinstance(keys, list) and keys else ""
+            )
+            if delivery.user_id:
+                headers[HeaderNames.ORIGINAL_USER_ID] = delivery.user_id
+            else:
+                headers.pop(HeaderNames.ORIGINAL_USER_ID, None)
     failed_at = datetime.fromisoformat(failed_at_raw) if failed_at_raw else datetime.now(UTC)
     traceparent = _s(headers.get(HeaderNames.TRACEPARENT))
     trace_id = traceparent.split("-")[1] if traceparent and traceparent.count("-") == 3 else None

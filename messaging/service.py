@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import aio_pika
@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from messaging import deadletters, telemetry, topology
 from messaging.consumer import Consumer, Handler
 from messaging.db import (
+    check_pool_budget,
     create_schema,
     inbox_table,
     make_engine,
@@ -35,6 +36,10 @@ from messaging.retention import RetentionRule, prune_loop
 from messaging.settings import Settings
 
 log = structlog.get_logger("sagabus.service")
+
+#: processes of a deployment with one per service plus the dead-letter collector: the pool
+#: budget check assumes them all against one PostgreSQL (replicas are not counted)
+DEPLOYABLES = len(topology.SERVICES) + 1
 
 
 @dataclass
@@ -78,6 +83,20 @@ async def migrate(definitions: Sequence[ServiceDefinition], engine: AsyncEngine)
         await upgrade_inbox_key(engine, d.schema)
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """One service's own broker user and database role, for a process that runs several
+    services (``sagabus run all``, the demo): each still publishes as its own user, which the
+    consumers check, and touches only its own schema."""
+
+    amqp_url: str
+    database_url: str | None = None
+
+
+#: the dead-letter collector's principal in ``credentials``
+DEAD_LETTERS = "dead-letters"
+
+
 class Runtime:
     def __init__(
         self,
@@ -86,11 +105,13 @@ class Runtime:
         *,
         engine: AsyncEngine | None = None,
         dead_letters: bool = False,
+        credentials: Mapping[str, Credentials] | None = None,
     ) -> None:
         self.definitions = list(definitions)
         self.collect_dead_letters = dead_letters
         self.collector: Collector | None = None
         self.settings = settings
+        self.credentials = dict(credentials or {})
         self._own_engine = engine is None
         self.engine = engine or make_engine(settings)
         self.stop_event = asyncio.Event()
@@ -99,12 +120,39 @@ class Runtime:
         self.relays: dict[str, Relay] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._publishers: list[Publisher] = []
+        self._engines: dict[str, AsyncEngine] = {}
+        self._connections: dict[str, AbstractRobustConnection] = {}
         self._stopped = False
 
+    def engine_for(self, service: str) -> AsyncEngine:
+        """The service's own engine (its database role), or the shared one."""
+        if service in self._engines:
+            return self._engines[service]
+        cred = self.credentials.get(service)
+        if cred is None or cred.database_url is None:
+            return self.engine
+        engine = make_engine(self.settings.model_copy(update={"database_url": cred.database_url}))
+        self._engines[service] = engine
+        return engine
+
+    async def _connection_for(self, service: str) -> AbstractRobustConnection:
+        """The service's own broker connection (its user), or the shared one."""
+        cred = self.credentials.get(service)
+        if cred is None:
+            assert self.connection is not None
+            return self.connection
+        if service not in self._connections:
+            self._connections[service] = await aio_pika.connect_robust(cred.amqp_url)
+        return self._connections[service]
+
     async def start(self) -> None:
-        await migrate(self.definitions, self.engine)
+        for d in self.definitions:
+            await migrate([d], self.engine_for(d.name))
         if self.collect_dead_letters:
-            await create_schema(self.engine, deadletters.SCHEMA, deadletters.metadata)
+            await create_schema(
+                self.engine_for(DEAD_LETTERS), deadletters.SCHEMA, deadletters.metadata
+            )
+        await self._warn_pool_budget()
         self.connection = await aio_pika.connect_robust(self.settings.amqp_url)
         if self.settings.declare_topology:
             declare_channel = await self.connection.channel()
@@ -115,16 +163,35 @@ class Runtime:
         # Otherwise a restricted user has no configure permission, and `sagabus migrate` or
         # `sagabus provision` declared the topology with an admin user beforehand.
         if self.collect_dead_letters:
-            self.collector = Collector(self.engine, telemetry.tracer(deadletters.SERVICE))
-            await self.collector.start(self.connection, topology.SERVICES)
+            dl_engine = self.engine_for(DEAD_LETTERS)
+            self.collector = Collector(dl_engine, telemetry.tracer(deadletters.SERVICE))
+            await self.collector.start(await self._connection_for(DEAD_LETTERS), topology.SERVICES)
+            self._tasks.append(
+                asyncio.create_task(
+                    prune_loop(
+                        deadletters.SERVICE,
+                        dl_engine,
+                        None,
+                        None,
+                        inbox_retention_s=0,
+                        outbox_retention_s=0,
+                        interval_s=self.settings.retention_interval_s,
+                        stop=self.stop_event,
+                        rules=deadletters.RETAINED,
+                        settings=self.settings,
+                    )
+                )
+            )
         for d in self.definitions:
             tracer = telemetry.tracer(d.name)
-            publisher = await Publisher.open(self.connection)
+            engine = self.engine_for(d.name)
+            connection = await self._connection_for(d.name)
+            publisher = await Publisher.open(connection)
             self._publishers.append(publisher)
             outbox = Outbox(d.outbox, d.schema)
             relay = Relay(
                 service=d.name,
-                engine=self.engine,
+                engine=engine,
                 outbox=outbox,
                 publisher=publisher,
                 settings=self.settings,
@@ -134,7 +201,7 @@ class Runtime:
             consumer = Consumer(
                 service=d.name,
                 spec=topology.QUEUES[d.name],
-                engine=self.engine,
+                engine=engine,
                 inbox=d.inbox,
                 outbox=outbox,
                 handlers=d.handlers,
@@ -154,7 +221,7 @@ class Runtime:
                 )
             self._tasks.append(asyncio.create_task(relay.run(self.stop_event)))
             ctx = ServiceContext(
-                d, self.settings, self.engine, outbox, publisher, tracer, self.stop_event
+                d, self.settings, engine, outbox, publisher, tracer, self.stop_event
             )
             for loop in d.background:
                 self._tasks.append(asyncio.create_task(_guard(d.name, loop, ctx)))
@@ -162,7 +229,7 @@ class Runtime:
                 asyncio.create_task(
                     prune_loop(
                         d.name,
-                        self.engine,
+                        engine,
                         d.inbox,
                         d.outbox,
                         inbox_retention_s=self.settings.inbox_retention_s,
@@ -174,9 +241,19 @@ class Runtime:
                     )
                 )
             )
-            channel = await self.connection.channel()
+            channel = await connection.channel()
             await consumer.start(channel)
             log.info("service_started", service=d.name, queue=topology.QUEUES[d.name].name)
+
+    async def _warn_pool_budget(self) -> None:
+        """Every deployable's pool must fit under PostgreSQL's max_connections together."""
+        try:
+            warning = await check_pool_budget(self.engine, self.settings, deployables=DEPLOYABLES)
+        except Exception as e:  # a check, never a reason not to start
+            log.debug("db_pool_budget_unknown", error=f"{type(e).__name__}: {e}"[:200])
+            return
+        if warning:
+            log.warning("db_pool_budget_exceeded", warning=warning)
 
     async def stop(self) -> None:
         if self._stopped:
@@ -190,9 +267,12 @@ class Runtime:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self.connection is not None:
-            with contextlib.suppress(Exception):
-                await self.connection.close()
+        for connection in (*self._connections.values(), self.connection):
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+        for engine in self._engines.values():
+            await engine.dispose()
         if self._own_engine:
             await self.engine.dispose()
         log.info("services_stopped", services=[d.name for d in self.definitions])
@@ -246,6 +326,7 @@ async def start_when_reachable(
     *,
     dead_letters: bool,
     stop: asyncio.Event,
+    credentials: Mapping[str, Credentials] | None = None,
 ) -> Runtime | None:
     """Start a runtime; while PostgreSQL or RabbitMQ cannot be reached (restarting, or not up
     yet), wait and try again instead of exiting. None if ``stop`` is set meanwhile."""
@@ -253,7 +334,7 @@ async def start_when_reachable(
 
     backoff = 0.5
     while not stop.is_set():
-        runtime = Runtime(definitions, settings, dead_letters=dead_letters)
+        runtime = Runtime(definitions, settings, dead_letters=dead_letters, credentials=credentials)
         try:
             await ensure_database(settings)
             await runtime.start()
@@ -295,3 +376,17 @@ async def _guard(
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(ctx.stop.wait(), backoff)
             backoff = min(backoff * 2, 10)
+
+
+def credentials_from_env(
+    services: Sequence[str], environ: Mapping[str, str]
+) -> dict[str, Credentials]:
+    """``SAGABUS_AMQP_URL_<SERVICE>`` (and ``SAGABUS_DATABASE_URL_<SERVICE>``), as
+    ``sagabus provision --output`` writes them, for each of ``services`` that has one."""
+    found = {}
+    for name in services:
+        suffix = name.upper().replace("-", "_")
+        amqp = environ.get(f"SAGABUS_AMQP_URL_{suffix}")
+        if amqp:
+            found[name] = Credentials(amqp, environ.get(f"SAGABUS_DATABASE_URL_{suffix}") or None)
+    return found

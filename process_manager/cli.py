@@ -181,7 +181,7 @@ def run(services: tuple[str, ...]) -> None:
     telemetry.configure_logging(s.log_format, s.log_level)
 
     async def go() -> None:
-        from messaging.service import start_when_reachable
+        from messaging.service import credentials_from_env, start_when_reachable
         from process_manager import bootstrap
 
         defs = bootstrap.definitions(s, names) if names is None or names else []
@@ -190,7 +190,13 @@ def run(services: tuple[str, ...]) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         # PostgreSQL or RabbitMQ restarting, or not up yet: wait for them rather than exit
-        runtime = await start_when_reachable(defs, s, dead_letters=collect, stop=stop)
+        hosted = [d.name for d in defs] + (["dead-letters"] if collect else [])
+        # several services in one process: each still as its own broker user and database
+        # role when `sagabus provision --output` lines are in the environment
+        credentials = credentials_from_env(hosted, os.environ) if len(hosted) > 1 else {}
+        runtime = await start_when_reachable(
+            defs, s, dead_letters=collect, stop=stop, credentials=credentials
+        )
         if runtime is None:
             return
         sampler = None
@@ -905,8 +911,26 @@ def erase(customer: str | None, order_id: str | None, dry_run: bool, as_json: bo
 @click.option("--sagas", type=click.IntRange(1, 100_000), default=200, show_default=True)
 @click.option("--seed", type=int, default=None, help="Scenario mix seed (default: time).")
 @click.option("--verbose", is_flag=True, help="Show the services' logs.")
-def demo(sagas: int, seed: int | None, verbose: bool) -> None:
-    """Run every service, start N sagas of every scenario, check every outcome."""
+@click.option(
+    "--single-user",
+    is_flag=True,
+    help="Run every service as the one user of SAGABUS_AMQP_URL and SAGABUS_DATABASE_URL "
+    "instead of provisioning a broker user and a database role per service.",
+)
+@click.option(
+    "--admin-url",
+    default="http://guest:guest@127.0.0.1:15672",
+    show_default=True,
+    envvar="SAGABUS_RABBITMQ_ADMIN_URL",
+    show_envvar=True,
+    help="RabbitMQ management API with an administrator's credentials, to provision the "
+    "services' users.",
+)
+def demo(sagas: int, seed: int | None, verbose: bool, single_user: bool, admin_url: str) -> None:
+    """Run every service, start N sagas of every scenario, check every outcome.
+
+    Each service runs as its own broker user and database role (provisioned afresh, with
+    new passwords, every run) unless --single-user."""
     from messaging import telemetry
     from process_manager.demo import run_demo
 
@@ -914,7 +938,11 @@ def demo(sagas: int, seed: int | None, verbose: bool) -> None:
     telemetry.configure_logging(
         "console" if verbose else s.log_format, s.log_level if verbose else "error"
     )
-    ok = run_async(lambda: run_demo(s, sagas, Console(), seed=seed))
+    ok = run_async(
+        lambda: run_demo(
+            s, sagas, Console(), seed=seed, single_user=single_user, admin_url=admin_url
+        )
+    )
     if not ok:
         sys.exit(EXIT_FAILED)
 

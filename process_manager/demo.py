@@ -22,7 +22,7 @@ from messaging.settings import Settings
 from participants.inventory import service as inventory
 from participants.payment import service as payment
 from participants.shipping.carrier import UNAVAILABLE_POSTAL_CODE, UNDELIVERABLE_POSTAL_CODE
-from process_manager import bootstrap, ops, store
+from process_manager import bootstrap, ops, principals, store
 from schemas.checkout import StartCheckout
 from schemas.common import LineItem, ShippingAddress
 
@@ -133,6 +133,8 @@ async def run_demo(
     *,
     seed: int | None = None,
     timeout_s: float | None = None,
+    single_user: bool = False,
+    admin_url: str | None = None,
 ) -> bool:
     settings = demo_settings(base)
     await ensure_database(settings)
@@ -147,8 +149,29 @@ async def run_demo(
             races += 1
         starts.append((name, build(run, i, name, (races + 1) // 2)))
     engine = make_engine(settings)
-    runtime = Runtime(bootstrap.definitions(settings), settings, engine=engine, dead_letters=True)
+    client_url = settings.amqp_url
+    credentials = None
+    if not single_user:
+        # each service as its own broker user and database role, as in production: the
+        # consumers believe a reply only from the user that owns its type
+        who = await principals.provision_all(
+            settings, admin_url=admin_url or principals.DEFAULT_ADMIN_URL
+        )
+        credentials, client_url = who.services, who.client_amqp_url
+    runtime = Runtime(
+        bootstrap.definitions(settings),
+        settings,
+        engine=engine,
+        dead_letters=True,
+        credentials=credentials,
+    )
     console.print(f"[bold]sagabus demo[/] run [cyan]{run}[/], {n} sagas, seed {seed}")
+    console.print(
+        "every service runs as the one user of SAGABUS_AMQP_URL and SAGABUS_DATABASE_URL"
+        if single_user
+        else "every service runs as its own broker user (sagabus-demo-<service>) and database "
+        "role (sagabus_demo_<service>); sagas are started as sagabus-demo-client"
+    )
     await runtime.start()
     try:
         async with engine.begin() as conn:
@@ -156,7 +179,7 @@ async def run_demo(
             levels.update({f"DEMO-{run}-LAST-{k}": 1 for k in range(1, races // 2 + 1)})
             await inventory.seed(conn, levels)
         started = time.monotonic()
-        await ops.publish_starts(settings.amqp_url, [ops.start_message(c) for _, c in starts])
+        await ops.publish_starts(client_url, [ops.start_message(c) for _, c in starts])
         deadline = started + (timeout_s if timeout_s is not None else 60 + n * 0.5)
         with Progress(
             TextColumn("sagas terminal"),

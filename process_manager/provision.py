@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from aio_pika.abc import ExchangeType
 
 from messaging import topology
 from messaging.settings import Settings
@@ -172,25 +173,25 @@ def _worker(service: str, *publishes: str, topics: tuple[TopicGrant, ...] = ()) 
     )
 
 
-def _participant(service: str, *also: str) -> Grant:
-    """Replies go to ``sagabus.replies`` with the reply's type name as the routing key, and a
-    participant's reply types start with its own name (``payment.PaymentAuthorized.v1``)."""
-    replies = TopicGrant(topology.REPLIES_EXCHANGE, _keys_starting_with([service]))
-    return _worker(service, topology.REPLIES_EXCHANGE, *also, topics=(replies,))
+def _service(service: str) -> Grant:
+    """A service may publish exactly on the routes the topology's table of accepted messages
+    names it the sender of (``topology.ACCEPTED``): the process manager each participant's
+    command keys, a participant its own reply types' keys (and order its facts). The consumers
+    check the same table, so the broker and the code cannot disagree."""
+    routes = topology.publishes(service)
+    exchanges = sorted({r.exchange for r in routes})
+    topics = tuple(
+        TopicGrant(e, _exactly(r.routing_key for r in routes if r.exchange == e))
+        for e in exchanges
+        if topology.EXCHANGES[e] is ExchangeType.TOPIC
+    )
+    return _worker(service, *exchanges, topics=topics)
 
 
 GRANTS: dict[str, Grant] = {
     g.principal: g
     for g in (
-        _worker(
-            "process-manager",
-            topology.COMMANDS_EXCHANGE,
-            topics=(TopicGrant(topology.COMMANDS_EXCHANGE, _keys_starting_with(PARTICIPANTS)),),
-        ),
-        _participant("order", topology.FACTS_EXCHANGE),
-        *(_participant(s) for s in PARTICIPANTS if s != "order"),
-        _worker("notification"),
-        _worker("analytics"),
+        *(_service(s) for s in topology.SERVICES),
         Grant(
             principal="dead-letters",
             purpose="runs the dead-letter collector (consumes every DLQ, publishes nothing)",

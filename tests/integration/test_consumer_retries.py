@@ -90,6 +90,11 @@ async def rig(
         service, f"sagabus.{service}", ((topology.COMMANDS_EXCHANGE, f"{service}.#"),)
     )
     monkeypatch.setitem(topology.QUEUES, service, spec)
+    # the one route its commands may come by (messaging.trust)
+    route = topology.Route(topology.COMMANDS_EXCHANGE, f"{service}.CreateOrder")
+    monkeypatch.setitem(
+        topology.ACCEPTED, spec.name, {CreateOrder.TYPE: (route, topology.ANY_SENDER)}
+    )
     channel = await amqp.channel()
     await topology.declare(channel, database, (service,))
 
@@ -150,6 +155,7 @@ async def test_transient_failures_go_round_the_delay_queues_then_succeed_once(
         "duplicates": 0,
         "retried": 2,
         "dead_lettered": 0,
+        "rejected_security": 0,
     }
     first, second, third = rig.deliveries
     assert HeaderNames.RETRY_COUNT not in first

@@ -130,7 +130,9 @@ def test_payment_can_do_its_own_work(provisioned: Provisioned, channel_as: Any) 
     consume(channel, spec.name)
     basic_get(channel, spec.name)
     # a reply, a retry into each delay tier and a dead letter: what its relay and consumer publish
-    publish(channel, topology.REPLIES_EXCHANGE, "payment.Probe.v1")
+    publish(channel, topology.REPLIES_EXCHANGE, "payment.PaymentAuthorized.v1")
+    # only its own reply types' keys, not any key that starts with its name
+    refused(lambda: publish(channel_as("payment"), topology.REPLIES_EXCHANGE, "payment.Probe.v1"))
     for tier in range(1, topology.RETRY_TIERS + 1):
         publish(channel, *topology.retry_route(spec, tier))
     publish(channel, *topology.dead_letter_route(spec.name))
@@ -196,8 +198,18 @@ def test_operator_replays_into_work_queues_only(provisioned: Provisioned, channe
 
 
 def test_process_manager_commands_participants_and_nothing_else(channel_as: Any) -> None:
+    # exactly the command routes of the topology's table, nothing else of the participants'
+    for route in topology.publishes("process-manager"):
+        publish(channel_as("process-manager"), route.exchange, route.routing_key)
     for participant in provision.PARTICIPANTS:
-        publish(channel_as("process-manager"), topology.COMMANDS_EXCHANGE, f"{participant}.Probe")
+        refused(
+            functools.partial(
+                publish,
+                channel_as("process-manager"),
+                topology.COMMANDS_EXCHANGE,
+                f"{participant}.Probe",
+            )
+        )
     refused(
         lambda: publish(
             channel_as("process-manager"), topology.FACTS_EXCHANGE, "order.OrderCompleted.v1"
