@@ -1,0 +1,200 @@
+"""messaging.trust: what is believed of a delivery before its body is read (issue 9). Pure: the
+deliveries are plain objects with the properties RabbitMQ sets."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from messaging import topology, trust
+from schemas.envelope import HeaderNames
+
+pytestmark = pytest.mark.unit
+
+PM = topology.QUEUES["process-manager"].name
+PAYMENT_Q = topology.QUEUES["payment"].name
+AUTHORIZED = "payment.PaymentAuthorized.v1"
+START = "checkout.StartCheckout.v1"
+PREFIX = "sagabus-"
+
+
+def delivery(
+    exchange: str, key: str, headers: dict[str, Any] | None = None, user_id: str | None = None
+) -> Any:
+    return SimpleNamespace(exchange=exchange, routing_key=key, headers=headers, user_id=user_id)
+
+
+def arrive(d: Any, queue: str = PM, own_user: str | None = "sagabus-process-manager") -> Any:
+    return trust.arrival(d, queue, own_user=own_user, max_retries=6)
+
+
+def test_a_reply_by_its_own_route_from_its_owner_is_believed() -> None:
+    a = arrive(delivery(topology.REPLIES_EXCHANGE, AUTHORIZED, user_id="sagabus-payment"))
+    trust.check(a, PM, AUTHORIZED, sender_prefix=PREFIX)
+    assert (a.via, a.sender, a.retries) == ("direct", "sagabus-payment", 0)
+
+
+@pytest.mark.parametrize(
+    ("exchange", "key"),
+    [
+        (topology.COMMANDS_EXCHANGE, topology.START_ROUTING_KEY),  # the start route
+        (topology.REPLIES_EXCHANGE, "inventory.InventoryReserved.v1"),  # another type's key
+        (topology.REPLIES_EXCHANGE, "payment.PaymentAuthorized.v2"),
+        (topology.FACTS_EXCHANGE, AUTHORIZED),
+        (topology.REPLAY_EXCHANGE, PM),  # a replay that does not say where it came from
+        ("", PM),  # a "retry" that does not say where it came from
+    ],
+)
+def test_a_reply_by_any_other_route_is_a_forbidden_route(exchange: str, key: str) -> None:
+    d = delivery(
+        exchange, key, user_id="sagabus-payment" if exchange else "sagabus-process-manager"
+    )
+    with pytest.raises(trust.Forbidden) as e:
+        trust.check(arrive(d), PM, AUTHORIZED, sender_prefix=PREFIX)
+    assert str(e.value).startswith("forbidden route")
+    assert e.value.metric_reason == "forbidden_route"
+
+
+@pytest.mark.parametrize("user", [None, "sagabus-inventory", "sagabus-client", "guest"])
+def test_a_reply_from_anyone_but_its_owner_is_a_forbidden_sender(user: str | None) -> None:
+    a = arrive(delivery(topology.REPLIES_EXCHANGE, AUTHORIZED, user_id=user))
+    with pytest.raises(trust.Forbidden) as e:
+        trust.check(a, PM, AUTHORIZED, sender_prefix=PREFIX)
+    assert str(e.value).startswith("forbidden sender")
+
+
+def test_without_provisioned_users_the_sender_is_not_checked_but_the_route_is() -> None:
+    assert trust.sender_prefix("guest", "process-manager") is None
+    a = arrive(delivery(topology.REPLIES_EXCHANGE, AUTHORIZED, user_id="guest"), own_user="guest")
+    trust.check(a, PM, AUTHORIZED, sender_prefix=None)
+    forged = arrive(delivery(topology.COMMANDS_EXCHANGE, topology.START_ROUTING_KEY))
+    with pytest.raises(trust.Forbidden):
+        trust.check(forged, PM, AUTHORIZED, sender_prefix=None)
+
+
+def test_the_prefix_comes_from_the_services_own_user() -> None:
+    assert trust.sender_prefix("sagabus-demo-payment", "payment") == "sagabus-demo-"
+    assert trust.sender_prefix("payment", "payment") == ""
+
+
+def test_a_command_only_from_the_process_manager_on_its_own_key() -> None:
+    ok = arrive(
+        delivery(
+            topology.COMMANDS_EXCHANGE,
+            "payment.AuthorizePayment",
+            user_id="sagabus-process-manager",
+        ),
+        queue=PAYMENT_Q,
+        own_user="sagabus-payment",
+    )
+    trust.check(ok, PAYMENT_Q, "payment.AuthorizePayment.v1", sender_prefix=PREFIX)
+    wrong_key = arrive(
+        delivery(topology.COMMANDS_EXCHANGE, "payment.RefundPayment", user_id=ok.sender),
+        queue=PAYMENT_Q,
+    )
+    with pytest.raises(trust.Forbidden):
+        trust.check(wrong_key, PAYMENT_Q, "payment.AuthorizePayment.v1", sender_prefix=PREFIX)
+    with pytest.raises(trust.Forbidden):  # a reply type is never accepted on a participant
+        trust.check(ok, PAYMENT_Q, AUTHORIZED, sender_prefix=PREFIX)
+
+
+def test_the_start_route_believes_none_of_our_headers() -> None:
+    headers = {
+        HeaderNames.SAGA_ID: "x",
+        HeaderNames.FENCE: 5,
+        HeaderNames.RETRY_COUNT: -100,
+        HeaderNames.ORIGINAL_EXCHANGE: topology.REPLIES_EXCHANGE,
+        HeaderNames.ORIGINAL_ROUTING_KEY: AUTHORIZED,
+        HeaderNames.RETRY_STATE_PREFIX + "x": 3,
+        HeaderNames.REPLY_TOKEN: "t",
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "x-custom": "kept",
+    }
+    a = arrive(
+        delivery(topology.COMMANDS_EXCHANGE, topology.START_ROUTING_KEY, headers, "sagabus-client")
+    )
+    assert a.start and a.retries == 0
+    assert a.route == topology.Route(topology.COMMANDS_EXCHANGE, topology.START_ROUTING_KEY)
+    assert set(a.headers) == {"traceparent", "x-custom"}
+    trust.check(a, PM, START, sender_prefix=PREFIX)  # anyone allowed on the route may start
+
+
+def test_our_bookkeeping_from_outside_is_dropped_on_every_direct_route() -> None:
+    headers = {
+        HeaderNames.RETRY_COUNT: 3,
+        HeaderNames.ORIGINAL_USER_ID: "sagabus-payment",
+        HeaderNames.RETRY_STATE_PREFIX + "shipping-carrier-attempts": 9,
+        HeaderNames.SAGA_ID: "kept: the envelope of a reply",
+    }
+    a = arrive(delivery(topology.REPLIES_EXCHANGE, AUTHORIZED, headers, "sagabus-inventory"))
+    assert a.headers == {HeaderNames.SAGA_ID: "kept: the envelope of a reply"}
+    assert a.sender == "sagabus-inventory"  # the header does not change who sent it
+
+
+def _retry_headers(count: Any) -> dict[str, Any]:
+    return {
+        HeaderNames.RETRY_COUNT: count,
+        HeaderNames.ORIGINAL_EXCHANGE: topology.REPLIES_EXCHANGE,
+        HeaderNames.ORIGINAL_ROUTING_KEY: AUTHORIZED,
+        HeaderNames.ORIGINAL_USER_ID: "sagabus-payment",
+        HeaderNames.RETRY_STATE_PREFIX + "x": 1,
+    }
+
+
+def test_a_retry_is_judged_by_the_route_and_sender_it_first_came_by() -> None:
+    d = delivery("", PM, _retry_headers(2), user_id="sagabus-process-manager")
+    a = arrive(d)
+    assert (a.via, a.route.routing_key, a.sender, a.retries) == (
+        "retry",
+        AUTHORIZED,
+        "sagabus-payment",
+        2,
+    )
+    assert HeaderNames.RETRY_STATE_PREFIX + "x" in a.headers
+    trust.check(a, PM, AUTHORIZED, sender_prefix=PREFIX)
+
+
+def test_a_retry_not_made_by_this_service_is_refused() -> None:
+    d = delivery("", PM, _retry_headers(1), user_id="sagabus-payment")
+    with pytest.raises(trust.Forbidden):
+        arrive(d)
+
+
+@pytest.mark.parametrize(
+    ("count", "expected"),
+    [(-1, 0), (-100, 0), ("x", 0), (b"3", 3), (10**9, 6), (None, 0), (True, 0), (2.5, 0)],
+)
+def test_the_retry_count_is_parsed_defensively_and_clamped(count: Any, expected: int) -> None:
+    assert trust.clamp_retries(count, 6) == expected
+    d = delivery("", PM, _retry_headers(count), user_id="sagabus-process-manager")
+    assert arrive(d).retries == expected
+
+
+def test_a_replay_keeps_its_original_route_and_sender_but_no_retry_state() -> None:
+    d = delivery(topology.REPLAY_EXCHANGE, PM, _retry_headers(4), user_id="sagabus-operator")
+    a = arrive(d)
+    assert (a.via, a.sender, a.retries) == ("replay", "sagabus-payment", 0)
+    assert HeaderNames.RETRY_COUNT not in a.headers
+    assert not any(k.startswith(HeaderNames.RETRY_STATE_PREFIX) for k in a.headers)
+    trust.check(a, PM, AUTHORIZED, sender_prefix=PREFIX)
+
+
+def test_a_refused_delivery_is_dead_lettered_with_the_route_it_physically_came_by() -> None:
+    d = delivery("", PM, _retry_headers(1), user_id="sagabus-payment")
+    a = trust.as_received(d)
+    assert a.route == topology.Route("", PM) and a.via == "direct"
+    assert HeaderNames.ORIGINAL_EXCHANGE not in a.headers  # a replay of it is refused again
+
+
+def test_every_accepted_type_has_exactly_one_route_per_queue_and_a_sender() -> None:
+    for queue, types in topology.ACCEPTED.items():
+        assert queue in topology.QUEUE_BY_NAME
+        for type_name, (route, sender) in types.items():
+            assert route.exchange in topology.EXCHANGES
+            assert sender == topology.ANY_SENDER or sender in topology.QUEUES, type_name
+    assert topology.accepted_route(PM, START) == (
+        topology.Route(topology.COMMANDS_EXCHANGE, topology.START_ROUTING_KEY),
+        topology.ANY_SENDER,
+    )
