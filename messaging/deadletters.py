@@ -92,7 +92,16 @@ dead_letters = Table(
 
 #: every stored dead letter, whatever its status, expires after ``dead_letter_retention_s`` (no
 #: row here absorbs a duplicate: a replay's copy meets the consumers' inboxes and idempotency)
-RETAINED = (RetentionRule(dead_letters, "collected_at", "dead_letter_retention_s", guard=False),)
+#: an open dead letter is work nobody has done yet: it stays until it is replayed or purged
+RETAINED = (
+    RetentionRule(
+        dead_letters,
+        "collected_at",
+        "dead_letter_retention_s",
+        where="status <> 'open'",
+        guard=False,
+    ),
+)
 
 _UUIDISH = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 _NUMBER = re.compile(r"\d+")
