@@ -16,9 +16,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,13 @@ def queues_of(service: str) -> tuple[str, ...]:
     if service == "dead-letters":
         return tuple(topology.QUEUES[s].dlq for s in topology.SERVICES)
     return (topology.QUEUES[service].name,)
+
+
+def amqp_user(amqp_url: str) -> str:
+    """The broker user an AMQP URL logs in as (RabbitMQ's default ``guest`` when it names none):
+    the ``user_id`` RabbitMQ lets a connection of that URL put on a message."""
+    name = urllib.parse.urlsplit(amqp_url).username
+    return urllib.parse.unquote(name) if name else "guest"
 
 
 def clean_env(base: Mapping[str, str], settings: Mapping[str, str]) -> dict[str, str]:
@@ -170,12 +178,13 @@ class UnexpectedExit:
 
 
 class Fleet:
-    """The services of one run. ``watch`` notices a process that died without being killed,
-    records it (that is a product bug: services must ride out faults) and starts it again so
-    the run can finish and report everything it found."""
+    """The services of one run, each with its own environment (its own broker user and database
+    role). ``watch`` notices a process that died without being killed, records it (that is a
+    product bug: services must ride out faults) and starts it again so the run can finish and
+    report everything it found."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.procs = {name: ServiceProcess(name, env, log_dir) for name in SERVICES}
+    def __init__(self, envs: Mapping[str, dict[str, str]], log_dir: Path) -> None:
+        self.procs = {name: ServiceProcess(name, envs[name], log_dir) for name in SERVICES}
         self.unexpected: list[UnexpectedExit] = []
         self._down: set[str] = set()
 
@@ -353,14 +362,27 @@ def restore_infrastructure(within: float = 180) -> list[str]:
 
 class Duplicator:
     """A tap on the commands, replies and facts exchanges: about ``rate`` of the messages it sees
-    are published again, unchanged (same message id, headers, routing key), to the exchange
-    they came from; ``late_share`` of those copies only after a random delay, so they arrive
-    after messages published later (out of order). Copies are marked and never copied again."""
+    are published again, unchanged (same message id, headers, routing key, ``user_id``), to the
+    exchange they came from; ``late_share`` of those copies only after a random delay, so they
+    arrive after messages published later (out of order). Copies are marked and never copied
+    again.
+
+    The tap queue is declared and consumed as the admin (``amqp_url``). A copy keeps its
+    original's ``user_id``, which RabbitMQ accepts only over a connection of that user, so each
+    copy is published through the connection of its sender (``senders``: user -> AMQP URL). A
+    message whose ``user_id`` is none of them (or missing) is not copied, only counted."""
 
     def __init__(
-        self, amqp_url: str, rng: random.Random, *, rate: float = 0.10, late_share: float = 0.4
+        self,
+        amqp_url: str,
+        senders: Mapping[str, str],
+        rng: random.Random,
+        *,
+        rate: float = 0.10,
+        late_share: float = 0.4,
     ) -> None:
         self.amqp_url = amqp_url
+        self.senders = dict(senders)
         self.rng = rng
         self.rate = rate
         self.late_share = late_share
@@ -371,13 +393,21 @@ class Duplicator:
         self.late = 0
         self.lost = 0
         self.by_type: Counter[str] = Counter()
+        #: originals not copied because their user_id is none of ``senders``: (user_id, type)
+        self.unknown_sender: Counter[tuple[str | None, str]] = Counter()
+        #: originals per broker-validated sender
+        self.by_sender: Counter[str | None] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self._conn: aio_pika.abc.AbstractRobustConnection | None = None
-        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        #: sender -> its connection and a confirming channel on it
+        self._pubs: dict[str, tuple[aio_pika.abc.AbstractRobustConnection, Any]] = {}
+        self._exchanges: dict[tuple[str, str], aio_pika.abc.AbstractExchange] = {}
 
     async def start(self) -> None:
+        for user, url in self.senders.items():
+            conn = await aio_pika.connect_robust(url)
+            self._pubs[user] = (conn, await conn.channel(publisher_confirms=True))
         self._conn = await aio_pika.connect_robust(self.amqp_url)
-        self._pub = await self._conn.channel(publisher_confirms=True)
         channel = await self._conn.channel()
         await channel.set_qos(prefetch_count=500)
         queue = await channel.declare_queue(TAP_QUEUE, durable=True)
@@ -395,7 +425,11 @@ class Duplicator:
         if COPY_HEADER in headers or POISON_HEADER in headers:
             return
         self.originals += 1
+        self.by_sender[m.user_id] += 1
         if self.rng.random() >= self.rate:
+            return
+        if m.user_id not in self._pubs:
+            self.unknown_sender[(m.user_id, m.type or "?")] += 1
             return
         delay = self.rng.uniform(0.3, 4.0) if self.rng.random() < self.late_share else 0.0
         task = asyncio.create_task(self._copy(m, delay))
@@ -418,12 +452,15 @@ class Duplicator:
             timestamp=m.timestamp,
             type=m.type,
             app_id=m.app_id,
+            user_id=m.user_id,
         )
+        sender = m.user_id or ""
         try:
-            exchange = self._exchanges.get(m.exchange or "")
+            exchange = self._exchanges.get((sender, m.exchange or ""))
             if exchange is None:
-                exchange = await self._pub.get_exchange(m.exchange or "", ensure=False)
-                self._exchanges[m.exchange or ""] = exchange
+                _, channel = self._pubs[sender]
+                exchange = await channel.get_exchange(m.exchange or "", ensure=False)
+                self._exchanges[(sender, m.exchange or "")] = exchange
             # bounded: a publish caught in a connection loss may otherwise never return
             await asyncio.wait_for(exchange.publish(copy, routing_key=m.routing_key or ""), 10)
         except Exception:  # the broker is restarting: this copy is simply not made
@@ -436,9 +473,13 @@ class Duplicator:
     async def stop(self) -> None:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=15)
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                await self._conn.close()
+        for conn in (self._conn, *(c for c, _ in self._pubs.values())):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+        self._conn = None
+        self._pubs.clear()
+        self._exchanges.clear()
 
 
 # -- poison ----------------------------------------------------------------------------------------
@@ -454,16 +495,32 @@ class Poison:
     queue: str
     #: a phrase its dead-letter reason must contain
     reason: str
+    #: the principal it is published as (the one whose route it abuses, or ``client``)
+    sender: str
+    #: the dead letter's ``failure_kind``: ``permanent`` (refused for what it says) or
+    #: ``security`` (refused for the way it came: route or sender)
+    failure_kind: str
     message: aio_pika.Message = field(compare=False, repr=False)
+
+    @property
+    def error_class(self) -> str:
+        """The dead letter's ``error_class``: ``trust.Forbidden`` for a security event."""
+        return "Forbidden" if self.failure_kind == "security" else "PermanentError"
 
 
 def _poison_message(
-    body: bytes, *, type_: str | None, message_id: str, saga_id: uuid.UUID | None, kind: str
+    body: bytes,
+    *,
+    type_: str | None,
+    message_id: str,
+    saga_id: uuid.UUID | None,
+    kind: str,
+    fence: int = 1,
 ) -> aio_pika.Message:
     headers: dict[str, Any] = {POISON_HEADER: kind}
     if saga_id is not None:
         headers[HeaderNames.SAGA_ID] = str(saga_id)
-        headers[HeaderNames.FENCE] = 1
+        headers[HeaderNames.FENCE] = fence
     return aio_pika.Message(
         body=body,
         headers=headers,
@@ -474,8 +531,10 @@ def _poison_message(
     )
 
 
-def poison(kind: str, rng: random.Random) -> Poison:
-    """One malformed message of ``kind``, addressed where a real service will refuse it."""
+def poison(kind: str, rng: random.Random, *, victims: Sequence[str] = ()) -> Poison:
+    """One malformed message of ``kind``, addressed where a real service will refuse it, and
+    published as a provisioned user that may use that route (so the broker lets it through and
+    the service has to refuse it). ``victims``: order ids of real sagas a forged reply names."""
     mid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
     saga = uuid.UUID(int=rng.getrandbits(128), version=4)
     c, r = topology.COMMANDS_EXCHANGE, topology.REPLIES_EXCHANGE
@@ -483,45 +542,65 @@ def poison(kind: str, rng: random.Random) -> Poison:
     authorized = json.dumps(
         {"order_id": f"ghost-{mid[:8]}", "authorization_id": "auth_x", "amount_minor": 100}
     ).encode()
-    specs: dict[str, tuple[str, str, str, str, bytes, str | None, uuid.UUID | None]] = {
-        # kind: exchange, routing key, queue, reason, body, type, saga id header
+    pm, fence = "process-manager", 1
+    specs: dict[str, tuple[str, str, str, str, str, str, bytes, str | None, uuid.UUID | None]] = {
+        # kind: exchange, routing key, queue, sender, failure kind, reason, body, type, saga id
         "bad_json": (
-            c, "payment.AuthorizePayment", q["payment"], "body is not JSON",
+            c, "payment.AuthorizePayment", q["payment"], pm, "permanent", "body is not JSON",
             b'{"order_id": "x", "amount_minor": ', "payment.AuthorizePayment.v1", saga,
         ),
         "unknown_type": (
-            c, "inventory.ReserveInventory", q["inventory"], "unknown message type",
-            b"{}", "inventory.TeleportStock.v1", saga,
+            c, "inventory.ReserveInventory", q["inventory"], pm, "permanent",
+            "unknown message type", b"{}", "inventory.TeleportStock.v1", saga,
         ),
         "schema_invalid": (
-            c, "order.CreateOrder", q["order"], "invalid order.CreateOrder.v1",
+            c, "order.CreateOrder", q["order"], pm, "permanent", "invalid order.CreateOrder.v1",
             b'{"order_id": 7, "currency": "euro"}', "order.CreateOrder.v1", saga,
         ),
         "missing_saga_header": (
-            c, "shipping.CancelShipment", q["shipping"], "missing header sagabus-saga-id",
+            c, "shipping.CancelShipment", q["shipping"], pm, "permanent",
+            "missing header sagabus-saga-id",
             b'{"order_id": "ghost"}', "shipping.CancelShipment.v1", None,
         ),
+        # a reply type on a participant's command route (the process manager's, the only key
+        # the broker lets anyone use there): once "no handler for" it; now the route check
+        # refuses it before any handler is looked for
         "no_handler": (
-            c, "payment.PaymentAuthorized", q["payment"], "no handler for",
+            c, "payment.AuthorizePayment", q["payment"], pm, "security", "forbidden route",
             authorized, "payment.PaymentAuthorized.v1", saga,
         ),
         "missing_type": (
-            r, "payment.PaymentAuthorized.v1", q["process-manager"], "missing AMQP 'type'",
-            authorized, None, saga,
+            r, "payment.PaymentAuthorized.v1", q["process-manager"], "payment", "permanent",
+            "missing AMQP 'type'", authorized, None, saga,
         ),
         "unknown_saga": (
-            r, "payment.PaymentAuthorized.v1", q["process-manager"], "for unknown saga",
-            authorized, "payment.PaymentAuthorized.v1", saga,
+            r, "payment.PaymentAuthorized.v1", q["process-manager"], "payment", "permanent",
+            "for unknown saga", authorized, "payment.PaymentAuthorized.v1", saga,
         ),
         "bad_start": (
-            c, topology.START_ROUTING_KEY, q["process-manager"],
+            c, topology.START_ROUTING_KEY, q["process-manager"], "client", "permanent",
             "invalid checkout.StartCheckout.v1",
             b'{"order_id": "", "items": []}', "checkout.StartCheckout.v1", None,
         ),
+        # issue 9's attack: a client forges the payment's reply on the public start route, for
+        # a real saga (its saga id, a plausible fence); refused for its route
+        "forged_reply": (
+            c, topology.START_ROUTING_KEY, q["process-manager"], "client", "security",
+            "forbidden route", authorized, "payment.PaymentAuthorized.v1", saga,
+        ),
     }  # fmt: skip
-    exchange, key, queue, reason, body, type_, saga_id = specs[kind]
-    message = _poison_message(body, type_=type_, message_id=mid, saga_id=saga_id, kind=kind)
-    return Poison(kind, mid, exchange, key, queue, reason, message)
+    if kind == "forged_reply" and victims:
+        order_id = rng.choice(list(victims))
+        authorized = json.dumps(
+            {"order_id": order_id, "authorization_id": f"auth_{mid[:8]}", "amount_minor": 100}
+        ).encode()
+        saga, fence = saga_id_for_order(order_id), 2
+        specs[kind] = (*specs[kind][:6], authorized, specs[kind][7], saga)
+    exchange, key, queue, sender, failure_kind, reason, body, type_, saga_id = specs[kind]
+    message = _poison_message(
+        body, type_=type_, message_id=mid, saga_id=saga_id, kind=kind, fence=fence
+    )
+    return Poison(kind, mid, exchange, key, queue, reason, sender, failure_kind, message)
 
 
 POISON_KINDS = (
@@ -533,6 +612,7 @@ POISON_KINDS = (
     "missing_type",
     "unknown_saga",
     "bad_start",
+    "forged_reply",
 )
 
 
@@ -646,10 +726,12 @@ def start_message(p: Planned) -> aio_pika.Message:
 
 class Publisher:
     """The test's own client: publishes with confirms, and rides out a broker restart by trying
-    again (same message id, so a message the broker did get is dropped by the inbox)."""
+    again (same message id, so a message the broker did get is dropped by the inbox). Every
+    message carries the ``user_id`` of the URL's user, as the services' messages do."""
 
     def __init__(self, amqp_url: str) -> None:
         self.amqp_url = amqp_url
+        self.user = amqp_user(amqp_url)
         self.retries = 0
         self._conn: aio_pika.abc.AbstractRobustConnection | None = None
 
@@ -661,6 +743,7 @@ class Publisher:
         self, exchange: str, routing_key: str, message: aio_pika.Message, *, within: float = 120
     ) -> None:
         deadline = time.monotonic() + within
+        message.user_id = self.user
         while True:
             try:
                 ex = await asyncio.wait_for(self._channel.get_exchange(exchange, ensure=False), 10)

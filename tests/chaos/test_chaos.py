@@ -5,6 +5,11 @@ about 1 % of the traffic is poison. Afterwards PostgreSQL and the CLI must show 
 terminal with the outcome its scenario expects, no double charge, no oversold unit, nothing
 left dangling, every poison message dead-lettered with its reason and no outbox row unsent.
 
+Every service runs as its own broker user and database role (provisioned for the run), with the
+sender check on: a consumer believes a message only from the user that owns its type. Sagas are
+started as ``client``, copies are published as their original sender, and the CLI runs as the
+operator.
+
 Seeded: ``CHAOS_SEED=<seed> pytest -m chaos`` replays the same plan, poison and fault schedule
 (the interleaving with the processes' own timing is, of course, never the same twice).
 ``CHAOS_SAGAS`` changes the number of sagas (at least 500 in CI).
@@ -20,6 +25,7 @@ import random
 import signal
 import sys
 import time
+import urllib.parse
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,6 +39,7 @@ from messaging import topology
 from messaging.db import make_engine
 from messaging.settings import Settings
 from participants.inventory import service as inventory
+from process_manager.principals import Principals
 from process_manager.saga import TERMINAL
 from tests.chaos import conftest as chaos_conftest
 from tests.chaos.harness import (
@@ -46,6 +53,7 @@ from tests.chaos.harness import (
     Plan,
     Poison,
     Publisher,
+    amqp_user,
     clean_env,
     make_plan,
     pg_ctlcluster,
@@ -79,12 +87,30 @@ OUTBOX_SCHEMAS = (
 )
 
 
-def service_settings(s: Settings) -> dict[str, str]:
-    """What every service process runs with. Retries span a database restart; step timeouts
-    are a safety net (they re-send, and only give up after a minute), not the normal path."""
+def service_envs(who: Principals) -> dict[str, dict[str, str]]:
+    """Each service process's environment: its own broker user and database role, the
+    topology left to the admin (the fixture declared it; the users may configure nothing)."""
+    envs = {}
+    for name in SERVICES:
+        cred = who.services[name]
+        assert cred.database_url is not None, f"{name} has no database role"
+        envs[name] = clean_env(
+            os.environ,
+            {
+                **service_settings(),
+                "SAGABUS_AMQP_URL": cred.amqp_url,
+                "SAGABUS_DATABASE_URL": cred.database_url,
+                "SAGABUS_DECLARE_TOPOLOGY": "false",
+            },
+        )
+    return envs
+
+
+def service_settings() -> dict[str, str]:
+    """What every service process runs with, besides its URLs. Retries span a database
+    restart; step timeouts are a safety net (they re-send, and only give up after a minute),
+    not the normal path."""
     return {
-        "SAGABUS_AMQP_URL": s.amqp_url,
-        "SAGABUS_DATABASE_URL": s.database_url,
         "SAGABUS_LOG_FORMAT": "json",
         "SAGABUS_LOG_LEVEL": "info",
         # small pools (PostgreSQL is shared). Twice the pool exceeds the prefetch: once needed
@@ -214,7 +240,9 @@ async def track_terminal(run: Run, engine: AsyncEngine, stop: asyncio.Event) -> 
         await asyncio.sleep(0.5)
 
 
-async def publish_all(run: Run, publisher: Publisher) -> None:
+async def publish_all(run: Run, publishers: dict[str, Publisher]) -> None:
+    """Starts as ``client``; each poison message as the principal it names."""
+    publisher = publishers["client"]
     n = len(run.plan.sagas)
 
     async def room(i: int) -> bool:
@@ -235,7 +263,7 @@ async def publish_all(run: Run, publisher: Publisher) -> None:
         run.published += 1
         while run.poison_sent < len(run.poisons) * (i + 1) // n:
             p = run.poisons[run.poison_sent]
-            await publisher.publish(p.exchange, p.routing_key, p.message)
+            await publishers[p.sender].publish(p.exchange, p.routing_key, p.message)
             run.poison_sent += 1
     run.note(f"published {run.published} sagas and {run.poison_sent} poison messages")
 
@@ -300,8 +328,9 @@ async def restart_postgres(run: Run, fleet: Fleet, probe: BrokerProbe, fault: Fa
     run.note(f"{fault.service} consuming again")
 
 
-async def sagabus(s: Settings, *args: str) -> Any:
-    """The CLI as an operator runs it, against this run's vhost and database; parsed JSON."""
+async def sagabus(who: Principals, *args: str) -> Any:
+    """The CLI as an operator runs it (the operator's broker user and database role), against
+    this run's vhost and database; parsed JSON."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -309,7 +338,7 @@ async def sagabus(s: Settings, *args: str) -> Any:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=env_for(s.amqp_url, s.database_url, os.environ),
+        env=env_for(who.operator_amqp_url, who.operator_database_url, os.environ),
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
     assert proc.returncode == 0, f"sagabus {' '.join(args)}: {proc.returncode} {err.decode()}"
@@ -320,15 +349,24 @@ async def sagabus(s: Settings, *args: str) -> Any:
 
 
 async def test_sagas_survive_kills_restarts_duplicates_and_poison(
-    chaos_settings: Settings, chaos_seed: int, tmp_path_factory: pytest.TempPathFactory
+    chaos_settings: Settings,
+    chaos_principals: Principals,
+    chaos_seed: int,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     s = chaos_settings
+    who = chaos_principals
     seed = chaos_seed
     rng = random.Random(seed)
     plan = make_plan(N_SAGAS, random.Random(f"{seed}:plan"))
     poison_rng = random.Random(f"{seed}:poison")
     n_poison = max(len(POISON_KINDS), round(POISON_RATE * N_SAGAS * MESSAGES_PER_SAGA))
-    poisons = [poison(POISON_KINDS[i % len(POISON_KINDS)], poison_rng) for i in range(n_poison)]
+    # forged replies name real sagas whose payment is declined: believed, one would complete
+    victims = [pl.order_id for pl in plan.sagas if pl.scenario == "payment declined"]
+    poisons = [
+        poison(POISON_KINDS[i % len(POISON_KINDS)], poison_rng, victims=victims)
+        for i in range(n_poison)
+    ]
     poison_rng.shuffle(poisons)
     faults = fault_schedule(random.Random(f"{seed}:faults"))
     log_dir = tmp_path_factory.mktemp("chaos-logs")
@@ -341,10 +379,23 @@ async def test_sagas_survive_kills_restarts_duplicates_and_poison(
     engine = make_engine(s)
     async with engine.begin() as conn:
         await inventory.seed(conn, plan.stock)
-    fleet = Fleet(clean_env(os.environ, service_settings(s)), log_dir)
+    fleet = Fleet(service_envs(who), log_dir)
+    # the admin (the fixture's user) only watches the broker and taps the exchanges
     probe = BrokerProbe(s.amqp_url)
-    duplicator = Duplicator(s.amqp_url, random.Random(f"{seed}:duplicates"), rate=DUPLICATE_RATE)
-    publisher = Publisher(s.amqp_url)
+    urls = {
+        **{name: cred.amqp_url for name, cred in who.services.items()},
+        "client": who.client_amqp_url,
+        "operator": who.operator_amqp_url,
+    }
+    duplicator = Duplicator(
+        s.amqp_url,
+        {amqp_user(url): url for url in urls.values()},
+        random.Random(f"{seed}:duplicates"),
+        rate=DUPLICATE_RATE,
+    )
+    publishers = {
+        name: Publisher(urls[name]) for name in sorted({"client", *(p.sender for p in poisons)})
+    }
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
     # SIGTERM (a CI job cancelled) still runs the clean-up below: RabbitMQ and PostgreSQL must
@@ -355,7 +406,8 @@ async def test_sagas_survive_kills_restarts_duplicates_and_poison(
     loop.add_signal_handler(signal.SIGTERM, this.cancel)
     try:
         await duplicator.start()
-        await publisher.start()
+        for pub in publishers.values():
+            await pub.start()
         fleet.start_all()
         tasks.append(asyncio.create_task(fleet.watch(stop)))
         for name in SERVICES:
@@ -365,7 +417,7 @@ async def test_sagas_survive_kills_restarts_duplicates_and_poison(
         run.note("all eight services consuming")
         tasks.append(asyncio.create_task(track_terminal(run, engine, stop)))
 
-        publishing = asyncio.create_task(publish_all(run, publisher))
+        publishing = asyncio.create_task(publish_all(run, publishers))
         tasks.append(publishing)
         await inject_faults(run, fleet, probe, rng)
         run.note(f"all {len(faults)} faults done")
@@ -402,10 +454,10 @@ async def test_sagas_survive_kills_restarts_duplicates_and_poison(
         await duplicator.stop()
         await poll(lambda: broker_idle(probe), timeout=60, what="every queue drained")
         run.note("outboxes drained, poison collected, queues empty")
-        report = await check(run, engine, s, fleet, duplicator)
+        report = await check(run, engine, who, fleet, duplicator)
         run.note("checked PostgreSQL and the CLI")
         elapsed = time.monotonic() - run.started
-        text_report = render(run, report, fleet, duplicator, publisher, seed, elapsed)
+        text_report = render(run, report, fleet, duplicator, publishers, seed, elapsed)
         chaos_conftest.SUMMARIES.append(text_report)
         print(text_report, flush=True)
         problems = {k: v for k, v in report["violations"].items() if v}
@@ -421,7 +473,8 @@ async def test_sagas_survive_kills_restarts_duplicates_and_poison(
         await asyncio.to_thread(restore_infrastructure)
         await asyncio.to_thread(fleet.stop_all)
         await duplicator.stop()
-        await publisher.close()
+        for pub in publishers.values():
+            await pub.close()
         await probe.close()
         await engine.dispose()
 
@@ -461,7 +514,7 @@ async def collected(engine: AsyncEngine, ids: set[str]) -> bool:
 
 
 async def check(
-    run: Run, engine: AsyncEngine, s: Settings, fleet: Fleet, dup: Duplicator
+    run: Run, engine: AsyncEngine, who: Principals, fleet: Fleet, dup: Duplicator
 ) -> dict[str, Any]:
     plan = run.plan
     p = plan.prefix + "%"
@@ -629,11 +682,13 @@ async def check(
     for r in dls:
         by_id[r.message_id].append(r)
     v["poison not dead-lettered with its reason"] = [
-        f"{pz.kind} {pz.message_id}: {[(r.queue, r.error_message) for r in by_id.get(pz.message_id, [])]}"
+        f"{pz.kind} {pz.message_id}: "
+        f"{[(r.queue, r.failure_kind, r.error_class, r.error_message) for r in by_id.get(pz.message_id, [])]}"
         for pz in run.poisons
         if not any(
             r.queue == pz.queue
-            and r.error_class == "PermanentError"
+            and r.error_class == pz.error_class
+            and r.failure_kind == pz.failure_kind
             and pz.reason in r.error_message
             for r in by_id.get(pz.message_id, [])
         )
@@ -642,6 +697,52 @@ async def check(
     others = [r for r in dls if r.message_id not in poison_ids]
     v["legitimate messages refused as permanent errors"] = [
         f"{r.queue}: {r.error_message[:200]}" for r in others if r.failure_kind == "permanent"
+    ]
+    # the services' own messages, and the copies of them (same user_id, same route), must all
+    # pass the route and sender checks
+    v["legitimate messages refused as security events"] = [
+        f"{r.queue}: {r.error_message[:200]}" for r in others if r.failure_kind == "security"
+    ]
+
+    # the trust boundary was on: every service under its own provisioned user checks senders
+    # (it logs sender_check_off when it does not), and stamps its messages with its user_id
+    v["services that ran with the sender check off"] = sorted(
+        {
+            f"{e.get('service')} as {e.get('broker_user')}"
+            for e in fleet.events()
+            if e.get("event") == "sender_check_off"
+        }
+    )
+    v["services that never started"] = [
+        name
+        for name in SERVICES
+        if name != "dead-letters"
+        and not any(e.get("event") == "service_started" for e in fleet.events(name))
+    ]
+    # and each touched PostgreSQL only as its own role (the pools are open while they run)
+    roles = {
+        name: urllib.parse.unquote(urllib.parse.urlsplit(cred.database_url or "").username or "")
+        for name, cred in who.services.items()
+    }
+    connected = {
+        r.usename
+        for r in await fetch(
+            engine,
+            "SELECT DISTINCT usename FROM pg_stat_activity WHERE datname = current_database() "
+            "AND usename IS NOT NULL",
+        )
+    }
+    admin = await scalar(engine, "SELECT current_user")
+    operator = urllib.parse.unquote(urllib.parse.urlsplit(who.operator_database_url).username or "")
+    v["services not connected to PostgreSQL as their own role"] = [
+        f"{name} ({role})" for name, role in roles.items() if role not in connected
+    ]
+    v["other users connected to the run's database"] = sorted(
+        connected - set(roles.values()) - {admin, operator}
+    )
+    v["messages copied without a known sender (user_id)"] = [
+        f"{n} x {type_} from {user!r}"
+        for (user, type_), n in sorted(dup.unknown_sender.items(), key=str)
     ]
     v["outbox rows unsent"] = {k: n for k, n in (await unsent(engine)).items() if n}
     v["services that died by themselves"] = [
@@ -655,9 +756,9 @@ async def check(
         if any(pl.scenario == scenario for pl in plan.sagas)
     ]
     stuck, listed, *shown = await asyncio.gather(
-        sagabus(s, "list", "--stuck", "--json", "--limit", "10000"),
-        sagabus(s, "dlq", "list", "--status", "any", "--limit", "100000", "--json"),
-        *(sagabus(s, "status", pl.order_id, "--json") for pl in samples),
+        sagabus(who, "list", "--stuck", "--json", "--limit", "10000"),
+        sagabus(who, "dlq", "list", "--status", "any", "--limit", "100000", "--json"),
+        *(sagabus(who, "status", pl.order_id, "--json") for pl in samples),
     )
     v["CLI: sagabus list --stuck"] = [r["order_id"] for r in stuck if r["order_id"] in by_order]
     v["CLI: sagabus status disagrees"] = [
@@ -677,6 +778,7 @@ async def check(
         "other_dead_letters": Counter(
             f"{r.failure_kind} {r.error_class} on {r.queue}" for r in others
         ),
+        "security_dead_letters": sum(1 for r in dls if r.failure_kind == "security"),
         "dead_letters": len(dls),
     }
 
@@ -686,7 +788,7 @@ def render(
     report: dict[str, Any],
     fleet: Fleet,
     dup: Duplicator,
-    publisher: Publisher,
+    publishers: dict[str, Publisher],
     seed: int,
     elapsed: float,
 ) -> str:
@@ -709,7 +811,12 @@ def render(
     w(
         f"traffic: {dup.originals} messages published by the services; {dup.copied} delivered "
         f"twice ({100 * dup.copied / traffic:.1f} %), {dup.late} of those late (out of order), "
-        f"{dup.lost} copies not made during the broker restart"
+        f"{dup.lost} copies not made during the broker restart, "
+        f"{sum(dup.unknown_sender.values())} not made for want of a known sender"
+    )
+    w(
+        "senders (broker-validated user_id of the originals): "
+        + ", ".join(f"{u} {c}" for u, c in sorted(dup.by_sender.items(), key=str))
     )
     w(
         f"inboxes dropped {events['duplicate_ignored']} duplicates (copies and redeliveries); "
@@ -718,11 +825,19 @@ def render(
         + ", ".join(f"{k} {c}" for k, c in sorted(Counter(p.kind for p in run.poisons).items()))
     )
     w(
+        "poison expected as: "
+        + ", ".join(
+            f"{kind} {n}"
+            for kind, n in sorted(Counter(p.failure_kind for p in run.poisons).items())
+        )
+        + f"; {events['message_rejected_security']} message_rejected_security events logged"
+    )
+    w(
         f"carrier lost {len({e.get('saga_id') for e in lost})} answers, resolved by lookup; "
         f"{events['message_retry_scheduled']} delayed retries, "
         f"{events['outbox_relay_failed']} relay failures ridden out, "
         f"{events['service_start_waiting']} start-ups that waited for the broker or database, "
-        f"{publisher.retries} client publish retries"
+        f"{sum(p.retries for p in publishers.values())} client publish retries"
     )
     w(
         f"money: {report['captured_minor'] / 100:.2f} EUR captured, "
@@ -730,7 +845,8 @@ def render(
     )
     others = report["other_dead_letters"]
     w(
-        f"dead letters: {report['dead_letters']} stored, {len(run.poisons)} of them poison"
+        f"dead letters: {report['dead_letters']} stored, {len(run.poisons)} of them poison, "
+        f"{report['security_dead_letters']} security"
         + (f"; others: {dict(others)}" if others else "")
     )
     w("")
