@@ -25,11 +25,12 @@ import asyncpg
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from opentelemetry import trace
+from pydantic import ValidationError
 from sqlalchemy import Table, exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from messaging import telemetry, trust
-from messaging.codec import Incoming, decode
+from messaging.codec import Incoming, decode, summarize
 from messaging.db import driver, qualified
 from messaging.errors import ConcurrencyConflict, PermanentError, TransientError
 from messaging.metrics import metrics
@@ -68,6 +69,16 @@ class Context:
         self.retries = retries
         self.outgoing: list[OutgoingMessage] = []
         self.now = datetime.now(UTC)
+        #: what the handler's ``prepare`` step returned (see ``TwoPhase``), if it has one
+        self.prepared: Any = None
+        #: set by ``reject_after_commit``
+        self.rejection: PermanentError | None = None
+
+    def reject_after_commit(self, error: PermanentError) -> None:
+        """Commit what the handler wrote (a history note, the inbox row), then dead-letter the
+        delivery with ``error`` as its reason instead of just acking it: a message refused on
+        the merits, whose refusal must be remembered."""
+        self.rejection = error
 
     @property
     def envelope(self) -> Envelope:
@@ -114,6 +125,41 @@ class Context:
 
 
 Handler = Callable[[Context], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """What a handler's ``prepare`` step gets: it runs before the message's transaction and
+    outside any transaction (for a slow external call), so it may run again for a duplicate."""
+
+    incoming: Incoming
+    retries: int
+    engine: AsyncEngine
+
+
+@dataclass(frozen=True)
+class TwoPhase:
+    """A handler with a step that runs before its transaction, outside it: an external call
+    (the carrier) that must not hold a transaction shared with other deliveries, nor a database
+    connection, while it waits. Its result is ``ctx.prepared`` in ``apply``. ``prepare`` must be
+    idempotent (a duplicate delivery, or a retry, runs it again)."""
+
+    prepare: Callable[[Preparation], Awaitable[Any]]
+    apply: Handler
+
+    async def __call__(self, ctx: Context) -> None:
+        await self.apply(ctx)
+
+
+@dataclass(frozen=True)
+class _Result:
+    duplicate: bool
+    #: the handler refused the message on the merits after its writes (``reject_after_commit``)
+    rejection: PermanentError | None = None
+
+
+_DUPLICATE = _Result(True)
+_DONE = _Result(False)
 
 
 def is_transient_db_error(e: BaseException) -> bool:
@@ -170,10 +216,11 @@ class _Work:
     incoming: Incoming
     handler: Handler
     retries: int
+    prepared: Any
     #: the delivery's context (its CONSUMER span, its log fields): the handler runs in it
     context: contextvars.Context
-    #: True once processed, False if it was a duplicate; or the handler's exception
-    done: asyncio.Future[bool]
+    #: the outcome once processed; or the handler's exception
+    done: asyncio.Future[_Result]
 
 
 class Consumer:
@@ -381,9 +428,15 @@ class Consumer:
         handler: Handler,
         span: trace.Span,
     ) -> None:
+        prepared: Any = None
         for conflict_try in range(CONFLICT_RETRIES + 1):
             try:
-                duplicate = await self._submit(incoming, handler, arrived.retries)
+                if isinstance(handler, TwoPhase) and conflict_try == 0:
+                    # outside any transaction: a slow call delays this delivery only
+                    prepared = await handler.prepare(
+                        Preparation(incoming, arrived.retries, self.engine)
+                    )
+                result = await self._submit(incoming, handler, arrived.retries, prepared)
             except ConcurrencyConflict as e:
                 if conflict_try < CONFLICT_RETRIES:
                     await asyncio.sleep(random.uniform(0.005, 0.05) * (conflict_try + 1))
@@ -393,6 +446,15 @@ class Consumer:
             except PermanentError as e:
                 span.set_status(trace.StatusCode.ERROR, str(e))
                 await self.dead_letter(delivery, arrived, e)
+                return
+            except ValidationError as e:
+                # a message the handler built from this one is invalid: retrying cannot help
+                span.set_status(trace.StatusCode.ERROR, "invalid message built")
+                await self.dead_letter(
+                    delivery,
+                    arrived,
+                    PermanentError(f"the handler built an invalid {e.title}: {summarize(e)}"),
+                )
                 return
             except Exception as e:
                 span.record_exception(e)
@@ -409,8 +471,13 @@ class Consumer:
                     await self.retry_later(delivery, arrived, e)
                 return
             break
+        if result.rejection is not None:
+            span.set_status(trace.StatusCode.ERROR, str(result.rejection))
+            self.counts["processed"] += 1
+            await self.dead_letter(delivery, arrived, result.rejection)
+            return
         await delivery.ack()
-        if duplicate:
+        if result.duplicate:
             self.counts["duplicates"] += 1
             span.set_attribute("sagabus.duplicate", True)
             log.info("duplicate_ignored")
@@ -418,12 +485,16 @@ class Consumer:
             self.counts["processed"] += 1
             log.debug("message_processed")
 
-    async def _submit(self, incoming: Incoming, handler: Handler, retries: int) -> bool:
+    async def _submit(
+        self, incoming: Incoming, handler: Handler, retries: int, prepared: Any = None
+    ) -> _Result:
         """Run the message's transaction, shared with the deliveries waiting with it."""
         if self.settings.consumer_batch <= 1:
-            return await self._transaction(incoming, handler, retries)
+            return await self._transaction(incoming, handler, retries, prepared)
         loop = asyncio.get_running_loop()
-        work = _Work(incoming, handler, retries, contextvars.copy_context(), loop.create_future())
+        work = _Work(
+            incoming, handler, retries, prepared, contextvars.copy_context(), loop.create_future()
+        )
         self._pending.append(work)
         if self._flushers < self.settings.consumer_transactions:
             self._flushers += 1
@@ -465,14 +536,15 @@ class Consumer:
                     error=f"{type(e).__name__}: {str(e)[:200]}",
                 )
             else:
-                for w, duplicate in zip(batch, results, strict=True):
+                for w, result in zip(batch, results, strict=True):
                     if not w.done.done():
-                        w.done.set_result(duplicate)
+                        w.done.set_result(result)
                 return
         for i, w in enumerate(batch):
             try:
-                duplicate = await loop.create_task(
-                    self._transaction(w.incoming, w.handler, w.retries), context=w.context
+                result = await loop.create_task(
+                    self._transaction(w.incoming, w.handler, w.retries, w.prepared),
+                    context=w.context,
                 )
             except asyncio.CancelledError:
                 for rest in batch[i:]:
@@ -483,7 +555,7 @@ class Consumer:
                     w.done.set_exception(e)
             else:
                 if not w.done.done():
-                    w.done.set_result(duplicate)
+                    w.done.set_result(result)
 
     async def _claim(
         self, conn: AsyncConnection, envelopes: Sequence[Envelope]
@@ -498,22 +570,25 @@ class Consumer:
         )
         return {(str(r[0]), r[1]) for r in records}
 
-    async def _transaction(self, incoming: Incoming, handler: Handler, retries: int) -> bool:
+    async def _transaction(
+        self, incoming: Incoming, handler: Handler, retries: int, prepared: Any = None
+    ) -> _Result:
         env = incoming.envelope
         self.transactions += 1
         async with self.engine.begin() as conn:
             if not await self._claim(conn, [env]):
-                return True
+                return _DUPLICATE
             ctx = Context(conn, incoming, self.service, retries=retries)
+            ctx.prepared = prepared
             await handler(ctx)
             rows = await self.outbox.write(conn, ctx.outgoing, notify=False)
         if rows:
             self.outbox.committed(rows)  # this process's relay publishes them now
-        return False
+        return _Result(False, ctx.rejection) if ctx.rejection is not None else _DONE
 
-    async def _transaction_many(self, batch: list[_Work]) -> list[bool]:
+    async def _transaction_many(self, batch: list[_Work]) -> list[_Result]:
         loop = asyncio.get_running_loop()
-        duplicates: list[bool] = []
+        duplicates: list[_Result] = []
         outgoing: list[OutgoingMessage] = []
         self.transactions += 1
         async with self.engine.begin() as conn:
@@ -522,14 +597,15 @@ class Consumer:
                 env = w.incoming.envelope
                 key = (str(env.message_id), env.type)
                 if key not in claimed:  # processed before, or twice in this batch
-                    duplicates.append(True)
+                    duplicates.append(_DUPLICATE)
                     continue
                 claimed.discard(key)
                 ctx = Context(conn, w.incoming, self.service, retries=w.retries)
+                ctx.prepared = w.prepared
                 # in the delivery's own context, so its span and log fields are the current ones
                 await loop.create_task(_call(w.handler, ctx), context=w.context)
                 outgoing.extend(ctx.outgoing)
-                duplicates.append(False)
+                duplicates.append(_Result(False, ctx.rejection) if ctx.rejection else _DONE)
             rows = await self.outbox.write(conn, outgoing, notify=False)
         if rows:
             self.outbox.committed(rows)  # this process's relay publishes them now
