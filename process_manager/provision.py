@@ -62,6 +62,9 @@ DEFAULT_USER_PREFIX = "sagabus-"
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 #: env file keys: SAGABUS_AMQP_URL_<PRINCIPAL>, e.g. SAGABUS_AMQP_URL_PROCESS_MANAGER
 ENV_KEY_PREFIX = "SAGABUS_AMQP_URL_"
+#: passwords given in the environment: SAGABUS_AMQP_PASSWORD_<PRINCIPAL>, e.g.
+#: SAGABUS_AMQP_PASSWORD_PROCESS_MANAGER (like SAGABUS_DATABASE_PASSWORD_<PRINCIPAL>)
+PASSWORD_ENV_PREFIX = "SAGABUS_AMQP_PASSWORD_"
 
 EXIT_FAILED = 1
 EXIT_UNREACHABLE = 3
@@ -224,10 +227,16 @@ class Account:
     password: str | None
     #: "created", "updated" (password set again, same or new), "kept" or "not applied"
     action: str = "created"
+    #: where the password comes from: "environment", "demo", "file", "new", or "" (kept)
+    source: str = ""
 
     @property
     def env_key(self) -> str:
-        return ENV_KEY_PREFIX + re.sub(r"[^A-Z0-9]", "_", self.grant.principal.upper())
+        return ENV_KEY_PREFIX + _env_suffix(self.grant.principal)
+
+    @property
+    def password_env_key(self) -> str:
+        return password_env_key(self.grant.principal)
 
     def amqp_url(self, amqp_host: str, vhost: str) -> str:
         if self.password is None:
@@ -238,8 +247,39 @@ class Account:
         return f"amqp://{user}:{password}@{amqp_host}/{path}"
 
 
+def _env_suffix(principal: str) -> str:
+    return re.sub(r"[^A-Z0-9]", "_", principal.upper())
+
+
+def password_env_key(principal: str) -> str:
+    """``SAGABUS_AMQP_PASSWORD_PROCESS_MANAGER`` for ``process-manager``."""
+    return PASSWORD_ENV_PREFIX + _env_suffix(principal)
+
+
+def passwords_from_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """principal -> password from SAGABUS_AMQP_PASSWORD_<PRINCIPAL> (an empty value is unset).
+    A key naming no principal is refused: a misspelt one would silently leave a user with a
+    password nobody knows."""
+    by_key = {password_env_key(p): p for p in GRANTS}
+    found: dict[str, str] = {}
+    stray: list[str] = []
+    for key, value in environ.items():
+        if not key.startswith(PASSWORD_ENV_PREFIX):
+            continue
+        if key not in by_key:
+            stray.append(key)
+        elif value:
+            found[by_key[key]] = value
+    if stray:
+        raise click.UsageError(
+            f"{', '.join(sorted(stray))} name no broker user; expected "
+            f"{PASSWORD_ENV_PREFIX}<SERVICE> for one of {', '.join(GRANTS)}"
+        )
+    return found
+
+
 def demo_password(principal: str) -> str:
-    """Fixed, guessable passwords for a local compose stack only."""
+    """Fixed, guessable passwords (`--demo-passwords`), for local experiments only."""
     return f"{principal}-secret"
 
 
@@ -282,23 +322,37 @@ def plan(
     existing: Iterable[str] = (),
     rotate: bool = False,
     principals: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    demo: bool = False,
 ) -> list[Account]:
-    """Choose each user's password: a known one (demo or from an earlier env file) is set again;
-    an existing user whose password is not known keeps it unless ``rotate``; else a new one."""
+    """Choose each user's password, first match wins:
+
+    1. ``environ`` (principal -> password, from SAGABUS_AMQP_PASSWORD_<PRINCIPAL>): set on the
+       broker, also for an existing user, whatever ``rotate`` says;
+    2. ``demo``: the fixed demo password;
+    3. a known one (user -> password, from an earlier env file) is set again, unless ``rotate``;
+    4. an existing user whose password is not known here keeps it, unless ``rotate``;
+    5. a new random one.
+    """
     known = known or {}
+    environ = environ or {}
     existing = set(existing)
     accounts = []
     for name in principals or GRANTS:
         user = f"{user_prefix}{name}"
-        password = known.get(user)
-        if password is not None and not rotate:
-            action = "updated" if user in existing else "created"
+        action = "updated" if user in existing else "created"
+        password: str | None
+        if environ.get(name):
+            password, source = environ[name], "environment"
+        elif demo:
+            password, source = demo_password(name), "demo"
+        elif known.get(user) is not None and not rotate:
+            password, source = known[user], "file"
         elif user in existing and not rotate:
-            action = "kept"
+            password, source, action = None, "", "kept"
         else:
-            password = new_password()
-            action = "updated" if user in existing else "created"
-        accounts.append(Account(GRANTS[name], user, password, action))
+            password, source = new_password(), "new"
+        accounts.append(Account(GRANTS[name], user, password, action, source))
     return accounts
 
 
@@ -738,7 +792,7 @@ def _admin_pair(value: str | None) -> tuple[str, str] | None:
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write SAGABUS_AMQP_URL_<SERVICE>=... lines here (mode 0600) instead of printing "
-    "credentials. Passwords already in the file are kept.",
+    "credentials. Passwords already in the file are kept (unless given in the environment).",
 )
 @click.option(
     "--definitions",
@@ -752,11 +806,16 @@ def _admin_pair(value: str | None) -> tuple[str, str] | None:
     help="Also put this administrator in the definitions file (a node that loads definitions "
     "at boot creates no default user).",
 )
-@click.option("--rotate", is_flag=True, help="Give existing users new passwords.")
+@click.option(
+    "--rotate",
+    is_flag=True,
+    help="Give existing users new random passwords (except those given in the environment).",
+)
 @click.option(
     "--demo-passwords",
     is_flag=True,
-    help="Use the fixed passwords <service>-secret. For a local compose stack ONLY.",
+    help="Use the fixed passwords <service>-secret (except those given in the environment). "
+    "For local experiments ONLY.",
 )
 @click.option(
     "--apply/--no-apply",
@@ -807,7 +866,25 @@ def command(
     """Create one RabbitMQ user per service, allowed only the queues it consumes and the
     exchanges (and routing keys) it publishes to; with --database-admin-url, also one
     PostgreSQL role per service that owns only its own schema, and an operator role for the
-    CLI. Idempotent."""
+    CLI. Idempotent.
+
+    \b
+    Each broker user's password, first match wins:
+    1. SAGABUS_AMQP_PASSWORD_<SERVICE> in the environment (e.g.
+       SAGABUS_AMQP_PASSWORD_PROCESS_MANAGER, SAGABUS_AMQP_PASSWORD_OPERATOR): set on the
+       broker even if the user exists (so changing it and running again rotates it), also
+       with --rotate; never printed. A SAGABUS_AMQP_PASSWORD_* key that names no user is an
+       error.
+    2. --demo-passwords: <service>-secret.
+    3. the one in --output's file, unless --rotate;
+    4. an existing user keeps its password, unless --rotate;
+    5. a new random one.
+
+    Passwords not from the environment are printed as SAGABUS_AMQP_URL_<SERVICE>=... lines, or
+    written to --output (mode 0600), which also holds those from the environment. Each database
+    role's password likewise comes first from SAGABUS_DATABASE_PASSWORD_<SERVICE>. The admin
+    URLs can come from SAGABUS_RABBITMQ_ADMIN_URL and SAGABUS_DATABASE_ADMIN_URL, so no
+    password needs to be on a command line."""
     try:
         settings = Settings()
     except Exception as e:  # pydantic validation of SAGABUS_* variables
@@ -839,12 +916,18 @@ def command(
     target = vhost or "/"
     host = amqp_host or f"{mgmt.hostname}:5672"
 
+    from_env = passwords_from_environment(os.environ)
     known = read_env_file(output) if output is not None else {}
-    if demo_passwords:
-        known = {f"{user_prefix}{p}": demo_password(p) for p in GRANTS}
     users = [f"{user_prefix}{p}" for p in GRANTS]
     existing = [u for u in users if mgmt.user_exists(u)] if do_apply else []
-    accounts = plan(user_prefix=user_prefix, known=known, existing=existing, rotate=rotate)
+    accounts = plan(
+        user_prefix=user_prefix,
+        known=known,
+        existing=existing,
+        rotate=rotate,
+        environ=from_env,
+        demo=demo_passwords,
+    )
     unknown = [a.user for a in accounts if a.password is None]
     if unknown and (output is not None or definitions_path is not None):
         where = f" and {output} does not hold their passwords" if output is not None else ""
@@ -905,9 +988,12 @@ def command(
     if db_error is not None:
         raise db_error
     if definitions_path is not None:
-        doc = definitions(accounts, settings, vhost=target, admin=admin, fixed_salts=demo_passwords)
+        # only a file of demo passwords alone is reproducible and public; hashes of any other
+        # password get random salts and stay private
+        demo_only = all(a.source == "demo" for a in accounts)
+        doc = definitions(accounts, settings, vhost=target, admin=admin, fixed_salts=demo_only)
         text = json.dumps(doc, indent=2) + "\n"
-        if demo_passwords:
+        if demo_only:
             try:
                 definitions_path.write_text(text)
             except OSError as e:
@@ -935,7 +1021,7 @@ def _report(
     database: Sequence[DatabaseRole] | None = None,
     database_url: str | None = None,
 ) -> None:
-    def shown(r: DatabaseRole) -> bool:
+    def shown(r: DatabaseRole | Account) -> bool:
         # a password given in the environment is known to the caller: never echoed
         return show_credentials and r.source != "environment"
 
@@ -946,13 +1032,14 @@ def _report(
                 "principal": a.grant.principal,
                 "user": a.user,
                 "password": a.action,
+                "password_from": a.source or None,
                 "permissions": a.grant.permissions(),
                 "topic_permissions": [
                     {"exchange": t.exchange, "write": t.write, "read": t.read}
                     for t in a.grant.topics
                 ],
             }
-            if show_credentials and a.password is not None:
+            if shown(a) and a.password is not None:
                 row["amqp_url"] = a.amqp_url(host, vhost)
             rows.append(row)
         report: dict[str, Any] = {"vhost": vhost, "users": rows}
@@ -985,7 +1072,9 @@ def _report(
         )
     if show_credentials:
         for a in accounts:
-            if a.password is not None:
+            if a.source == "environment":
+                click.echo(f"# {a.user}: password from {a.password_env_key}")
+            elif a.password is not None:
                 click.echo(f"{a.env_key}={a.amqp_url(host, vhost)}")
             else:
                 click.echo(f"# {a.user}: existing password kept (--rotate sets a new one)")
@@ -1010,7 +1099,9 @@ __all__ = [
     "apply",
     "command",
     "definitions",
+    "password_env_key",
     "password_hash",
+    "passwords_from_environment",
     "plan",
     "plan_database",
     "read_database_env",
