@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     max_step_attempts: int = Field(default=3, ge=1)
     compensation_timeout_s: float = Field(default=30.0, gt=0)
     max_compensation_attempts: int = Field(default=5, ge=1)
+    #: after the pivot (capture) a step is only ever late: sends before a human is called, each
+    #: wait twice the last (from step_timeout_s), at most retriable_max_delay_s
+    max_retriable_attempts: int = Field(default=20, ge=1)
+    retriable_max_delay_s: float = Field(default=600.0, gt=0)
     timeout_poll_s: float = Field(default=0.5, gt=0)
     #: a saga alive longer than this is moved to FAILED_NEEDS_MANUAL by the sweeper
     saga_ttl_s: float = Field(default=3600.0, gt=0)

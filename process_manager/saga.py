@@ -96,6 +96,15 @@ class SagaStatus(enum.StrEnum):
 TERMINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED_NEEDS_MANUAL})
 
 
+#: what a forward step's failure may lead to
+#: - compensatable: it has an undo; a failure (or an unknown outcome) compensates what was done
+#: - pivot: the point of no return (capture); if it fails nothing of it is left to undo, and
+#:   once it succeeded the saga only moves forward
+#: - retriable: after the pivot; it cannot fail, only be late: a timeout re-sends it with the
+#:   same idempotency key and a growing delay, up to a long limit, then a human is called
+StepKind = Literal["compensatable", "pivot", "retriable"]
+
+
 @dataclass(frozen=True)
 class StepSpec:
     """One step of the definition: the command it sends and the replies that settle it."""
@@ -108,6 +117,7 @@ class StepSpec:
     compensation: str | None = None
     #: status while this step is awaited (forward steps only)
     status: SagaStatus = SagaStatus.COMPENSATING
+    kind: StepKind = "compensatable"
 
 
 FORWARD: tuple[StepSpec, ...] = (
@@ -166,8 +176,10 @@ FORWARD: tuple[StepSpec, ...] = (
         ),
         success=(PaymentCaptured,),
         failure=(PaymentCaptureFailed,),
+        # only an operator's `sagabus compensate` ever refunds a captured payment
         compensation="refund_payment",
         status=SagaStatus.PENDING_CAPTURE,
+        kind="pivot",
     ),
     StepSpec(
         "completion",
@@ -175,8 +187,31 @@ FORWARD: tuple[StepSpec, ...] = (
         lambda c: CompleteOrder(order_id=c.order_id),
         success=(OrderCompleted,),
         status=SagaStatus.COMPLETING,
+        kind="retriable",
     ),
 )
+
+
+def _check_kinds(steps: tuple[StepSpec, ...]) -> str | None:
+    """Compensatable steps, then at most one pivot, then retriable steps only; the name of
+    the pivot (None: the saga can always compensate)."""
+    pivots = [s.name for s in steps if s.kind == "pivot"]
+    if len(pivots) > 1:
+        raise ValueError(f"more than one pivot step: {pivots}")
+    order = {"compensatable": 0, "pivot": 1, "retriable": 2}
+    ranks = [order[s.kind] for s in steps]
+    if ranks != sorted(ranks):
+        raise ValueError("steps must be compensatable, then the pivot, then retriable")
+    for s in steps:
+        if s.kind == "retriable" and s.failure:
+            raise ValueError(f"retriable step {s.name} cannot fail, yet declares failures")
+        if s.kind == "retriable" and not pivots:
+            raise ValueError(f"retriable step {s.name} without a pivot before it")
+    return pivots[0] if pivots else None
+
+
+#: the point of no return: once it succeeded, only the operator can make the saga go back
+PIVOT: str | None = _check_kinds(FORWARD)
 
 COMPENSATIONS: dict[str, StepSpec] = {
     s.name: s
@@ -246,6 +281,16 @@ class Policy:
     compensation_timeout: timedelta = timedelta(seconds=30)
     #: sends of one compensation before the saga needs a human
     max_compensation_attempts: int = 5
+    #: sends of a retriable step (after the pivot) before the saga needs a human; each wait is
+    #: twice the last (from step_timeout), at most retriable_max_delay
+    max_retriable_attempts: int = 20
+    retriable_max_delay: timedelta = timedelta(minutes=10)
+
+    def retriable_timeout(self, attempt: int) -> timedelta:
+        """The wait after sending a retriable step for the ``attempt``-th time."""
+        return min(
+            self.step_timeout * (1 << min(max(attempt, 1) - 1, 30)), self.retriable_max_delay
+        )
 
 
 @dataclass(frozen=True)
@@ -274,6 +319,10 @@ class SagaState:
     definition_version: str = DEFINITION_VERSION
     #: (fence, reply token) of every dispatch so far
     tokens: tuple[tuple[int, str], ...] = ()
+    #: compensation began (on a failure, or because an operator asked)
+    compensating: bool = False
+    #: the step that was awaited when the saga stopped for a human: its late reply still counts
+    stalled: str | None = None
 
     def token_for(self, fence: int) -> str | None:
         for seq, token in self.tokens:
@@ -403,6 +452,8 @@ def _dispatch(
     forward = step in FORWARD_BY_NAME
     query = step == RECONCILE.name
     timeout = policy.step_timeout if forward or query else policy.compensation_timeout
+    if forward and spec.kind == "retriable":
+        timeout = policy.retriable_timeout(attempt)
     new_state = replace(
         state,
         seq=seq,
@@ -455,7 +506,13 @@ def _begin_compensation(
 ) -> tuple[SagaState, tuple[Command, ...]]:
     plan = compensation_plan(state.completed, unknown)
     state = replace(
-        state, failure_reason=reason, compensation_plan=plan, compensated=(), unknown_step=unknown
+        state,
+        failure_reason=reason,
+        compensation_plan=plan,
+        compensated=(),
+        unknown_step=unknown,
+        compensating=True,
+        stalled=None,
     )
     return _next_compensation(state, now=now, policy=policy, nonce=nonce)
 
@@ -553,6 +610,19 @@ def _on_reply(
             f"{reply.fence}",
         )
 
+    if (
+        state.status is SagaStatus.FAILED_NEEDS_MANUAL
+        and state.stalled is not None
+        and reply.fence == state.seq
+        and kind in STEPS[state.stalled].success + STEPS[state.stalled].failure
+    ):
+        # the reply of the step in flight when the saga stopped for a human, just late: apply it
+        # as if it had come in time (it closes the manual case if it finishes the saga)
+        stalled = STEPS[state.stalled]
+        resumed = stalled.status if stalled.name in FORWARD_BY_NAME else SagaStatus.COMPENSATING
+        state = replace(state, awaiting=stalled.name, status=resumed, stalled=None)
+        awaited = stalled
+
     if awaited is None or reply.fence != state.seq or kind not in awaited.success + awaited.failure:
         # Not for the step we wait on. A late *success* of a forward step that we are undoing, or
         # have undone, left an effect that must be compensated again; never revive the saga.
@@ -601,6 +671,11 @@ def _on_reply(
         state = replace(state, completed=(*state.completed, awaited.name))
         state, cmds = _next_forward(state, now=now, policy=policy, nonce=nonce)
         return Decision(state, cmds, note=f"{awaited.name} succeeded")
+    if forward and awaited.kind == "retriable":
+        return _needs_manual(
+            state,
+            f"{awaited.name} failed past the point of no return: {name}" + _reason_suffix(body),
+        )
     if forward:
         reason = f"{awaited.name} failed: {name}" + _reason_suffix(body)
         state, cmds = _begin_compensation(
@@ -647,6 +722,7 @@ def _forward_step_succeeded_by(kind: type[Message]) -> str | None:
 
 
 def _needs_manual(state: SagaState, reason: str) -> Decision:
+    stalled = state.awaiting
     in_flight = state.reconciling if state.awaiting == RECONCILE.name else state.awaiting
     if in_flight in FORWARD_BY_NAME and state.unknown_step is None:
         # stopped while a forward step was in flight: remember it, its effect may exist
@@ -662,8 +738,25 @@ def _needs_manual(state: SagaState, reason: str) -> Decision:
         awaiting=None,
         deadline=None,
         failure_reason=reason,
+        stalled=stalled if _late_reply_counts(stalled) else None,
     )
     return Decision(state, note=f"needs manual: {reason}")
+
+
+def _late_reply_counts(step: str | None) -> bool:
+    """A reply to this step that arrives after the saga stopped for a human is still applied:
+    a compensation (its effect is done either way) or a step after the pivot (it cannot
+    fail). A step before the pivot is not: the saga stays stopped for the human to decide."""
+    if step is None:
+        return False
+    return step in COMPENSATIONS or (
+        step in FORWARD_BY_NAME and FORWARD_BY_NAME[step].kind == "retriable"
+    )
+
+
+def past_pivot(state: SagaState) -> bool:
+    """The point of no return was passed: the saga only moves forward (unless an operator)."""
+    return PIVOT is not None and PIVOT in state.completed
 
 
 def _on_timeout(
@@ -674,6 +767,20 @@ def _on_timeout(
     step = state.awaiting
     forward = step in FORWARD_BY_NAME
     query = step == RECONCILE.name
+    if forward and FORWARD_BY_NAME[step].kind == "retriable":
+        # after the point of no return: late, never failed; re-send, then call a human
+        if state.attempt < policy.max_retriable_attempts:
+            state, cmd = _dispatch(state, step, now=now, policy=policy, new_seq=False, nonce=nonce)
+            return Decision(
+                state,
+                (cmd,),
+                note=f"{step} timed out: re-sent as attempt {state.attempt} (past the pivot)",
+            )
+        return _needs_manual(
+            state,
+            f"{step} unanswered after {state.attempt} attempts, past the point of no return: "
+            "not compensated",
+        )
     limit = policy.max_step_attempts if forward or query else policy.max_compensation_attempts
     if state.attempt < limit:
         # The outcome is unknown, not failed: send the same command again, same key.
@@ -720,8 +827,20 @@ def _on_force_compensate(
 
 
 def _on_resume(state: SagaState, *, now: datetime, policy: Policy, nonce: str) -> Decision:
+    if (
+        state.status is SagaStatus.FAILED_NEEDS_MANUAL
+        and past_pivot(state)
+        and not (state.compensating)
+    ):
+        # Stopped after the point of no return: the operator fixed the cause, go on forward
+        # (a new dispatch of the same step, with the same idempotency key).
+        state = replace(state, stalled=None, unknown_step=None, failure_reason=None)
+        state, cmds = _next_forward(state, now=now, policy=policy, nonce=nonce)
+        step = cmds[0].step if cmds else "nothing"
+        return Decision(state, cmds, note=f"operator resumed past the pivot: sent {step}")
     if state.status is SagaStatus.FAILED_NEEDS_MANUAL:
         # An operator fixed the cause: retry compensating from where it stopped.
+        state = replace(state, stalled=None, compensating=True)
         plan = compensation_plan(state.completed, state.unknown_step)
         remaining = tuple(s for s in plan if s not in state.compensated)
         state = replace(state, compensation_plan=remaining)

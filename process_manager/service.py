@@ -62,6 +62,8 @@ def policy_from(settings: Settings) -> Policy:
         max_step_attempts=settings.max_step_attempts,
         compensation_timeout=timedelta(seconds=settings.compensation_timeout_s),
         max_compensation_attempts=settings.max_compensation_attempts,
+        max_retriable_attempts=settings.max_retriable_attempts,
+        retriable_max_delay=timedelta(seconds=settings.retriable_max_delay_s),
     )
 
 
@@ -295,9 +297,7 @@ async def _apply(
                 "saga_needs_manual", saga_id=str(state.saga_id), reason=state.failure_reason
             )
         elif before is SagaStatus.FAILED_NEEDS_MANUAL and state.status is not before:
-            await store.resolve_case(
-                conn, state.saga_id, f"operator moved it to {state.status}", now
-            )
+            await store.resolve_case(conn, state.saga_id, f"{decision.note} -> {state.status}", now)
     if not changed:
         await store.record(
             conn,

@@ -103,6 +103,8 @@ def _dump(state: SagaState) -> dict[str, Any]:
         "unknown_step": state.unknown_step,
         "reconciling": state.reconciling,
         "tokens": [[seq, token] for seq, token in state.tokens],
+        "compensating": state.compensating,
+        "stalled": state.stalled,
     }
 
 
@@ -125,6 +127,16 @@ def _load(row: Any) -> SagaState:
         started_at=row.started_at,
         definition_version=row.definition_version,
         tokens=tuple((int(seq), str(token)) for seq, token in s.get("tokens", ())),
+        # sagas saved before the flag: compensating if it began (a plan, or steps undone)
+        compensating=bool(
+            s.get(
+                "compensating",
+                row.status in (SagaStatus.COMPENSATING, SagaStatus.COMPENSATED)
+                or s["compensation_plan"]
+                or s["compensated"],
+            )
+        ),
+        stalled=s.get("stalled"),
     )
 
 

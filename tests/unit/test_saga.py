@@ -413,7 +413,9 @@ def test_compensation_plan(
 def test_payment_ladder_refunds_after_capture_and_never_voids() -> None:
     state = awaiting("completion")
     assert "capture" in state.completed
-    state, d = timed_out(state, POLICY.max_step_attempts)
+    # past the pivot only an operator sends the saga back
+    d = step(state, ForceCompensate("customer cancelled"))
+    state = state_of(d)
     assert only(d).body == RefundPayment(order_id="ord-1", amount_minor=AMOUNT, currency="EUR")
     final, sent = drain_compensations(state)
     assert [only(d).step, *sent] == [
@@ -427,8 +429,7 @@ def test_payment_ladder_refunds_after_capture_and_never_voids() -> None:
 
 
 def test_refund_failure_needs_a_human() -> None:
-    state = awaiting("completion")
-    state, d = timed_out(state, POLICY.max_step_attempts)
+    state = state_of(step(awaiting("completion"), ForceCompensate("customer cancelled")))
     assert state.awaiting == "refund_payment"
     d = answer(state, ok=False)
     final = state_of(d)
@@ -439,7 +440,7 @@ def test_refund_failure_needs_a_human() -> None:
     assert final.awaiting is None and final.deadline is None
     assert final.compensated == ()
     assert final.failure_reason == (
-        "completion timed out after 3 attempts; "
+        "operator: customer cancelled; "
         "then refund_payment failed: PaymentRefundFailed (card closed)"
     )
     assert d.note == f"needs manual: {final.failure_reason}"
@@ -524,7 +525,11 @@ def test_message_for_a_saga_that_does_not_exist_is_invalid(msg: Input) -> None:
 # Timeouts
 
 
-@pytest.mark.parametrize("name", FORWARD_NAMES)
+#: forward steps before the point of no return (and the pivot itself)
+BEFORE_PIVOT = tuple(s.name for s in FORWARD if s.kind != "retriable")
+
+
+@pytest.mark.parametrize("name", BEFORE_PIVOT)
 def test_timeout_resends_the_same_step_with_the_same_key(name: str) -> None:
     state = awaiting(name)
     first_cmd_id = command_id(SAGA_ID, name, state.seq, 1)
@@ -572,10 +577,7 @@ EXHAUSTED = [
         "capture",
         ("refund_payment", "cancel_shipment", "release_inventory", "cancel_order"),
     ),
-    (
-        "completion",
-        ("refund_payment", "cancel_shipment", "release_inventory", "cancel_order"),
-    ),
+    # completion, past the pivot, never compensates (test_step_kinds below)
 ]
 
 
@@ -848,7 +850,8 @@ def test_resume_resends_the_awaited_forward_step(name: str) -> None:
     cmd = only(d)
     assert d.note == f"operator re-sent {name}"
     assert (nxt.seq, nxt.attempt, nxt.status) == (state.seq, 2, state.status)
-    assert nxt.deadline == LATER + POLICY.step_timeout
+    wait = POLICY.retriable_timeout(2) if name == "completion" else POLICY.step_timeout
+    assert nxt.deadline == LATER + wait
     assert (cmd.step, cmd.fence, cmd.attempt) == (name, state.seq, 2)
     assert cmd.idempotency_key == idempotency_key(SAGA_ID, name)
     assert cmd.message_id == command_id(SAGA_ID, name, state.seq, 2)
@@ -876,8 +879,7 @@ def test_resume_of_a_finished_saga_is_ignored(make_state: Maker) -> None:
 
 
 def test_resume_after_refund_failure_retries_the_refund_then_the_rest() -> None:
-    state = awaiting("completion")
-    state, _ = timed_out(state, POLICY.max_step_attempts)
+    state = state_of(step(awaiting("completion"), ForceCompensate("customer cancelled")))
     manual = state_of(answer(state, ok=False))
     assert manual.status is S.FAILED_NEEDS_MANUAL
 

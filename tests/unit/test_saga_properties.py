@@ -14,6 +14,7 @@ from process_manager.saga import (
     COMPENSATIONS,
     FORWARD,
     FORWARD_BY_NAME,
+    PIVOT,
     RECONCILE,
     Command,
     Decision,
@@ -26,6 +27,7 @@ from process_manager.saga import (
     compensation_plan,
     decide,
     idempotency_key,
+    past_pivot,
 )
 from tests.unit.sagakit import (
     FORWARD_NAMES,
@@ -90,6 +92,15 @@ def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
 
     # pure and deterministic
     assert decide(prev, msg, now=NOW, policy=POLICY) == d
+
+    # past the point of no return (the capture) a saga only moves forward: no interleaving of
+    # replies, duplicates, stale replies and timeouts refunds, voids or undoes anything (only an
+    # operator's ForceCompensate may, and the driver never sends one)
+    if past_pivot(prev):
+        assert not any(c.step in COMPENSATIONS for c in d.commands), d
+        assert d.state is not None
+        assert d.state.status not in (S.COMPENSATING, S.COMPENSATED), d
+        assert not d.state.compensating
     assert d.transition == (prev.status, new.status)
 
     # fencing only moves forward; completed steps only grow, in definition order
@@ -164,7 +175,9 @@ def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
         else:
             assert new.status is S.COMPENSATING
         limit = (
-            POLICY.max_step_attempts
+            POLICY.max_retriable_attempts
+            if c.step in FORWARD_BY_NAME and FORWARD_BY_NAME[c.step].kind == "retriable"
+            else POLICY.max_step_attempts
             if c.step in FORWARD_BY_NAME or c.step == "payment_status"
             else POLICY.max_compensation_attempts
         )
@@ -333,7 +346,7 @@ def test_noise_never_changes_a_successful_checkout(data: st.DataObject, actions:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    failing=st.sampled_from(FORWARD_NAMES),
+    failing=st.sampled_from([s.name for s in FORWARD if s.kind != "retriable"]),
     timeouts=st.integers(0, POLICY.max_step_attempts + 2),
     business_failure=st.booleans(),
 )
@@ -361,3 +374,34 @@ def test_any_failure_point_ends_compensated_in_reverse_order(
     assert [c.step for c in world.sent if c.step in COMPENSATIONS and c.attempt == 1] == list(
         expected
     )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.data(),
+    actions=st.lists(
+        st.sampled_from(("timeout_current", "timeout_old", "duplicate", "stale", "stray")),
+        max_size=60,
+    ),
+)
+def test_past_the_pivot_nothing_is_ever_undone(data: st.DataObject, actions: list[str]) -> None:
+    """Drive to just after the capture, then only late, repeated, stale and stray messages and
+    timeouts (as many as the retriable limit and more): the saga completes or calls a human,
+    and no compensation (refund, void, release, cancel) is ever sent."""
+    world = begin()
+    while not past_pivot(world.state):
+        apply(world, reply(world.state.awaiting or "", world.state.seq))
+    assert PIVOT == "capture" and world.state.awaiting == "completion"
+    for action in actions:
+        msg = choose(data, world, action)
+        if msg is not None:
+            apply(world, msg)
+    if not world.state.status.terminal:
+        drain(world)
+    assert world.state.status in (S.COMPLETED, S.FAILED_NEEDS_MANUAL)
+    assert not any(c.step in COMPENSATIONS for c in world.sent)
+    if world.state.status is S.FAILED_NEEDS_MANUAL:
+        # the late answer still finishes it (and the operator's case with it)
+        world.copies += 1
+        apply(world, reply("completion", world.state.seq, copy=world.copies))
+        assert world.state.status is S.COMPLETED
