@@ -189,21 +189,43 @@ def make_handlers(policy: Policy) -> dict[str, object]:
             now=ctx.now,
         )
         if not inserted:
+            # A saga exists for this order: the body stored first runs. The same body again is
+            # a duplicate (noted, dropped); a different one is a conflict (noted, and
+            # dead-lettered after this transaction commits): never silently dropped.
             existing = await store.load(ctx.conn, state.saga_id)
-            dup = Decision(
-                existing.state if existing else None,
-                outcome="ignored",
-                note="duplicate StartCheckout: saga exists for this order",
+            same = existing is not None and existing.state.checkout == ctx.incoming.body
+            note = (
+                "duplicate StartCheckout: saga exists for this order"
+                if same
+                else "conflict: a StartCheckout for this order with a different body; "
+                "the body stored first runs"
             )
             await store.record(
                 ctx.conn,
                 state.saga_id,
-                dup,
+                Decision(
+                    existing.state if existing else None,
+                    outcome="ignored" if same else "rejected",
+                    note=note,
+                ),
                 seq=existing.state.seq if existing else 0,
                 message_id=env.message_id,
                 message_type=env.type,
             )
-            log.info("saga_start_duplicate", saga_id=str(state.saga_id), order_id=state.order_id)
+            if same:
+                log.info(
+                    "saga_start_duplicate", saga_id=str(state.saga_id), order_id=state.order_id
+                )
+            else:
+                log.warning(
+                    "saga_start_conflict", saga_id=str(state.saga_id), order_id=state.order_id
+                )
+                ctx.reject_after_commit(
+                    PermanentError(
+                        f"conflict: order {state.order_id} already has a saga started with a "
+                        "different body; the body stored first runs"
+                    )
+                )
             return
         await store.record(
             ctx.conn,

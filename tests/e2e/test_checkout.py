@@ -266,7 +266,11 @@ async def test_duplicate_start_with_the_same_message_id(
 
 
 async def test_duplicate_start_for_the_same_order_with_a_new_message_id(
-    services: Runtime, engine: AsyncEngine, database: Settings, uid: str
+    services: Runtime,
+    engine: AsyncEngine,
+    database: Settings,
+    uid: str,
+    dead_letters: DeadLetters,
 ) -> None:
     sku = f"SKU-DUP2-{uid}"
     await seed(engine, sku, 5)
@@ -289,6 +293,15 @@ async def test_duplicate_start_for_the_same_order_with_a_new_message_id(
 
     status = await wait_for(duplicate_recorded, what="the second start in the history")
     assert status["state"] == "COMPLETED"
+    # the same body once more, under a third id: a plain duplicate, dropped
+    third = uuid.uuid4()
+    await ops.publish_starts(database.amqp_url, [ops.start_message(cmd, message_id=third)])
+
+    async def third_recorded() -> dict[str, Any] | None:
+        s = await wait_terminal(engine, cmd.order_id)
+        return s if any(h["message_id"] == str(third) for h in s["history"]) else None
+
+    status = await wait_for(third_recorded, what="the third start in the history")
     starts = [
         (h["message_id"], h["outcome"], h["note"])
         for h in status["history"]
@@ -296,8 +309,19 @@ async def test_duplicate_start_for_the_same_order_with_a_new_message_id(
     ]
     assert starts == [
         (str(first), "applied", "started"),
-        (str(second), "ignored", "duplicate StartCheckout: saga exists for this order"),
+        (
+            str(second),
+            "rejected",
+            "conflict: a StartCheckout for this order with a different body; "
+            "the body stored first runs",
+        ),
+        (str(third), "ignored", "duplicate StartCheckout: saga exists for this order"),
     ]
+    # the conflicting one is dead-lettered with its reason; the duplicate is not
+    dl = await dead_letters.wait(PM_QUEUE.dlq, str(second))
+    assert headers_of(dl)[HeaderNames.ERROR_MESSAGE].startswith("conflict: ")
+    assert headers_of(dl)[HeaderNames.FAILURE_KIND] == "permanent"
+    assert await dead_letters.absent(PM_QUEUE.dlq, str(third))
     assert applied(status) == ALL_FORWARD
     assert (await one(engine, payment.payments, order_id=cmd.order_id)).payment_token == "tok_visa"
     assert await ledger(engine, cmd.order_id) == ["authorize", "capture"]
@@ -512,3 +536,63 @@ async def test_start_from_a_plain_pika_client(
     assert (await one(engine, order.orders, order_id=order_id)).amount_minor == 1999
     assert await ledger(engine, order_id) == ["authorize", "capture"]
     assert await stock(engine, sku) == 1
+
+
+async def test_starts_with_different_bodies_for_one_order_run_the_body_stored_first(
+    services: Runtime, engine: AsyncEngine, database: Settings, uid: str, dead_letters: DeadLetters
+) -> None:
+    """Issue 10, item 2: two StartCheckout for one order with different bodies, published back
+    to back on one channel, with two process managers consuming: exactly one saga, which runs
+    the body stored first (its captured amount is that body's), and the other start is
+    dead-lettered as a conflict and noted in the saga's history. Nothing is dropped silently."""
+    from process_manager import bootstrap
+
+    second_pm = Runtime(bootstrap.definitions(database, ["process-manager"]), database)
+    await second_pm.start()
+    try:
+        sku = f"SKU-CONFLICT-{uid}"
+        await seed(engine, sku, 100)
+        pairs = []
+        for i in range(8):
+            cheap = checkout(f"conflict-{uid}-{i}", sku=sku, quantity=1, price=6889)
+            dear = cheap.model_copy(
+                update={"items": (cheap.items[0].model_copy(update={"quantity": 3}),)}
+            )
+            pairs.append((cheap, dear))
+        messages = []
+        ids: dict[str, tuple[str, str]] = {}
+        for cheap, dear in pairs:
+            a, b = uuid.uuid4(), uuid.uuid4()
+            ids[cheap.order_id] = (str(a), str(b))
+            messages += [
+                ops.start_message(cheap, message_id=a),
+                ops.start_message(dear, message_id=b),
+            ]
+        await ops.publish_starts(database.amqp_url, messages)
+
+        for cheap, dear in pairs:
+            status = await wait_terminal(engine, cheap.order_id)
+            assert status["state"] == "COMPLETED", status
+            saga = await one(engine, store.sagas, order_id=cheap.order_id)
+            ran = StartCheckout.model_validate(saga.state["checkout"])
+            assert ran in (cheap, dear)
+            loser = dear if ran == cheap else cheap
+            winner_id, loser_id = ids[cheap.order_id][:: 1 if ran == cheap else -1]
+            captured = [
+                r.amount_minor
+                for r in await rows(engine, payment.ledger, order_id=cheap.order_id)
+                if r.kind == "capture"
+            ]
+            assert captured == [ran.amount_minor] and ran.amount_minor != loser.amount_minor
+
+            async def noted(order_id: str = cheap.order_id, mid: str = loser_id) -> Any:
+                s = await wait_terminal(engine, order_id)
+                return next((h for h in s["history"] if h["message_id"] == mid), None)
+
+            note = await wait_for(noted, what="the conflicting start in the history")
+            assert (note["outcome"], note["note"].split(":")[0]) == ("rejected", "conflict")
+            dl = await dead_letters.wait(PM_QUEUE.dlq, loser_id)
+            assert headers_of(dl)[HeaderNames.ERROR_MESSAGE].startswith("conflict: ")
+            assert await dead_letters.absent(PM_QUEUE.dlq, winner_id)
+    finally:
+        await second_pm.stop()
