@@ -1201,3 +1201,103 @@ def test_a_saga_started_before_tokens_existed_accepts_its_tokenless_replies() ->
     # its next dispatch has a token, and from then on replies must carry one
     assert after.token_for(after.seq) is not None
     assert step(after, _with_token(reply("inventory", after.seq), None)).outcome == "rejected"
+
+
+# ---------------------------------------------------------------------------------------------
+# Step kinds (issue 10): past the pivot a saga only moves forward
+
+
+def test_the_definition_declares_one_pivot_then_only_retriable_steps() -> None:
+    kinds = [s.kind for s in FORWARD]
+    assert kinds == ["compensatable"] * 4 + ["pivot", "retriable"]
+    assert saga.PIVOT == "capture"
+    with pytest.raises(ValueError):
+        saga._check_kinds((FORWARD[5], FORWARD[0]))  # retriable before compensatable
+    with pytest.raises(ValueError):
+        saga._check_kinds((FORWARD[0], FORWARD[5]))  # retriable without a pivot
+
+
+def test_a_late_completion_is_re_sent_with_backoff_and_never_compensated() -> None:
+    state = awaiting("completion")
+    waits = []
+    sent_at = NOW
+    for attempt in range(2, POLICY.max_retriable_attempts + 1):
+        assert state.deadline is not None
+        waits.append(state.deadline - sent_at)
+        sent_at = state.deadline
+        d = step(state, Timeout(state.seq), now=sent_at)
+        cmd = only(d)
+        assert (cmd.step, cmd.attempt, cmd.fence) == ("completion", attempt, state.seq)
+        assert cmd.idempotency_key == idempotency_key(SAGA_ID, "completion")
+        assert cmd.reply_token == state.token_for(state.seq)
+        state = state_of(d)
+        assert state.status is S.COMPLETING
+    # the waits double from the step timeout up to the cap
+    assert waits[:3] == [POLICY.step_timeout, 2 * POLICY.step_timeout, 4 * POLICY.step_timeout]
+    assert max(waits) == POLICY.retriable_max_delay
+    d = step(state, Timeout(state.seq), now=sent_at)
+    manual = state_of(d)
+    assert d.commands == ()
+    assert manual.status is S.FAILED_NEEDS_MANUAL
+    assert "not compensated" in (manual.failure_reason or "")
+    assert manual.compensation_plan == () and not manual.compensating
+
+
+def test_the_late_completion_after_a_human_was_called_still_completes() -> None:
+    state = awaiting("completion")
+    state, _ = timed_out(state, POLICY.max_retriable_attempts)
+    assert state.status is S.FAILED_NEEDS_MANUAL and state.stalled == "completion"
+    d = answer_stalled(state)
+    assert d.outcome == "applied" and d.commands == ()
+    assert d.transition == (S.FAILED_NEEDS_MANUAL, S.COMPLETED)
+    assert state_of(d).completed == FORWARD_NAMES
+
+
+def answer_stalled(state: SagaState) -> Decision:
+    assert state.stalled is not None
+    return step(state, reply(state.stalled, state.seq))
+
+
+def test_resume_past_the_pivot_sends_the_remaining_step_again() -> None:
+    state, _ = timed_out(awaiting("completion"), POLICY.max_retriable_attempts)
+    d = step(state, Resume(), now=LATER)
+    cmd = only(d)
+    resumed = state_of(d)
+    assert d.transition == (S.FAILED_NEEDS_MANUAL, S.COMPLETING)
+    assert (cmd.step, cmd.fence) == ("completion", state.seq + 1)
+    assert cmd.idempotency_key == idempotency_key(SAGA_ID, "completion")
+    assert resumed.failure_reason is None and resumed.stalled is None
+    assert state_of(answer(resumed)).status is S.COMPLETED
+
+
+def test_a_compensation_reply_just_after_the_saga_needs_a_human_is_applied() -> None:
+    comp = state_of(answer(awaiting("inventory"), ok=False))
+    assert comp.awaiting == "void_authorization"
+    manual, _ = timed_out(comp, POLICY.max_compensation_attempts)
+    assert manual.status is S.FAILED_NEEDS_MANUAL and manual.stalled == "void_authorization"
+    d = answer_stalled(manual)
+    after = state_of(d)
+    assert d.outcome == "applied"
+    assert after.compensated == ("void_authorization",)
+    assert only(d).step == "cancel_order" and after.status is S.COMPENSATING
+    final, _ = drain_compensations(after)
+    assert final.status is S.COMPENSATED
+
+
+def test_a_stale_reply_does_not_wake_a_saga_that_needs_a_human() -> None:
+    comp = state_of(answer(awaiting("inventory"), ok=False))
+    manual, _ = timed_out(comp, POLICY.max_compensation_attempts)
+    d = step(manual, reply("void_authorization", manual.seq - 1))
+    assert d.state == manual and d.outcome == "ignored"
+
+
+def test_the_pivot_failing_compensates_what_came_before_it() -> None:
+    d = answer(awaiting("capture"), ok=False)
+    comp = state_of(d)
+    assert comp.status is S.COMPENSATING
+    assert (only(d).step, *comp.compensation_plan) == (
+        "cancel_shipment",
+        "release_inventory",
+        "void_authorization",
+        "cancel_order",
+    )
