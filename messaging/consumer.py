@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from sqlalchemy import Table, exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from messaging import telemetry, trust
+from messaging import signing, telemetry, trust
 from messaging.codec import Incoming, decode, summarize
 from messaging.db import driver, qualified
 from messaging.errors import ConcurrencyConflict, PermanentError, TransientError
@@ -249,8 +249,11 @@ class Consumer:
         settings: Settings,
         tracer: trace.Tracer,
         broker_user: str | None = None,
+        signing_key: bytes | None = None,
     ) -> None:
         self.service = service
+        #: signs what this consumer writes on its failure routes, checks it when it comes back
+        self.signing_key = signing_key
         #: this service's own broker user (the ``user_id`` of everything it publishes)
         self.broker_user = broker_user
         #: provisioned users' prefix: senders are checked; None: they are not (``guest``)
@@ -371,6 +374,7 @@ class Consumer:
                     self.spec.name,
                     own_user=self.broker_user,
                     max_retries=self.settings.max_attempts,
+                    key=self.signing_key,
                 )
             except trust.Forbidden as e:
                 span.set_status(trace.StatusCode.ERROR, str(e))
@@ -614,10 +618,15 @@ class Consumer:
     # -- failure routes ----------------------------------------------------------------------
 
     def _copy(
-        self, delivery: AbstractIncomingMessage, arrived: trust.Arrival, extra: dict[str, Any]
+        self,
+        delivery: AbstractIncomingMessage,
+        arrived: trust.Arrival,
+        extra: dict[str, Any],
+        purpose: signing.Purpose,
     ) -> aio_pika.Message:
         """A copy for a failure route: the believed headers, where it first came from and who
-        first sent it (the copy is published by this service's own user)."""
+        first sent it (the copy is published by this service's own user), signed with this
+        service's key."""
         headers = dict(arrived.headers)
         headers[HeaderNames.ORIGINAL_EXCHANGE] = arrived.route.exchange
         headers[HeaderNames.ORIGINAL_ROUTING_KEY] = arrived.route.routing_key
@@ -626,6 +635,18 @@ class Consumer:
         else:
             headers.pop(HeaderNames.ORIGINAL_USER_ID, None)
         headers.update(extra)
+        headers.pop(HeaderNames.DEAD_LETTERED_BY, None)
+        headers.pop(HeaderNames.SIGNATURE, None)
+        if self.signing_key is not None:
+            headers[HeaderNames.SIGNATURE] = signing.signature(
+                self.signing_key,
+                purpose,
+                queue=self.spec.name,
+                message_id=delivery.message_id,
+                message_type=delivery.type,
+                body=delivery.body,
+                headers=headers,
+            )
         return aio_pika.Message(
             body=delivery.body,
             headers=headers,
@@ -678,7 +699,9 @@ class Consumer:
         extra[HeaderNames.FAILURE_KIND] = kind
         extra[HeaderNames.RETRY_COUNT] = arrived.retries
         exchange, key = dead_letter_route(self.spec.name)
-        await self.publisher.publish(exchange, key, self._copy(delivery, arrived, extra))
+        await self.publisher.publish(
+            exchange, key, self._copy(delivery, arrived, extra, "dead-letter")
+        )
         await delivery.ack()
         self.counts["dead_lettered"] += 1
         log.warning(
@@ -702,7 +725,7 @@ class Consumer:
         extra: dict[str, Any] = dict(e.headers) if isinstance(e, TransientError) else {}
         extra.update(self._reason_headers(e))
         extra[HeaderNames.RETRY_COUNT] = retries + 1
-        message = self._copy(delivery, arrived, extra)
+        message = self._copy(delivery, arrived, extra, "retry")
         message.expiration = delay / 1000
         await self.publisher.publish(*retry_route(self.spec, tier + 1), message)
         await delivery.ack()

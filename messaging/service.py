@@ -19,7 +19,7 @@ from opentelemetry import trace
 from sqlalchemy import MetaData, Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from messaging import deadletters, telemetry, topology
+from messaging import deadletters, signing, telemetry, topology
 from messaging.consumer import Consumer, Handler
 from messaging.db import (
     check_pool_budget,
@@ -53,6 +53,7 @@ class ServiceDefinition:
     retained: Sequence[RetentionRule] = ()
     outbox: Table = field(init=False)
     inbox: Table = field(init=False)
+    keys: Table = field(init=False)
 
     def __post_init__(self) -> None:
         if self.metadata.schema != self.schema:
@@ -62,6 +63,8 @@ class ServiceDefinition:
         inbox = tables.get(f"{self.schema}.inbox")
         self.outbox = outbox if outbox is not None else outbox_table(self.metadata)
         self.inbox = inbox if inbox is not None else inbox_table(self.metadata)
+        keys = tables.get(f"{self.schema}.sagabus_keys")
+        self.keys = keys if keys is not None else signing.keys_table(self.metadata)
 
 
 @dataclass
@@ -209,6 +212,7 @@ class Runtime:
                 settings=self.settings,
                 tracer=tracer,
                 broker_user=publisher.user,
+                signing_key=await signing.load_key(engine, d.keys),
             )
             self.consumers[d.name] = consumer
             if consumer.sender_prefix is None:

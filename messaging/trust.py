@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from messaging import topology
+from messaging import signing, topology
 from messaging.errors import PermanentError
 from schemas.envelope import HeaderNames
 
@@ -48,17 +48,21 @@ _RETRY_ONLY = (
     HeaderNames.FAILED_AT,
     HeaderNames.FAILURE_KIND,
     HeaderNames.REPLAYED_FROM,
+    HeaderNames.SIGNATURE,
+    HeaderNames.DEAD_LETTERED_BY,
 )
 #: what a message that came round a delay queue or through a replay may keep of them
 _KEPT: dict[Via, frozenset[str]] = {
     "direct": frozenset(),
-    "retry": frozenset(_RETRY_ONLY),
+    "retry": frozenset(_RETRY_ONLY) - {HeaderNames.DEAD_LETTERED_BY},
     "replay": frozenset(
         {
             HeaderNames.ORIGINAL_EXCHANGE,
             HeaderNames.ORIGINAL_ROUTING_KEY,
             HeaderNames.ORIGINAL_USER_ID,
             HeaderNames.REPLAYED_FROM,
+            HeaderNames.SIGNATURE,
+            HeaderNames.DEAD_LETTERED_BY,
         }
     ),
 }
@@ -134,17 +138,24 @@ def _believed(headers: Mapping[str, Any], via: Via, *, start: bool) -> dict[str,
 
 
 def arrival(
-    delivery: AbstractIncomingMessage, queue: str, *, own_user: str | None, max_retries: int
+    delivery: AbstractIncomingMessage,
+    queue: str,
+    *,
+    own_user: str | None,
+    max_retries: int,
+    key: bytes | None = None,
 ) -> Arrival:
     """Where ``delivery`` came from, which of its headers are believed, who sent it.
 
     Raises :class:`Forbidden` for a retry or replay that does not say where it first came from,
-    or a retry that this service did not make."""
+    a retry that this service did not make, and (with the service's ``key``) a retry or replay
+    whose bookkeeping this service did not sign (``messaging.signing``). A replay of a dead
+    letter the broker itself made carries the collector's mark instead of a signature."""
     raw = dict(delivery.headers or {})
     exchange = delivery.exchange or ""
-    key = delivery.routing_key or ""
+    routing_key = delivery.routing_key or ""
     via: Via
-    if exchange == "" and key == queue:
+    if exchange == "" and routing_key == queue:
         via = "retry"  # back from one of this queue's delay queues (the broker dead-letters it)
         if own_user is not None and delivery.user_id != own_user:
             raise Forbidden(
@@ -156,7 +167,7 @@ def arrival(
     else:
         via = "direct"
     if via == "direct":
-        route = topology.Route(exchange, key)
+        route = topology.Route(exchange, routing_key)
         sender = delivery.user_id
     else:
         original_exchange = _text(raw.get(HeaderNames.ORIGINAL_EXCHANGE))
@@ -168,12 +179,37 @@ def arrival(
             )
         route = topology.Route(original_exchange, original_key)
         sender = _text(raw.get(HeaderNames.ORIGINAL_USER_ID))
+        if key is not None and not _signed(delivery, queue, raw, via, key):
+            raise Forbidden(
+                "forbidden route",
+                f"a {via} on {queue} whose original route and sender this service did not sign",
+            )
     start = topology.is_start_route(route.exchange, route.routing_key)
     headers = _believed(raw, via, start=start)
     retries = (
         clamp_retries(headers.get(HeaderNames.RETRY_COUNT), max_retries) if via == "retry" else 0
     )
     return Arrival(route, via, headers, sender, retries)
+
+
+def _signed(
+    delivery: AbstractIncomingMessage, queue: str, raw: dict[str, Any], via: Via, key: bytes
+) -> bool:
+    fields = {
+        "queue": queue,
+        "message_id": delivery.message_id,
+        "message_type": delivery.type,
+        "body": delivery.body,
+        "headers": raw,
+    }
+    claimed = raw.get(HeaderNames.SIGNATURE)
+    if via == "retry":
+        return signing.verify(key, "retry", claimed, **fields)
+    if signing.verify(key, "dead-letter", claimed, **fields):
+        return True
+    # a dead letter the broker made (a crash loop), stored by the collector, which marks only
+    # those it took from the broker's own dead-letter exchange
+    return _text(raw.get(HeaderNames.DEAD_LETTERED_BY)) == signing.BROKER_MADE
 
 
 def check(arrival: Arrival, queue: str, type_name: str, *, sender_prefix: str | None) -> None:

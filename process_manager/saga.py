@@ -323,6 +323,9 @@ class SagaState:
     compensating: bool = False
     #: the step that was awaited when the saga stopped for a human: its late reply still counts
     stalled: str | None = None
+    #: fences below this were dispatched before reply tokens existed (a saga in flight at the
+    #: upgrade): their replies carry no token and are believed without one
+    untokened_below: int = 0
 
     def token_for(self, fence: int) -> str | None:
         for seq, token in self.tokens:
@@ -600,8 +603,8 @@ def _on_reply(
     name = kind.__name__
 
     expected = state.token_for(reply.fence)
-    if expected is None and state.tokens == () and reply.token is None:
-        pass  # a saga whose dispatches all predate reply tokens (started before the upgrade)
+    if expected is None and reply.token is None and reply.fence < state.untokened_below:
+        pass  # dispatched before reply tokens existed (the saga was in flight at the upgrade)
     elif expected is None or reply.token is None or not hmac.compare_digest(expected, reply.token):
         return Decision(
             state,

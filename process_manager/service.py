@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from messaging import telemetry
 from messaging.consumer import Context
+from messaging.db import driver
 from messaging.errors import PermanentError
 from messaging.metrics import metrics
 from messaging.outbox import OutgoingMessage
@@ -54,6 +55,7 @@ from schemas.registry import REGISTRY
 log = structlog.get_logger("sagabus.process_manager")
 
 SERVICE = "process-manager"
+_UNCLAIM = "DELETE FROM process_manager.inbox WHERE message_id = $1 AND message_type = $2"
 
 
 def policy_from(settings: Settings) -> Policy:
@@ -268,6 +270,10 @@ def make_handlers(policy: Policy) -> dict[str, object]:
             )
         except InvalidTransition as e:
             raise PermanentError(str(e)) from None
+        if decision.outcome == "rejected":
+            # not applied, and not remembered as processed either: a forged copy carrying a
+            # genuine reply's message id must not make the genuine reply drop as a duplicate
+            await (await driver(ctx.conn)).execute(_UNCLAIM, env.message_id, env.type)
         await _apply(
             ctx.conn,
             loaded,

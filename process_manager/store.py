@@ -105,6 +105,7 @@ def _dump(state: SagaState) -> dict[str, Any]:
         "tokens": [[seq, token] for seq, token in state.tokens],
         "compensating": state.compensating,
         "stalled": state.stalled,
+        "untokened_below": state.untokened_below,
     }
 
 
@@ -137,6 +138,8 @@ def _load(row: Any) -> SagaState:
             )
         ),
         stalled=s.get("stalled"),
+        # saved before reply tokens: every fence so far was dispatched without one
+        untokened_below=int(s.get("untokened_below", 0 if "tokens" in s else row.seq + 1)),
     )
 
 

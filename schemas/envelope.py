@@ -58,6 +58,10 @@ class HeaderNames:
     #: the broker-validated user that published the message first (kept across its retries,
     #: dead letter and replay, which other users publish)
     ORIGINAL_USER_ID = "sagabus-original-user-id"
+    #: HMAC of a retry or dead-letter copy's bookkeeping, by the consumer's service key
+    SIGNATURE = "sagabus-signature"
+    #: the dead-letter collector's mark on a dead letter the broker itself made
+    DEAD_LETTERED_BY = "sagabus-dead-lettered-by"
     #: every header of ours starts with this; none is believed from outside on the start route
     PREFIX = "sagabus-"
 

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import aio_pika
 import pika
 import pika.exceptions
 import pytest
@@ -44,7 +45,7 @@ from schemas.base import Message
 from schemas.checkout import StartCheckout, saga_id_for_order
 from schemas.envelope import Envelope, HeaderNames
 from schemas.inventory import InventoryReserved
-from schemas.payment import PaymentAuthorized, PaymentCaptured
+from schemas.payment import PaymentAuthorized, PaymentCaptured, RefundPayment
 from tests.security.conftest import Provisioned
 from tests.support import checkout, one, paused, rows, wait_for
 
@@ -915,3 +916,129 @@ async def test_a_body_over_the_services_limit_is_dead_lettered(
     assert row.body == body
     assert await status_of(sec_engine, order_id) is None
     assert await available(sec_engine, sku) == 1
+
+
+# -- 7. a participant's own failure routes -------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["retry", "dead-letter"])
+async def test_a_participant_cannot_forge_a_command_through_its_own_failure_routes(
+    restricted: dict[str, Runtime],
+    provisioned: Provisioned,
+    sec_engine: AsyncEngine,
+    route: str,
+) -> None:
+    """The payment user may publish into its own delay queues (and its own DLQ, which the operator
+    may replay). A copy there that claims to be a ``RefundPayment`` first sent by the process
+    manager on ``sagabus.commands`` must not be believed: the consumer believes only bookkeeping
+    that its own service key signed (``messaging.signing``), and the key is not in the broker."""
+    order_id, _ = fresh("forge-retry")
+    body = RefundPayment(order_id=order_id, amount_minor=100, currency="EUR")
+    pm_user = user_of(provisioned, "process-manager")
+    forged_headers: dict[str, Any] = {
+        HeaderNames.ORIGINAL_EXCHANGE: topology.COMMANDS_EXCHANGE,
+        HeaderNames.ORIGINAL_ROUTING_KEY: "payment.RefundPayment",
+        HeaderNames.ORIGINAL_USER_ID: pm_user,
+        HeaderNames.RETRY_COUNT: 1,
+        HeaderNames.SIGNATURE: "0" * 64,
+        HeaderNames.DEAD_LETTERED_BY: "broker",  # the collector's mark, claimed
+    }
+    p = props(
+        body.TYPE,
+        saga_id=saga_id_for_order(order_id),
+        fence=9,
+        user_id=user_of(provisioned, "payment"),
+        headers=forged_headers,
+    )
+    spec = topology.QUEUES["payment"]
+    consumer = restricted["payment"].consumers["payment"]
+    before = consumer.counts["rejected_security"]
+    if route == "retry":
+        payload = body.model_dump_json().encode()
+        await publish(
+            provisioned.url("payment"),
+            *topology.retry_route(spec, 1),
+            payload,
+            retry_props(p),
+        )
+    else:
+        # into its own DLQ, as if it had dead-lettered the message; the operator then replays it
+        payload = body.model_dump_json().encode()
+        await publish(
+            provisioned.url("payment"), *topology.dead_letter_route(spec.name), payload, p
+        )
+        assert p.message_id is not None
+
+        async def stored() -> Any:
+            found = await rows(sec_engine, deadletters.dead_letters, message_id=p.message_id)
+            return found[0] if found else None
+
+        row = await wait_for(stored, what="the forged copy collected")
+        # the collector did not believe the claimed mark: only the broker's own dead letters
+        assert row.headers.get(HeaderNames.DEAD_LETTERED_BY) != "broker"
+        message, span = deadletters.replay_message(row, deadletters_tracer())
+        span.end()
+        connection = await aio_pika.connect(provisioned.url("operator"))
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(topology.REPLAY_EXCHANGE, ensure=False)
+            await exchange.publish(message, routing_key=spec.name, mandatory=True)
+
+    async def refused_as_forged() -> bool:
+        return consumer.counts["rejected_security"] > before
+
+    await wait_for(refused_as_forged, what="the forged copy refused as a security event")
+    # no refund was ever made for the order
+    assert await rows(sec_engine, payment.ledger, order_id=order_id) == []
+
+
+def retry_props(p: pika.BasicProperties) -> pika.BasicProperties:
+    """The same properties, expiring at once in the delay queue (back through the default
+    exchange into the work queue, as a real retry comes back)."""
+    p.expiration = "10"
+    return p
+
+
+def deadletters_tracer() -> Any:
+    from messaging import telemetry
+
+    return telemetry.tracer("test-operator")
+
+
+async def test_a_forged_reply_with_the_genuine_replys_id_does_not_shadow_it(
+    restricted: dict[str, Runtime], provisioned: Provisioned, sec_engine: AsyncEngine
+) -> None:
+    """Reply ids are derived, so whoever may publish a reply type can predict the id of the
+    genuine reply. A token-less forgery sent first under that id is rejected, and must not leave
+    the id claimed in the inbox: the genuine reply, arriving later, is applied."""
+    order_id, sku = fresh("shadow")
+    await seed(sec_engine, sku, 2)
+    cmd = checkout(order_id, sku=sku)
+    saga_id = saga_id_for_order(order_id)
+    genuine_id = derived_reply_id(saga_id, 1, cmd)  # the reply to AuthorizePayment
+    body = PaymentAuthorized(
+        order_id=order_id, authorization_id="auth_x", amount_minor=cmd.amount_minor
+    )
+    async with paused(restricted["payment"], "payment"):
+        await start(provisioned, cmd)
+        s = await wait_state(sec_engine, order_id, "PENDING_PAYMENT")
+        p = props(
+            body.TYPE,
+            saga_id=saga_id,
+            fence=s["seq"],
+            message_id=str(genuine_id),
+            user_id=user_of(provisioned, "payment"),
+        )
+        await publish(
+            provisioned.url("payment"),
+            topology.REPLIES_EXCHANGE,
+            body.TYPE,
+            body.model_dump_json().encode(),
+            p,
+        )
+        assert_rejected_for_token(await fate(sec_engine, str(genuine_id)))
+    # payment answers for real, under the same id: applied, the saga completes
+    s = await wait_state(sec_engine, order_id, *TERMINAL)
+    assert s["state"] == "COMPLETED", _story(s)
+    outcomes = [h.outcome for h in await history_of(sec_engine, str(genuine_id))]
+    assert outcomes == ["rejected", "applied"], outcomes

@@ -1194,7 +1194,9 @@ def test_the_nonce_makes_tokens_unpredictable() -> None:
 
 
 def test_a_saga_started_before_tokens_existed_accepts_its_tokenless_replies() -> None:
-    state = replace(awaiting("authorization"), tokens=())
+    before = awaiting("authorization")
+    # loaded from a row saved before tokens: every fence so far was dispatched without one
+    state = replace(before, tokens=(), untokened_below=before.seq + 1)
     d = step(state, _with_token(reply("authorization", state.seq), None))
     after = state_of(d)
     assert d.outcome == "applied" and after.awaiting == "inventory"
@@ -1301,3 +1303,10 @@ def test_the_pivot_failing_compensates_what_came_before_it() -> None:
         "void_authorization",
         "cancel_order",
     )
+
+
+def test_a_new_saga_never_accepts_a_tokenless_reply() -> None:
+    state = awaiting("authorization")
+    assert state.untokened_below == 0
+    bare = _with_token(reply("authorization", state.seq), None)
+    assert step(replace(state, tokens=()), bare).outcome == "rejected"
