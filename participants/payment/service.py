@@ -256,7 +256,13 @@ async def void(ctx: Context) -> None:
     )
 
 
+_MOVED = f"SELECT amount_minor FROM {_LEDGER} WHERE order_id = $1 AND kind = $2"
+
+
 async def refund(ctx: Context) -> None:
+    """Give back what the ledger says was captured, whatever amount the command carries (the
+    checkout's total: a capture may have taken less than was authorized). A payment never
+    captured is voided instead, and nothing is refunded."""
     cmd = ctx.incoming.body
     assert isinstance(cmd, RefundPayment)
     pg = await driver(ctx.conn)
@@ -266,16 +272,22 @@ async def refund(ctx: Context) -> None:
         ctx.reply(PaymentRefundFailed(order_id=cmd.order_id, reason="refund refused by PSP"))
         return
     if row is not None and status == "CAPTURED":
-        await _post(ctx, pg, cmd.order_id, "refund", row["amount_minor"], "REFUNDED")
-        ctx.reply(PaymentRefunded(order_id=cmd.order_id, amount_minor=row["amount_minor"]))
+        captured = await pg.fetchval(_MOVED, cmd.order_id, "capture")
+        if captured is None:
+            raise PermanentError(
+                f"payment of order {cmd.order_id} is CAPTURED, but the ledger holds no capture"
+            )
+        await _post(ctx, pg, cmd.order_id, "refund", captured, "REFUNDED")
+        ctx.reply(PaymentRefunded(order_id=cmd.order_id, amount_minor=captured))
         return
     if row is not None and status == "AUTHORIZED":
         # Never captured: the right counteraction is a void, and nothing is refunded.
         await _post(ctx, pg, cmd.order_id, "void", row["amount_minor"], "VOIDED")
         ctx.reply(PaymentRefunded(order_id=cmd.order_id, amount_minor=0))
         return
-    refunded = row["amount_minor"] if row is not None and status == "REFUNDED" else 0
-    ctx.reply(PaymentRefunded(order_id=cmd.order_id, amount_minor=refunded))
+    # Refunded already (a re-send): what the ledger's refund gave back. Anything else: nothing.
+    refunded = await pg.fetchval(_MOVED, cmd.order_id, "refund") if status == "REFUNDED" else 0
+    ctx.reply(PaymentRefunded(order_id=cmd.order_id, amount_minor=refunded or 0))
 
 
 async def status(ctx: Context) -> None:

@@ -13,8 +13,13 @@ undeliverable; postal code ``99999`` always gets "carrier unavailable" (retried,
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
+import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import asyncpg
 from sqlalchemy import Column, DateTime, MetaData, Table, Text, func
@@ -43,6 +48,22 @@ class CarrierResponseLost(CarrierError):
     """The carrier may or may not have booked: the outcome is unknown."""
 
 
+@dataclass
+class CarrierCall:
+    """One call of the carrier's API: ``started``/``ended`` on ``time.monotonic()``."""
+
+    operation: str
+    key: str
+    started: float
+    ended: float | None = None
+    #: "ok", or the error's class name
+    outcome: str | None = None
+
+
+#: calls kept in ``Carrier.history``
+HISTORY = 1000
+
+
 def bookings_table(metadata: MetaData) -> Table:
     return Table(
         "carrier_bookings",
@@ -60,11 +81,15 @@ class Carrier:
 
     It keeps a small connection pool of its own (``pool_size`` connections, opened on first
     use; ``close`` it when the service stops), as a client of a remote HTTP API would keep its
-    own HTTP connections. It must not borrow from the service's database pool: a handler calls
-    the carrier while it holds its transaction's pooled connection, so with as many deliveries
-    in flight as that pool has connections, every connection would be held by a handler waiting
-    for one more, and none would ever come back (a pool deadlock). The carrier's pool waits on
-    nothing but its own short statements, so it always drains.
+    own HTTP connections. It must not borrow from the service's database pool: the shipping
+    handlers call it outside their transactions, but in a rare race a handler cancels a booking
+    while it holds its transaction's pooled connection, and with as many of those as that pool
+    has connections, every connection would be held by a handler waiting for one more (a pool
+    deadlock). The carrier's pool waits on nothing but its own short statements, so it always
+    drains.
+
+    ``history`` keeps the last ``HISTORY`` calls (operation, key, start and end on the
+    monotonic clock, outcome), to show how calls overlapped.
     """
 
     def __init__(
@@ -86,6 +111,7 @@ class Carrier:
         self.latency_ms = latency_ms
         self.rng = rng or random.Random()
         self.calls = 0
+        self.history: collections.deque[CarrierCall] = collections.deque(maxlen=HISTORY)
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
         name = qualified(table)
@@ -125,23 +151,43 @@ class Carrier:
         if self.latency_ms:
             await asyncio.sleep(self.latency_ms / 1000 * self.rng.uniform(0.5, 1.5))
 
+    @asynccontextmanager
+    async def _call(self, operation: str, key: str) -> AsyncIterator[None]:
+        call = CarrierCall(operation, key, time.monotonic())
+        self.history.append(call)
+        try:
+            yield
+        except BaseException as e:
+            call.outcome = type(e).__name__
+            raise
+        else:
+            call.outcome = "ok"
+        finally:
+            call.ended = time.monotonic()
+
     async def book(self, key: str, order_id: str, address: ShippingAddress) -> str:
         self.calls += 1
-        await self._latency()
-        if address.postal_code == UNDELIVERABLE_POSTAL_CODE:
-            raise CarrierRejected("address undeliverable")
-        if address.postal_code == UNAVAILABLE_POSTAL_CODE or self.rng.random() < self.failure_rate:
-            raise CarrierUnavailable("carrier unavailable (503)")
-        tracking = "TRK" + uuid.uuid5(TRACKING_NAMESPACE, key).hex[:12].upper()
-        await (await self.pool()).execute(self._book_sql, key, order_id, tracking)
-        if self.rng.random() < self.lose_response_rate:
-            raise CarrierResponseLost("carrier timed out after accepting the request")
-        return tracking
+        async with self._call("book", key):
+            await self._latency()
+            if address.postal_code == UNDELIVERABLE_POSTAL_CODE:
+                raise CarrierRejected("address undeliverable")
+            if (
+                address.postal_code == UNAVAILABLE_POSTAL_CODE
+                or self.rng.random() < self.failure_rate
+            ):
+                raise CarrierUnavailable("carrier unavailable (503)")
+            tracking = "TRK" + uuid.uuid5(TRACKING_NAMESPACE, key).hex[:12].upper()
+            await (await self.pool()).execute(self._book_sql, key, order_id, tracking)
+            if self.rng.random() < self.lose_response_rate:
+                raise CarrierResponseLost("carrier timed out after accepting the request")
+            return tracking
 
     async def lookup(self, key: str) -> str | None:
-        row = await (await self.pool()).fetchrow(self._lookup_sql, key)
+        async with self._call("lookup", key):
+            row = await (await self.pool()).fetchrow(self._lookup_sql, key)
         return row["tracking_number"] if row is not None and row["status"] == "BOOKED" else None
 
     async def cancel(self, key: str) -> bool:
-        status = await (await self.pool()).execute(self._cancel_sql, key)
+        async with self._call("cancel", key):
+            status = await (await self.pool()).execute(self._cancel_sql, key)
         return affected(status) > 0

@@ -1,5 +1,7 @@
-"""The shipping handler and its carrier: no second connection from the service's pool while a
-handler holds one (a pool deadlock), and a carrier budget that only carrier failures spend."""
+"""The shipping handlers and their carrier: no second connection from the service's pool while a
+handler holds one (a pool deadlock), a carrier budget that only carrier failures spend, and the
+races between a CreateShipment's carrier call (``prepare``, outside any transaction) and its
+recording (``apply``)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from messaging.codec import Incoming
-from messaging.consumer import Context, Handler
+from messaging.consumer import Context, Handler, Preparation, TwoPhase
 from messaging.db import create_schema, make_engine
 from messaging.errors import TransientError
 from messaging.settings import Settings
@@ -23,7 +25,13 @@ from participants.shipping import service as shipping
 from participants.shipping.carrier import UNAVAILABLE_POSTAL_CODE, Carrier
 from schemas.common import LineItem
 from schemas.envelope import Envelope
-from schemas.shipping import CreateShipment, ShipmentCreated, ShipmentFailed
+from schemas.shipping import (
+    CancelShipment,
+    CreateShipment,
+    ShipmentCancelled,
+    ShipmentCreated,
+    ShipmentFailed,
+)
 from tests.support import ADDRESS
 
 pytestmark = pytest.mark.integration
@@ -56,23 +64,45 @@ def create_shipment(order_id: str, *, postal_code: str = "3511AA") -> Incoming:
     return Incoming(env, body)
 
 
-async def handle(
+async def prepare(
     engine: AsyncEngine, handler: Handler, incoming: Incoming, *, retries: int = 0
+) -> Any:
+    """A two-phase handler's ``prepare``, outside any transaction, as the consumer runs it."""
+    assert isinstance(handler, TwoPhase)
+    return await handler.prepare(Preparation(incoming, retries, engine))
+
+
+async def apply(
+    engine: AsyncEngine,
+    handler: Handler,
+    incoming: Incoming,
+    prepared: Any,
+    *,
+    retries: int = 0,
 ) -> Context:
     """One delivery's transaction, as the consumer runs it (minus inbox and outbox)."""
     async with engine.begin() as conn:
         ctx = Context(conn, incoming, "shipping", retries=retries)
+        ctx.prepared = prepared
         await handler(ctx)
     return ctx
+
+
+async def handle(
+    engine: AsyncEngine, handler: Handler, incoming: Incoming, *, retries: int = 0
+) -> Context:
+    """One delivery: ``prepare`` (outside any transaction), then its transaction."""
+    prepared = await prepare(engine, handler, incoming, retries=retries)
+    return await apply(engine, handler, incoming, prepared, retries=retries)
 
 
 async def test_many_deliveries_on_a_small_pool_do_not_deadlock(
     database: Settings, carrier: Carrier, uid: str
 ) -> None:
-    """Eight deliveries at once on a pool of two connections (one plus one overflow): each
-    handler holds one while it calls the carrier. With the carrier borrowing from the same pool,
-    both connections were held by handlers waiting for a third: nothing moved until the pool's
-    checkout timeout."""
+    """Eight deliveries at once on a pool of two connections (one plus one overflow). With the
+    carrier borrowing from the same pool, both connections were held by handlers waiting for a
+    third: nothing moved until the pool's checkout timeout. (The carrier is now called outside
+    the transaction, but a rare race still cancels a booking inside it.)"""
     small = make_engine(database.model_copy(update={"db_pool_size": 1}))
     create = shipping.make_handlers(carrier, database)[CreateShipment.TYPE]
     carrier.latency_ms = 5
@@ -166,3 +196,94 @@ async def test_the_last_delivery_answers_even_with_carrier_budget_left(
     reply = _only_reply(ctx)
     assert isinstance(reply, ShipmentFailed)
     assert reply.reason.startswith("carrier failed 1 times")
+
+
+async def _booking_status(engine: AsyncEngine, order_id: str) -> str | None:
+    async with engine.connect() as conn:
+        return (
+            await conn.execute(
+                select(shipping.bookings.c.status).where(shipping.bookings.c.order_id == order_id)
+            )
+        ).scalar_one_or_none()
+
+
+async def test_two_deliveries_that_both_booked_answer_one_shipment(
+    database: Settings, engine: AsyncEngine, carrier: Carrier, uid: str
+) -> None:
+    """A re-send racing its original: both prepare (no row yet) and reach the carrier with the
+    saga's key; the second to record finds the first's row and answers from it."""
+    create = shipping.make_handlers(carrier, database)[CreateShipment.TYPE]
+    order_id = f"ship-twice-{uid}"
+    original = create_shipment(order_id)
+    resent = Incoming(
+        original.envelope.model_copy(update={"message_id": uuid.uuid4()}), original.body
+    )
+    first, second = await asyncio.gather(
+        prepare(engine, create, original), prepare(engine, create, resent)
+    )
+    assert isinstance(first, shipping.Booked) and first == second
+    one = _only_reply(await apply(engine, create, original, first))
+    two = _only_reply(await apply(engine, create, resent, second))
+    assert isinstance(one, ShipmentCreated) and one == two
+    async with engine.connect() as conn:
+        booked = (
+            await conn.execute(
+                select(func.count())
+                .select_from(shipping.bookings)
+                .where(shipping.bookings.c.order_id == order_id)
+            )
+        ).scalar_one()
+    assert booked == 1
+
+
+async def test_a_booking_the_recorded_answer_does_not_hold_is_cancelled(
+    database: Settings, engine: AsyncEngine, carrier: Carrier, uid: str
+) -> None:
+    """One delivery gave up on the carrier and answered ShipmentFailed; a re-send's prepare
+    then booked. The re-send answers from the row (ShipmentFailed) and cancels its booking."""
+    create = shipping.make_handlers(carrier, database)[CreateShipment.TYPE]
+    order_id = f"ship-gave-up-{uid}"
+    original = create_shipment(order_id)
+    resent = Incoming(
+        original.envelope.model_copy(update={"message_id": uuid.uuid4()}), original.body
+    )
+    booked = await prepare(engine, create, resent)
+    assert isinstance(booked, shipping.Booked)
+    failed = _only_reply(
+        await apply(engine, create, original, shipping.GaveUp("carrier failed 3 times: 503"))
+    )
+    assert isinstance(failed, ShipmentFailed)
+    again = _only_reply(await apply(engine, create, resent, booked))
+    assert again == failed
+    assert await _booking_status(engine, order_id) == "CANCELLED"
+
+
+async def test_a_cancel_that_recorded_after_a_late_booking_cancels_it(
+    database: Settings, engine: AsyncEngine, carrier: Carrier, uid: str
+) -> None:
+    """CancelShipment's prepare cancels at the carrier before CreateShipment's prepare books;
+    CreateShipment records CREATED first; the cancel, recording second, finds CREATED although
+    its carrier cancel found nothing, and cancels the booking."""
+    handlers = shipping.make_handlers(carrier, database)
+    create, cancel = handlers[CreateShipment.TYPE], handlers[CancelShipment.TYPE]
+    order_id = f"ship-late-booking-{uid}"
+    created = create_shipment(order_id)
+    env = created.envelope
+    cancelling = Incoming(
+        env.model_copy(
+            update={
+                "message_id": uuid.uuid4(),
+                "type": CancelShipment.TYPE,
+                "step": "cancel_shipment",
+                "idempotency_key": f"{env.saga_id}:cancel_shipment",
+            }
+        ),
+        CancelShipment(order_id=order_id),
+    )
+    assert await prepare(engine, cancel, cancelling) is False  # nothing booked yet
+    booked = await prepare(engine, create, created)
+    assert isinstance(booked, shipping.Booked)
+    assert isinstance(_only_reply(await apply(engine, create, created, booked)), ShipmentCreated)
+    reply = _only_reply(await apply(engine, cancel, cancelling, False))
+    assert reply == ShipmentCancelled(order_id=order_id, had_shipment=True)
+    assert await _booking_status(engine, order_id) == "CANCELLED"
