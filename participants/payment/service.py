@@ -237,8 +237,11 @@ async def void(ctx: Context) -> None:
         return
     status = row["status"]
     if status == "CAPTURED":
-        # A capture that raced its own undoing: the ladder's next rung is a refund.
-        await _post(ctx, pg, cmd.order_id, "refund", row["amount_minor"], "REFUNDED")
+        # A capture that raced its own undoing: the ladder's next rung is a refund, of what the
+        # ledger says was captured (not of what was authorized)
+        captured = await pg.fetchval(_MOVED, cmd.order_id, "capture")
+        amount = captured if captured is not None else row["amount_minor"]
+        await _post(ctx, pg, cmd.order_id, "refund", amount, "REFUNDED")
         ctx.reply(AuthorizationVoided(order_id=cmd.order_id, had_authorization=True))
         return
     if status == "REFUNDED":
