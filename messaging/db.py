@@ -26,6 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from messaging.errors import SagabusError
 from messaging.settings import Settings
 
 OUTBOX_CHANNEL = "sagabus_outbox"
@@ -132,22 +133,103 @@ def inbox_table(metadata: MetaData) -> Table:
     )
 
 
+class SchemaNotProvisioned(SagabusError):
+    """A table (or index, column, key) this version needs is missing, and the database role the
+    service runs as may not create it: since ``sagabus provision`` a service's role uses its
+    tables and owns nothing, so an upgrade that adds one is applied by the administrator. Raised
+    at start, in one line, instead of a permission error on every delivery."""
+
+
+#: what to do about it, at the end of every such message
+PROVISION_ADVICE = (
+    "run `sagabus provision --database-admin-url ...` (or `sagabus migrate`, then"
+    " `sagabus provision`) as the database administrator"
+)
+
+
+async def missing_tables(conn: AsyncConnection, schema: str, metadata: MetaData) -> list[str]:
+    """``schema.table`` of each table of ``metadata`` that does not exist, from the catalogue
+    (readable by every role, unlike ``to_regclass`` of a schema the role may not use)."""
+    wanted = [(t.schema or schema, t.name) for t in metadata.sorted_tables]
+    if not wanted:
+        return []
+    present = {
+        (r[0], r[1])
+        for r in await conn.execute(
+            text(
+                "SELECT n.nspname, c.relname FROM pg_class c"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = ANY(:schemas)"
+            ),
+            {"schemas": sorted({s for s, _ in wanted})},
+        )
+    }
+    return [f"{s}.{t}" for s, t in wanted if (s, t) not in present]
+
+
+async def _may_create(conn: AsyncConnection, schema: str, schema_exists: bool) -> bool:
+    query = (
+        "SELECT has_schema_privilege(:schema, 'CREATE')"
+        if schema_exists
+        else "SELECT has_database_privilege(current_database(), 'CREATE')"
+    )
+    return bool(await conn.scalar(text(query), {"schema": schema}))
+
+
+def _not_provisioned(
+    what: str, error: BaseException | None = None, *, verb: str = "create"
+) -> SchemaNotProvisioned:
+    """The one-line error; ``error`` is the permission error of a statement that tried anyway."""
+    cause = ""
+    if error is not None:
+        first = str(getattr(error, "orig", None) or error).strip().splitlines()
+        cause = f" ({first[0][:160]})" if first else ""
+    return SchemaNotProvisioned(
+        f"{what}, and this database role may not {verb} it{cause}: " + PROVISION_ADVICE
+    )
+
+
+def _insufficient_privilege(e: BaseException) -> bool:
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, asyncpg.InsufficientPrivilegeError):
+            return True
+        if getattr(seen, "sqlstate", None) == "42501":
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return False
+
+
 async def create_schema(engine: AsyncEngine, schema: str, metadata: MetaData) -> None:
+    """Create what is missing of ``schema`` and ``metadata``'s tables and indexes; when nothing
+    is, no DDL is sent. A role that may not create them (a service's, since ``sagabus
+    provision``) gets ``SchemaNotProvisioned`` naming what is missing."""
     async with engine.begin() as conn:
         # Concurrent start-ups race on CREATE SCHEMA/TABLE IF NOT EXISTS; serialise them.
         await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('sagabus-migrate'))"))
         # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists,
-        # and a service running as its own role (``sagabus provision``) owns its schema but may
-        # not create schemas: it is created only when it is missing
+        # and a service running as its own role (``sagabus provision``) may not create schemas:
+        # it is created only when it is missing
         exists = await conn.scalar(
             text("SELECT 1 FROM pg_namespace WHERE nspname = :schema"), {"schema": schema}
         )
-        if not exists:
-            await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
-        await conn.run_sync(lambda sync: metadata.create_all(sync, checkfirst=True))
-        # create_all skips the tables that exist; an index added since (the retention's BRIN
-        # indexes) is created on them here
-        await conn.run_sync(lambda sync: _create_missing_indexes(sync, metadata))
+        missing = (
+            [f"schema {schema}"] if not exists else await missing_tables(conn, schema, metadata)
+        )
+        if missing and not await _may_create(conn, schema, bool(exists)):
+            raise _not_provisioned(f"{', '.join(missing)} missing")
+        try:
+            if not exists:
+                await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+            await conn.run_sync(lambda sync: metadata.create_all(sync, checkfirst=True))
+            # create_all skips the tables that exist; an index added since (the retention's BRIN
+            # indexes) is created on them here
+            await conn.run_sync(lambda sync: _create_missing_indexes(sync, metadata))
+        except exc.DBAPIError as e:
+            # an index or column a newer version added, on a table that is there
+            if not _insufficient_privilege(e):
+                raise
+            raise _not_provisioned(f"an index or column of schema {schema} is missing", e) from None
 
 
 def _create_missing_indexes(sync: Any, metadata: MetaData) -> None:
@@ -195,12 +277,19 @@ async def upgrade_inbox_key(engine: AsyncEngine, schema: str) -> bool:
         ).scalar()
         if columns != ["message_id"]:
             return False
-        await conn.execute(
-            text(
-                f'ALTER TABLE "{schema}"."inbox" DROP CONSTRAINT inbox_pkey,'
-                " ADD PRIMARY KEY (message_id, message_type)"
+        try:
+            await conn.execute(
+                text(
+                    f'ALTER TABLE "{schema}"."inbox" DROP CONSTRAINT inbox_pkey,'
+                    " ADD PRIMARY KEY (message_id, message_type)"
+                )
             )
-        )
+        except exc.DBAPIError as e:
+            if not _insufficient_privilege(e):
+                raise
+            raise _not_provisioned(
+                f"{schema}.inbox has the old primary key (message_id)", e, verb="change"
+            ) from None
         return True
 
 
