@@ -21,6 +21,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from messaging.db import SchemaNotProvisioned
 from messaging.settings import Settings
 
 T = TypeVar("T")
@@ -79,6 +80,9 @@ def run_async(fn: Callable[[], Awaitable[T]]) -> T:
         return asyncio.run(fn())  # type: ignore[arg-type]
     except (OSError, ConnectionError) as e:
         raise Unreachable(_describe_unreachable(e)) from None
+    except SchemaNotProvisioned as e:
+        # an upgrade the administrator has not applied yet: one line, exit 1, no traceback
+        raise click.ClickException(str(e).splitlines()[0]) from None
     except Exception as e:
         name = type(e).__module__ + "." + type(e).__name__
         if any(k in name for k in ("aiormq", "pamqp", "asyncpg", "sqlalchemy")) and _is_connect(e):
