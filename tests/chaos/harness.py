@@ -98,6 +98,9 @@ class ServiceProcess:
         self.incarnation = 0
         self.kills = 0
         self.restarts = 0
+        self.stalls = 0
+        #: SIGSTOPped and not yet SIGCONTinued: alive, holding its connections, doing nothing
+        self.stopped = False
         self._log: Any = None
 
     def start(self) -> None:
@@ -131,12 +134,31 @@ class ServiceProcess:
     def kill9(self) -> None:
         """SIGKILL: no shutdown code runs, in-flight deliveries and relay batches are cut."""
         assert self.proc is not None and self.proc.poll() is None, f"{self.name} is not running"
+        self.sigcont()  # a kill is a kill, not the end of a stall: never left pending on a stop
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
         self.kills += 1
         self._close_log()
 
+    def sigstop(self) -> None:
+        """SIGSTOP: the process freezes mid-flight (a stall: a GC pause, a swapped-out host, a
+        hung disk). Its broker connection and database sessions stay open and its prefetched
+        deliveries stay unacked, so the broker sees it alive; only the process manager's step
+        timeouts notice. Signals the process itself, not its session (it has one of its own)."""
+        assert self.proc is not None and self.proc.poll() is None, f"{self.name} is not running"
+        assert not self.stopped, f"{self.name} is stopped already"
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        self.stopped = True
+        self.stalls += 1
+
+    def sigcont(self) -> None:
+        """SIGCONT a stopped process (nothing if it is not stopped)."""
+        if self.stopped and self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+        self.stopped = False
+
     def stop(self) -> None:
+        self.sigcont()  # a stopped process would hold SIGTERM pending until the kill
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -203,8 +225,18 @@ class Fleet:
         self.procs[name].start()
         self._down.discard(name)
 
+    def sigstop(self, name: str) -> None:
+        self.procs[name].sigstop()
+
+    def sigcont(self, name: str) -> None:
+        self.procs[name].sigcont()
+
     def check(self) -> None:
+        """A stopped process is not dead: ``poll()`` (``waitpid`` without ``WUNTRACED``) does
+        not report a stop, and a stopped process is skipped here all the same."""
         for name, p in self.procs.items():
+            if p.stopped:
+                continue
             code = p.exit_code()
             if name in self._down or code is None:
                 continue
@@ -218,8 +250,10 @@ class Fleet:
                 await asyncio.wait_for(stop.wait(), 0.25)
 
     def stop_all(self) -> None:
-        """SIGTERM to every process at once (a graceful stop), SIGKILL for any that lingers."""
+        """SIGTERM to every process at once (a graceful stop), SIGKILL for any that lingers;
+        a stopped process is continued first, or it would only die at the SIGKILL."""
         for p in self.procs.values():
+            p.sigcont()
             if p.proc is not None and p.proc.poll() is None:
                 p.proc.send_signal(signal.SIGTERM)
         for p in self.procs.values():

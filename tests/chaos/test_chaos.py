@@ -1,9 +1,13 @@
 """Chaos: one run of at least 500 sagas mixing every scenario while the services, running as
 separate OS processes, are killed with SIGKILL and restarted, RabbitMQ and PostgreSQL are
-restarted under them, about 10 % of messages are delivered twice (some late, out of order) and
-about 1 % of the traffic is poison. Afterwards PostgreSQL and the CLI must show every saga
-terminal with the outcome its scenario expects, no double charge, no oversold unit, nothing
-left dangling, every poison message dead-lettered with its reason and no outbox row unsent.
+restarted under them, each participant in turn is stalled (SIGSTOP past its step timeout, then
+SIGCONT; the order service while sagas are past the capture), about 10 % of messages are
+delivered twice (some late, out of order) and about 1 % of the traffic is poison. Afterwards
+PostgreSQL and the CLI must show every saga terminal with the outcome its scenario expects, no
+double charge, no oversold unit, no refund or void of a completed saga, every order's status
+agreeing with its saga's, every customer told one outcome (the right one), nothing left
+dangling, every poison message dead-lettered with its reason and no outbox row unsent; and at
+least one completion re-sent during an order stall, its saga completed and nothing refunded.
 
 Every service runs as its own broker user and database role (provisioned for the run), with the
 sender check on: a consumer believes a message only from the user that owns its type. Sagas are
@@ -18,6 +22,7 @@ Seeded: ``CHAOS_SEED=<seed> pytest -m chaos`` replays the same plan, poison and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -29,6 +34,7 @@ import urllib.parse
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -40,8 +46,9 @@ from messaging.db import make_engine
 from messaging.settings import Settings
 from participants.inventory import service as inventory
 from process_manager.principals import Principals
-from process_manager.saga import TERMINAL
+from process_manager.saga import FORWARD, TERMINAL
 from tests.chaos import conftest as chaos_conftest
+from tests.chaos import invariants
 from tests.chaos.harness import (
     EXPECTED,
     POISON_KINDS,
@@ -76,6 +83,26 @@ DUPLICATE_RATE = 0.10
 POISON_RATE = 0.01
 MESSAGES_PER_SAGA = 13
 TERMINAL_STATES = tuple(s.value for s in TERMINAL)
+#: the process manager's step timeout in the run: short, so that a stall of a few seconds
+#: outlasts it (the forward steps keep a minute of re-sends: 12 x 5 s, as 4 x 15 s before)
+STEP_TIMEOUT_S = 5.0
+MAX_STEP_ATTEMPTS = 12
+#: after the capture: waits of 5 s, then 10 s (the cap), 12 sends: about two minutes before a
+#: human is called, inside the run's wait for every saga to be terminal
+RETRIABLE_MAX_DELAY_S = 10.0
+MAX_RETRIABLE_ATTEMPTS = 12
+#: the participants stalled in turn (SIGSTOP past the step timeout, then SIGCONT)
+STALLED = ("order", "payment", "inventory", "shipping")
+#: the forward steps each participant answers (their timeouts are what a stall must trip)
+STEPS_OF = {name: tuple(s.name for s in FORWARD if s.participant == name) for name in STALLED}
+#: the step a stall must have seen re-sent, at least, before it ends: after the pivot for the
+#: order service, any of its own for the others
+MUST_RESEND = {**STEPS_OF, "order": ("completion",)}
+#: a stall lasts until such a re-send, at most this long (well inside the broker's 60 s
+#: heartbeat timeout: a stall, not a lost connection)
+STALL_MAX_S = 6 * STEP_TIMEOUT_S
+#: the saga states from which the next message to the order service is the completion
+BEFORE_COMPLETION = ("PENDING_SHIPMENT", "PENDING_CAPTURE", "COMPLETING")
 OUTBOX_SCHEMAS = (
     "process_manager",
     "orders",
@@ -109,7 +136,7 @@ def service_envs(who: Principals) -> dict[str, dict[str, str]]:
 def service_settings() -> dict[str, str]:
     """What every service process runs with, besides its URLs. Retries span a database
     restart; step timeouts are a safety net (they re-send, and only give up after a minute),
-    not the normal path."""
+    not the normal path, except during a stall, which outlasts them on purpose."""
     return {
         "SAGABUS_LOG_FORMAT": "json",
         "SAGABUS_LOG_LEVEL": "info",
@@ -121,8 +148,10 @@ def service_settings() -> dict[str, str]:
         "SAGABUS_RETRY_DELAYS_MS": "[200,400,800,1600]",
         "SAGABUS_MAX_ATTEMPTS": "12",
         "SAGABUS_SHIPPING_MAX_ATTEMPTS": "3",
-        "SAGABUS_STEP_TIMEOUT_S": "15",
-        "SAGABUS_MAX_STEP_ATTEMPTS": "4",
+        "SAGABUS_STEP_TIMEOUT_S": str(STEP_TIMEOUT_S),
+        "SAGABUS_MAX_STEP_ATTEMPTS": str(MAX_STEP_ATTEMPTS),
+        "SAGABUS_RETRIABLE_MAX_DELAY_S": str(RETRIABLE_MAX_DELAY_S),
+        "SAGABUS_MAX_RETRIABLE_ATTEMPTS": str(MAX_RETRIABLE_ATTEMPTS),
         "SAGABUS_COMPENSATION_TIMEOUT_S": "15",
         "SAGABUS_MAX_COMPENSATION_ATTEMPTS": "6",
         "SAGABUS_TIMEOUT_POLL_S": "0.25",
@@ -177,11 +206,24 @@ async def fetch(engine: AsyncEngine, sql: str, **params: Any) -> list[Any]:
 
 @dataclass
 class Fault:
-    kind: str  # kill | rabbitmq | postgres
+    kind: str  # kill | rabbitmq | postgres | stall
     service: str  # the service killed (for rabbitmq/postgres: killed and restarted during it)
-    down_s: float
+    down_s: float  # for a stall: the least it lasts
     in_flight: int = 0
     took_s: float = 0.0
+    #: a stall: when the process was stopped and continued (wall clock, as the database's)
+    stopped_at: datetime | None = None
+    continued_at: datetime | None = None
+    #: a stall: sagas past the capture (or on their way to it) when the order service stopped
+    before_completion: int = 0
+    #: a stall: the run's sagas per state when the process was stopped
+    states: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def stalled_s(self) -> float:
+        if self.stopped_at is None or self.continued_at is None:
+            return 0.0
+        return (self.continued_at - self.stopped_at).total_seconds()
 
 
 @dataclass
@@ -192,6 +234,9 @@ class Run:
     published: int = 0
     poison_sent: int = 0
     faults_done: int = 0
+    #: faults after which the next share of sagas may be published: a stall releases it as
+    #: soon as its process is stopped, so new sagas run into the stalled participant
+    released: int = 0
     terminal: int = 0
     timeline: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
@@ -205,9 +250,9 @@ class Run:
         """Sagas that may be published by now: an equal share before every fault, so every
         fault lands on sagas in flight; everything once the faults are done."""
         n = len(self.plan.sagas)
-        if self.faults_done >= len(self.faults):
+        if self.released >= len(self.faults):
             return n
-        return n * (self.faults_done + 1) // (len(self.faults) + 1)
+        return n * (self.released + 1) // (len(self.faults) + 1)
 
 
 def fault_schedule(rng: random.Random) -> list[Fault]:
@@ -220,6 +265,12 @@ def fault_schedule(rng: random.Random) -> list[Fault]:
     faults.insert(3, Fault("rabbitmq", rng.choice(participants), rng.uniform(2.0, 4.0)))
     faults.insert(7, Fault("postgres", "process-manager", rng.uniform(2.0, 4.0)))
     faults.append(Fault("kill", "process-manager", rng.uniform(0.5, 2.5)))
+    # each participant stalls once, past its step timeout, between the other faults
+    stalled = list(STALLED)
+    rng.shuffle(stalled)
+    for k, name in enumerate(stalled):
+        stall = Fault("stall", name, STEP_TIMEOUT_S + rng.uniform(2.0, 4.0))
+        faults.insert(2 + 4 * k, stall)
     return faults
 
 
@@ -268,7 +319,9 @@ async def publish_all(run: Run, publishers: dict[str, Publisher]) -> None:
     run.note(f"published {run.published} sagas and {run.poison_sent} poison messages")
 
 
-async def inject_faults(run: Run, fleet: Fleet, probe: BrokerProbe, rng: random.Random) -> None:
+async def inject_faults(
+    run: Run, fleet: Fleet, probe: BrokerProbe, rng: random.Random, engine: AsyncEngine
+) -> None:
     for k, fault in enumerate(run.faults):
         await poll(
             lambda: value(run.published >= run.allowed()),
@@ -280,12 +333,15 @@ async def inject_faults(run: Run, fleet: Fleet, probe: BrokerProbe, rng: random.
         started = time.monotonic()
         if fault.kind == "kill":
             await kill_and_restart(run, fleet, probe, fault)
+        elif fault.kind == "stall":
+            await stall(run, fleet, probe, fault, engine)
         elif fault.kind == "rabbitmq":
             await restart_rabbitmq(run, fleet, probe, fault)
         else:
             await restart_postgres(run, fleet, probe, fault)
         fault.took_s = time.monotonic() - started
         run.faults_done += 1
+        run.released = max(run.released, run.faults_done)
 
 
 async def kill_and_restart(run: Run, fleet: Fleet, probe: BrokerProbe, fault: Fault) -> None:
@@ -297,6 +353,85 @@ async def kill_and_restart(run: Run, fleet: Fleet, probe: BrokerProbe, fault: Fa
     fleet.restart(name)
     await poll(lambda: probe.serving(name), timeout=90, what=f"{name} consuming again")
     run.note(f"{name} restarted and consuming")
+
+
+async def count_states(engine: AsyncEngine, prefix: str, states: tuple[str, ...]) -> int:
+    return int(
+        await scalar(
+            engine,
+            "SELECT count(*) FROM process_manager.sagas "
+            "WHERE starts_with(order_id, :p) AND status = ANY(:s)",
+            p=prefix,
+            s=list(states),
+        )
+    )
+
+
+async def stall(
+    run: Run, fleet: Fleet, probe: BrokerProbe, fault: Fault, engine: AsyncEngine
+) -> None:
+    """SIGSTOP a participant for longer than the step timeout, then SIGCONT it. The broker
+    still sees its consumers; only the process manager's timeouts notice.
+
+    The next share of sagas is released as soon as the process is stopped, so that new sagas
+    run into it. The order service is stopped only once sagas are on their way past the capture
+    (shipment, capture or completion pending: the next thing they ask of it is the completion).
+    A stall lasts until the process manager has re-sent one of the stalled participant's steps
+    (for the order service: the completion) during it, at most ``STALL_MAX_S``: the run then
+    holds sagas that timed out on it, and for the order service sagas past the pivot that
+    timed out, which must still end completed, with nothing refunded."""
+    name = fault.service
+    prefix = run.plan.prefix
+    if name == "order":
+        fault.before_completion = await poll(
+            lambda: count_states(engine, prefix, BEFORE_COMPLETION),
+            timeout=120,
+            interval=0.05,
+            what="a saga past the shipment or the capture to stall the order service under",
+        )
+    fleet.sigstop(name)
+    fault.stopped_at = datetime.now(UTC)
+    run.released += 1
+    with contextlib.suppress(Exception):  # figures only
+        fault.states = {
+            r.status: r.n
+            for r in await fetch(
+                engine,
+                "SELECT status, count(*) AS n FROM process_manager.sagas "
+                "WHERE starts_with(order_id, :p) AND NOT status = ANY(:t) GROUP BY status",
+                p=prefix,
+                t=list(TERMINAL_STATES),
+            )
+        }
+    run.note(
+        f"SIGSTOP {name} ({fault.in_flight} sagas in flight"
+        + (f", {fault.before_completion} on their way past the capture" if name == "order" else "")
+        + ")"
+    )
+    try:
+        await asyncio.sleep(fault.down_s)
+        stopped_at = fault.stopped_at
+
+        async def resent() -> bool:
+            window = [(stopped_at, datetime.now(UTC))]
+            return bool(await invariants.resent_during(engine, prefix, window, MUST_RESEND[name]))
+
+        # bounded: if none comes, the check after the run reports it
+        elapsed = (datetime.now(UTC) - stopped_at).total_seconds()
+        try:
+            await poll(
+                resent,
+                timeout=max(STALL_MAX_S - elapsed, 0),
+                interval=0.25,
+                what=f"{'/'.join(MUST_RESEND[name])} re-sent during the stall of {name}",
+            )
+        except AssertionError as e:
+            run.note(f"stall: {e}")
+    finally:
+        fleet.sigcont(name)
+        fault.continued_at = datetime.now(UTC)
+    run.note(f"SIGCONT {name} after {fault.stalled_s:.1f}s stopped")
+    await poll(lambda: probe.serving(name), timeout=90, what=f"{name} consuming after the stall")
 
 
 async def restart_rabbitmq(run: Run, fleet: Fleet, probe: BrokerProbe, fault: Fault) -> None:
@@ -419,7 +554,7 @@ async def test_sagas_survive_kills_restarts_duplicates_and_poison(
 
         publishing = asyncio.create_task(publish_all(run, publishers))
         tasks.append(publishing)
-        await inject_faults(run, fleet, probe, rng)
+        await inject_faults(run, fleet, probe, rng, engine)
         run.note(f"all {len(faults)} faults done")
         await publishing
         t_published = time.monotonic()
@@ -477,6 +612,37 @@ async def test_sagas_survive_kills_restarts_duplicates_and_poison(
             await pub.close()
         await probe.close()
         await engine.dispose()
+
+
+async def timeouts_resent(
+    engine: AsyncEngine, prefix: str, window: tuple[datetime, datetime] | None = None
+) -> dict[str, int]:
+    """Step timeouts that re-sent a command (history notes), per step, within ``window``."""
+    start, end = window or (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
+    return {
+        r.step: r.n
+        for r in await fetch(
+            engine,
+            "SELECT split_part(h.note, ' ', 1) AS step, count(*) AS n "
+            "FROM process_manager.history h JOIN process_manager.sagas s USING (saga_id) "
+            "WHERE starts_with(s.order_id, :p) AND h.note LIKE '% timed out: re-sent as attempt %' "
+            "AND h.at BETWEEN :start AND :end GROUP BY 1 ORDER BY 1",
+            p=prefix,
+            start=start,
+            end=end,
+        )
+    }
+
+
+def order_stall_windows(run: Run) -> list[tuple[datetime, datetime]]:
+    return [
+        (f.stopped_at, f.continued_at)
+        for f in run.faults
+        if f.kind == "stall"
+        and f.service == "order"
+        and f.stopped_at is not None
+        and f.continued_at is not None
+    ]
 
 
 async def unsent(engine: AsyncEngine, *, zero: bool = False) -> Any:
@@ -628,32 +794,39 @@ async def check(
     ]
 
     # orders, and the choreographed consumers of their facts: each fact counted once
-    orders = {
-        r.order_id: r.status
-        for r in await fetch(
-            engine, "SELECT order_id, status FROM orders.orders WHERE order_id LIKE :p", p=p
-        )
-    }
-    v["orders whose status disagrees with their saga"] = [
-        o
-        for o, st in status.items()
-        if orders.get(o) != {"COMPLETED": "COMPLETED", "COMPENSATED": "CANCELLED"}.get(st)
-    ]
-    notes = await fetch(
-        engine,
-        "SELECT order_id, template, count(*) AS n FROM notification.notifications "
-        "WHERE order_id LIKE :p GROUP BY order_id, template",
-        p=p,
+    agreement = await invariants.order_status_agreement(engine, plan.prefix)
+    v["orders whose status disagrees with their saga"] = agreement.disagree
+    told = await invariants.customers_not_told_one_right_outcome(engine, plan.prefix)
+    v["customers not told exactly one outcome, the right one"] = told
+    v["refunds or voids of COMPLETED sagas"] = await invariants.money_back_on_completed(
+        engine, plan.prefix
     )
-    sent: dict[str, list[str]] = defaultdict(list)
-    for r in notes:
-        sent[r.order_id] += [r.template] * r.n
-    v["customers not notified exactly once"] = [
-        o
-        for o, st in status.items()
-        if sent.get(o)
-        != [{"COMPLETED": "order_confirmed", "COMPENSATED": "order_cancelled"}.get(st)]
+
+    # the stalls: each participant stopped past the step timeout, and the order stall caught
+    # sagas past the pivot, which timed out, were re-sent their completion, and completed
+    v["participants not stalled past the step timeout"] = [
+        name
+        for name in STALLED
+        if not any(
+            f.kind == "stall" and f.service == name and f.stalled_s > STEP_TIMEOUT_S
+            for f in run.faults
+        )
     ]
+    resent_per_stall = [
+        await timeouts_resent(engine, plan.prefix, (f.stopped_at, f.continued_at))
+        if f.stopped_at is not None and f.continued_at is not None
+        else {}
+        for f in run.faults
+    ]
+    v["stalls during which none of the participant's steps timed out"] = [
+        f"{f.service}: re-sent while stopped {got}"
+        for f, got in zip(run.faults, resent_per_stall, strict=True)
+        if f.kind == "stall" and not set(got) & set(MUST_RESEND[f.service])
+    ]
+    order_stalls = order_stall_windows(run)
+    resent = await invariants.resent_during(engine, plan.prefix, order_stalls)
+    unclean = await invariants.stalled_completions_not_clean(engine, plan.prefix, order_stalls)
+    v["order stall: completions re-sent during it not completed cleanly"] = unclean
     analytics = {
         r.outcome: (r.count, r.amount_minor)
         for r in await fetch(engine, "SELECT outcome, count, amount_minor FROM analytics.outcomes")
@@ -769,8 +942,13 @@ async def check(
     cli_ids = {r["message_id"] for r in listed if r["error_class"] and r["error_message"]}
     v["CLI: poison missing from sagabus dlq list"] = sorted(poison_ids - cli_ids)
 
+    resent_per_step = await timeouts_resent(engine, plan.prefix)
     return {
         "violations": v,
+        "manual_orders": agreement.manual,
+        "resent_per_step": resent_per_step,
+        "resent_per_stall": resent_per_stall,
+        "resent_in_order_stall": resent,
         "outcomes": outcomes,
         "captured_minor": sum(captured.values()),
         "refunds": sum(k["refund"] for k in ledger.values()),
@@ -851,21 +1029,43 @@ def render(
     )
     w("")
     w("faults:")
-    for f in run.faults:
+    for f, stalled in zip(run.faults, report["resent_per_stall"], strict=True):
         what = {
             "kill": f"kill -9 {f.service}, down {f.down_s:.1f}s, restart",
             "rabbitmq": f"RabbitMQ stop_app/start_app, down {f.down_s:.1f}s "
             f"(+ kill -9 and start {f.service} meanwhile)",
             "postgres": f"PostgreSQL stop/start, down {f.down_s:.1f}s "
             f"(+ kill -9 and start {f.service} meanwhile)",
+            "stall": f"SIGSTOP {f.service}, stopped {f.stalled_s:.1f}s "
+            f"(step timeout {STEP_TIMEOUT_S:.0f}s), SIGCONT"
+            + (f"; {f.before_completion} past shipment/capture" if f.service == "order" else ""),
         }[f.kind]
         w(f"  {what:<78} {f.in_flight:>3} in flight, recovered in {f.took_s:.1f}s")
+        if f.kind == "stall":
+            w(
+                "      sagas when stopped: "
+                + ", ".join(f"{k} {n}" for k, n in sorted(f.states.items()))
+                + "; timeouts re-sent while stopped: "
+                + (", ".join(f"{k} {n}" for k, n in stalled.items()) or "none")
+            )
     kills = sum(p.kills for p in fleet.procs.values())
     restarts = sum(p.restarts for p in fleet.procs.values())
+    stalls = sum(p.stalls for p in fleet.procs.values())
     w(
-        f"  {kills} kill -9, {restarts} process restarts, 1 broker restart, 1 database restart; "
-        f"{len(fleet.unexpected)} processes died by themselves"
+        f"  {kills} kill -9, {restarts} process restarts, {stalls} stalls, 1 broker restart, "
+        f"1 database restart; {len(fleet.unexpected)} processes died by themselves"
     )
+    resent = report["resent_in_order_stall"]
+    w(
+        f"  order stall: {len(resent)} sagas had their completion re-sent while it was stopped; "
+        f"they ended {dict(Counter(resent.values()))}"
+    )
+    w(
+        "  step timeouts that re-sent a command, per step: "
+        + ", ".join(f"{k} {n}" for k, n in sorted(report["resent_per_step"].items()))
+    )
+    if report["manual_orders"]:
+        w(f"  FAILED_NEEDS_MANUAL sagas and their orders: {report['manual_orders']}")
     w("")
     w("timeline:")
     out.extend(f"  {line}" for line in run.timeline)
