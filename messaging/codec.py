@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -101,12 +100,13 @@ def decode(
     except UnknownMessageType as e:
         raise PermanentError(str(e)) from None
     try:
-        raw = json.loads(delivery.body)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError included
-        raise PermanentError(f"body is not JSON: {str(e)[:200] or type(e).__name__}") from None
-    try:
-        body = model.model_validate(raw)
+        # strict: exactly what the published JSON Schema accepts ("2" is not an integer)
+        body = model.from_json(delivery.body)
     except ValidationError as e:
+        errors = e.errors()
+        if errors and errors[0]["type"] == "json_invalid":  # bad syntax, bad UTF-8, too deep
+            why = errors[0]["msg"].removeprefix("Invalid JSON: ")
+            raise PermanentError(f"body is not JSON: {why[:200]}") from None
         raise PermanentError(f"invalid {delivery.type}: {summarize(e)}") from None
 
     headers = dict((delivery.headers or {}) if headers is None else headers)

@@ -5,10 +5,17 @@ from __future__ import annotations
 import uuid
 from typing import ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator
 
 from schemas.base import Message
-from schemas.common import Currency, LineItem, OrderId, ShippingAddress, Token
+from schemas.common import (
+    MAX_TOTAL_MINOR,
+    Currency,
+    LineItem,
+    OrderId,
+    ShippingAddress,
+    Token,
+)
 
 #: Namespace for saga ids derived from order ids. Never change it: it keys every saga.
 SAGA_NAMESPACE = uuid.UUID("6f1f3c2e-3f0e-4a53-9d0c-5a8b2d4c7e10")
@@ -30,16 +37,30 @@ class StartCheckout(Message):
     order_id: OrderId
     customer_id: Token
     currency: Currency
-    items: tuple[LineItem, ...] = Field(min_length=1, max_length=100)
+    items: tuple[LineItem, ...] = Field(
+        min_length=1,
+        max_length=100,
+        description=(
+            "Two rules JSON Schema cannot express: no sku may repeat (sum the quantities into "
+            "one line instead), and the total, the sum of quantity x unit_price_minor over the "
+            f"items, must not exceed {MAX_TOTAL_MINOR} (10^12) minor units."
+        ),
+    )
     payment_token: Token
     shipping_address: ShippingAddress
 
-    @model_validator(mode="after")
-    def _distinct_skus(self) -> StartCheckout:
-        skus = [i.sku for i in self.items]
+    @field_validator("items")
+    @classmethod
+    def _distinct_skus_and_bounded_total(cls, items: tuple[LineItem, ...]) -> tuple[LineItem, ...]:
+        skus = [i.sku for i in items]
         if len(skus) != len(set(skus)):
             raise ValueError("items must not repeat a sku; sum the quantities instead")
-        return self
+        total = sum(i.quantity * i.unit_price_minor for i in items)
+        if total > MAX_TOTAL_MINOR:
+            raise ValueError(
+                f"the total of the items is {total} minor units, above the limit of 10^12"
+            )
+        return items
 
     @property
     def amount_minor(self) -> int:

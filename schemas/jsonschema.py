@@ -13,17 +13,28 @@ from schemas.envelope import Envelope
 from schemas.registry import REGISTRY
 
 JSON_DIR = Path(__file__).parent / "json"
+DIALECT = "https://json-schema.org/draft/2020-12/schema"
+#: what every file says about how its keywords are read, where JSON Schema leaves room
+COMMENT = (
+    "Read strictly: an integer is a JSON number written without a fraction or exponent (2, "
+    'never 2.0, 2e0 or "2"); a boolean is true or false; strings are taken as sent, never '
+    "stripped. Patterns are ECMA 262, where $ matches only at the end of the string."
+)
 
 
 def render() -> dict[str, str]:
     files: dict[str, str] = {}
     for type_name, model in REGISTRY.items():
         schema = model.model_json_schema()
+        schema["$schema"] = DIALECT
+        schema["$comment"] = COMMENT
         schema["$id"] = f"urn:sagabus:{type_name}"
         schema["x-sagabus-type"] = type_name
         schema["x-sagabus-kind"] = model.KIND
         files[f"{type_name}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     env = Envelope.model_json_schema()
+    env["$schema"] = DIALECT
+    env["$comment"] = COMMENT
     env["$id"] = "urn:sagabus:envelope"
     files["envelope.json"] = json.dumps(env, indent=2, sort_keys=True) + "\n"
     return files

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from schemas.base import Message
-from schemas.common import Currency, MinorUnits, OrderId, Token
+from schemas.common import Currency, FactCurrency, MinorUnits, OrderId, Token
 
 #: Why an order was cancelled: a code, never free text (the fact is public).
 CancelReason = Literal["checkout_compensated", "operator_cancelled"]
@@ -47,7 +47,7 @@ class OrderCompleted(Message):
     order_id: OrderId
     customer_id: Token
     amount_minor: MinorUnits
-    currency: Currency
+    currency: FactCurrency
     duration_ms: int
 
 
@@ -59,7 +59,7 @@ class OrderCancelled(Message):
     order_id: OrderId
     customer_id: Token
     amount_minor: MinorUnits
-    currency: Currency
+    currency: FactCurrency
     duration_ms: int
     reason: CancelReason
     outcome: Literal["cancelled", "needs_manual"] = "cancelled"

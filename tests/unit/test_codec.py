@@ -195,7 +195,7 @@ ERRORS = [
     pytest.param(reply_delivery(body=b'{"a": "\xc3\x28"}'), "body is not JSON", id="bad-utf8"),
     pytest.param(
         reply_delivery(body=b"[]"),
-        "invalid payment.PaymentAuthorized.v1: body: Input should be a valid dictionary",
+        "invalid payment.PaymentAuthorized.v1: body: Input should be an object",
         id="json-array",
     ),
     pytest.param(
