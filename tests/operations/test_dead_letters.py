@@ -25,7 +25,7 @@ from messaging.settings import Settings
 from participants.notification import service as notification
 from process_manager import ops
 from tests.operations.conftest import Start
-from tests.support import checkout, wait_for
+from tests.support import checkout, wait_for, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -448,3 +448,388 @@ async def test_a_masked_dead_letter_is_replayed_with_its_original_token(
             )
         ).scalar_one()
     assert stored == token
+
+
+# -- a collector that never loops and never loses (issue 10) ------------------------------------
+
+SHIPPING = "sagabus.shipping"
+
+
+class _InvalidUtf8(str):
+    """A header value pamqp sends as a long string ('S') of bytes that are not UTF-8, as a
+    client in another language can: the broker passes it through, pamqp hands the collector
+    bytes."""
+
+    raw: bytes
+
+    def __new__(cls, raw: bytes) -> _InvalidUtf8:
+        value = super().__new__(cls, raw.decode("latin-1"))
+        value.raw = raw
+        return value
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return self.raw
+
+
+async def _own_collector(
+    s: Settings, engine: AsyncEngine, cls: type[deadletters.Collector] = deadletters.Collector
+) -> tuple[deadletters.Collector, aio_pika.abc.AbstractRobustConnection]:
+    from messaging import telemetry, topology
+    from messaging.db import create_schema
+
+    await create_schema(engine, deadletters.SCHEMA, deadletters.metadata)
+    connection = await aio_pika.connect_robust(s.amqp_url)
+    collector = cls(engine, telemetry.tracer(deadletters.SERVICE))
+    await collector.start(connection, topology.SERVICES)
+    return collector, connection
+
+
+async def _stop(
+    collector: deadletters.Collector, connection: aio_pika.abc.AbstractConnection
+) -> None:
+    await collector.stop()
+    await connection.close()
+
+
+async def _broker_dead_letter(
+    s: Settings, message: aio_pika.Message, queue: str = SHIPPING
+) -> None:
+    """Publish straight to a work queue nobody consumes, then reject it without requeue: the
+    broker dead-letters it to ``<queue>.dlq`` (reason ``rejected``), headers as the client set
+    them and no ``sagabus-failed-at`` of ours."""
+    connection = await aio_pika.connect(s.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.default_exchange.publish(message, routing_key=queue)
+    assert message.correlation_id is not None
+    await _reject_on(s, message.correlation_id, queue)
+
+
+async def _reject_on(s: Settings, marker: str, queue: str = SHIPPING) -> None:
+    """Take the message with correlation id ``marker`` off ``queue`` and reject it."""
+    connection = await aio_pika.connect(s.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        work = await channel.get_queue(queue, ensure=False)
+
+        async def got() -> aio_pika.abc.AbstractIncomingMessage | None:
+            m = await work.get(no_ack=False, fail=False)
+            if m is not None and m.correlation_id != marker:
+                await m.reject(requeue=True)
+                return None
+            return m
+
+        m = await wait_for(got, timeout=20, what="the message on its work queue")
+        assert m is not None
+        await m.reject(requeue=False)
+
+
+async def _rows_of(engine: AsyncEngine, marker: str) -> list[Any]:
+    async with engine.connect() as conn:
+        return list(
+            (
+                await conn.execute(
+                    select(deadletters.dead_letters)
+                    .where(deadletters.dead_letters.c.properties["correlation_id"].astext == marker)
+                    .order_by(deadletters.dead_letters.c.collected_at)
+                )
+            ).all()
+        )
+
+
+async def _stored(engine: AsyncEngine, marker: str, n: int, timeout: float = 20) -> list[Any]:
+    async def probe() -> list[Any] | None:
+        rows = await _rows_of(engine, marker)
+        return rows if len(rows) >= n else None
+
+    return await wait_for(probe, timeout=timeout, what=f"{n} dead letter(s) {marker} stored")
+
+
+async def _dlq_depth(s: Settings, dlq: str) -> int:
+    """The messages ready on ``dlq`` (with no collector running: every message on it)."""
+    connection = await aio_pika.connect(s.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        q = await channel.declare_queue(dlq, passive=True)
+        return int(q.declaration_result.message_count or 0)
+
+
+async def _dlq_empty(s: Settings, dlq: str) -> None:
+    assert await _dlq_depth(s, dlq) == 0, f"{dlq} still holds messages"
+
+
+def _msg(marker: str, body: bytes = b"{}", **kw: Any) -> aio_pika.Message:
+    return aio_pika.Message(body, correlation_id=marker, **kw)
+
+
+async def test_nul_and_invalid_utf8_headers_are_stored_and_acked_and_collection_goes_on(
+    start_services: Start, ops_settings: Settings, ops_engine: AsyncEngine
+) -> None:
+    await start_services("process-manager")
+    marker = uuid.uuid4().hex
+    collector, connection = await _own_collector(ops_settings, ops_engine)
+    try:
+        # 1. a NUL in a header, dead-lettered by a consumer (the process manager: not JSON)
+        conn = await aio_pika.connect(ops_settings.amqp_url)
+        async with conn:
+            channel = await conn.channel(publisher_confirms=True)
+            ex = await channel.get_exchange("sagabus.commands")
+            await ex.publish(
+                _msg(
+                    marker,
+                    b"not json",
+                    message_id=str(uuid.uuid4()),
+                    type="checkout.StartCheckout.v1",
+                    headers={"x-client-note": "before\x00after"},
+                ),
+                routing_key="checkout.start",
+            )
+        # 2. invalid UTF-8 in a long-string header and in a byte-array header, dead-lettered
+        # by the broker
+        await _broker_dead_letter(
+            ops_settings,
+            _msg(
+                marker,
+                b"\xff\xfe raw body",
+                message_id=str(uuid.uuid4()),
+                headers={
+                    "x-latin": _InvalidUtf8(b"caf\xe9 \xff"),
+                    "x-bytes": bytearray(b"\xc3\x28\x00"),
+                    "x-nested": {"deep": [{"nul": "a\x00"}, 2**40, 1.5]},
+                },
+            ),
+        )
+        rows = await _stored(ops_engine, marker, 2)
+        by_queue = {r.queue: r for r in rows}
+        nul = by_queue["sagabus.process-manager"]
+        assert nul.error_class == "PermanentError" and "not JSON" in nul.error_message
+        assert "\x00" not in nul.headers["x-client-note"]
+        assert nul.headers["x-client-note"].startswith("before")
+        assert "NUL" in nul.storage_note and "\\x00" in nul.headers_raw
+        bad = by_queue[SHIPPING]
+        assert bad.error_class == "broker:rejected"
+        assert bad.headers["x-latin"].startswith("caf")
+        assert bad.headers["x-nested"]["deep"][1:] == [2**40, 1.5]
+        assert "invalid UTF-8" in bad.storage_note
+        assert bad.body == b"\xff\xfe raw body"  # the body is never touched
+        shown = await deadletters.show(ops_engine, bad.id)
+        assert shown is not None and shown["headers_faithful"] is False
+        assert "replay sends" in shown["headers_note"] and "x-latin" in shown["headers_raw"]
+
+        # the collector goes on collecting
+        after = uuid.uuid4().hex
+        await _broker_dead_letter(ops_settings, _msg(after, message_id=str(uuid.uuid4())))
+        [ok] = await _stored(ops_engine, after, 1)
+        assert ok.storage_note is None and ok.headers_raw is None
+        assert collector.stored_raw == 0
+    finally:
+        await _stop(collector, connection)
+    # acked, not merely held: with the collector gone, nothing went back to the DLQs
+    await _dlq_empty(ops_settings, "sagabus.process-manager.dlq")
+    await _dlq_empty(ops_settings, f"{SHIPPING}.dlq")
+    assert len(await _rows_of(ops_engine, marker)) == 2
+
+
+async def test_bad_failed_at_and_retry_count_are_kept_as_text(
+    start_services: Start, ops_settings: Settings, ops_engine: AsyncEngine
+) -> None:
+    await start_services()
+    marker = uuid.uuid4().hex
+    values: list[tuple[Any, Any]] = [
+        ("yesterday at noon", "many"),
+        ("2024-13-45T99:00:00", str(10**40)),
+        (" ", -70_000),
+        ("2024-05-01T10:00:00", "12"),  # naive: taken as UTC
+    ]
+    for failed_at, retries in values:
+        await _broker_dead_letter(
+            ops_settings,
+            _msg(
+                marker,
+                message_id=str(uuid.uuid4()),
+                headers={"sagabus-failed-at": failed_at, "sagabus-retry-count": retries},
+            ),
+        )
+    collector, connection = await _own_collector(ops_settings, ops_engine)
+    try:
+        rows = await _stored(ops_engine, marker, len(values))
+    finally:
+        await _stop(collector, connection)
+    got = {r.headers["sagabus-failed-at"]: r for r in rows}
+    assert got["yesterday at noon"].retry_count == 0
+    assert got["yesterday at noon"].headers["sagabus-retry-count"] == "many"
+    assert "sagabus-failed-at is not a time" in got["yesterday at noon"].storage_note
+    assert got["2024-13-45T99:00:00"].retry_count == 0  # 10**40 is not a count the column holds
+    assert got[" "].retry_count == 0
+    naive = got["2024-05-01T10:00:00"]
+    assert naive.failed_at == datetime(2024, 5, 1, 10, tzinfo=UTC) and naive.retry_count == 12
+    await _dlq_empty(ops_settings, f"{SHIPPING}.dlq")
+
+
+async def test_dead_letters_without_failed_at_keep_distinct_ids_across_collector_restarts(
+    start_services: Start, ops_settings: Settings, ops_engine: AsyncEngine
+) -> None:
+    """A message the broker dead-letters (no ``sagabus-failed-at``) is replayed and dead-lettered
+    by the broker again: the same message id and queue, each the first delivery of a fresh
+    collector (delivery tag 1 both times). Both dead-letterings are stored."""
+    await start_services()
+    marker, mid = uuid.uuid4().hex, str(uuid.uuid4())
+    await _broker_dead_letter(ops_settings, _msg(marker, b'{"n": 1}', message_id=mid))
+    collector, connection = await _own_collector(ops_settings, ops_engine)
+    try:
+        [first] = await _stored(ops_engine, marker, 1)
+    finally:
+        await _stop(collector, connection)
+    publishing = await aio_pika.connect_robust(ops_settings.amqp_url)
+    async with publishing:
+        done = await deadletters.replay(
+            ops_engine, await Publisher.open(publishing), Filters(ids=(first.id,)), limit=1
+        )
+    assert [r["id"] for r in done] == [str(first.id)]
+    await _reject_on(ops_settings, marker)  # it fails again
+    collector, connection = await _own_collector(ops_settings, ops_engine)
+    try:
+        rows = await _stored(ops_engine, marker, 2)
+    finally:
+        await _stop(collector, connection)
+    assert len({r.id for r in rows}) == 2
+    assert {r.message_id for r in rows} == {mid}
+    assert rows[1].headers["sagabus-replayed-from"] == str(first.id)
+    await _dlq_empty(ops_settings, f"{SHIPPING}.dlq")
+
+
+class _CrashAfterInsert(deadletters.Collector):
+    """Stops dead between the insert and the ack of the dead letters of one correlation id,
+    until the test has dropped its connection (a crash, as the broker sees it)."""
+
+    target = ""
+    crashed = False
+    release = asyncio.Event()
+
+    async def insert(self, row: dict[str, Any]) -> None:
+        await super().insert(row)
+        if row["properties"]["correlation_id"] == self.target:
+            type(self).crashed = True
+            await self.release.wait()  # then its ack finds no channel
+
+
+async def test_a_dead_letter_redelivered_after_a_crash_between_insert_and_ack_is_stored_once(
+    start_services: Start, ops_settings: Settings, ops_engine: AsyncEngine
+) -> None:
+    await start_services()
+    filler, marker = uuid.uuid4().hex, uuid.uuid4().hex
+    # the filler first, so the crashing collector sees the target with delivery tag 2, and the
+    # next collector sees it again with tag 1 (and an x-delivery-count)
+    await _broker_dead_letter(ops_settings, _msg(filler))
+    await _broker_dead_letter(ops_settings, _msg(marker, b'{"crash": true}'))
+    _CrashAfterInsert.target = marker
+    _CrashAfterInsert.release = asyncio.Event()
+    _CrashAfterInsert.crashed = False
+    _, connection = await _own_collector(ops_settings, ops_engine, _CrashAfterInsert)
+    try:
+        await _stored(ops_engine, marker, 1)
+        await wait_until(lambda: _CrashAfterInsert.crashed, what="the crash after the insert")
+    finally:
+        await connection.close()
+        _CrashAfterInsert.release.set()
+    left = await wait_for(
+        lambda: _dlq_depth(ops_settings, f"{SHIPPING}.dlq"), what="the dead letter requeued"
+    )
+    collector, connection = await _own_collector(ops_settings, ops_engine)
+    try:
+        await wait_until(lambda: collector.collected >= left, what="the redelivery collected")
+    finally:
+        await _stop(collector, connection)
+    assert len(await _rows_of(ops_engine, marker)) == 1
+    assert len(await _rows_of(ops_engine, filler)) == 1
+    await _dlq_empty(ops_settings, f"{SHIPPING}.dlq")
+
+
+async def test_a_dead_letter_the_database_refuses_is_stored_raw_and_replays_its_bytes(
+    start_services: Start, ops_settings: Settings, ops_engine: AsyncEngine
+) -> None:
+    """The database refuses the usual row (a check constraint stands in for whatever a value
+    could still break): after a few attempts the raw row is stored and the DLQ message acked;
+    ``dlq show`` says the headers are not as they arrived; ``dlq replay`` sends the body's
+    bytes and the properties."""
+    await start_services()
+    marker, mid = uuid.uuid4().hex, str(uuid.uuid4())
+    type_ = f"test.Unstorable{marker[:8]}.v1"
+    body = b"\x00\xff raw \xfe"
+    async with ops_engine.begin() as conn:
+        from messaging.db import create_schema
+
+        await create_schema(ops_engine, deadletters.SCHEMA, deadletters.metadata)
+        await conn.execute(
+            text(
+                f"ALTER TABLE dead_letters.dead_letters ADD CONSTRAINT refuse_{marker[:8]} "
+                f"CHECK (failure_kind = 'unstorable' OR message_type IS DISTINCT FROM '{type_}')"
+                " NOT VALID"
+            )
+        )
+    try:
+        await _broker_dead_letter(
+            ops_settings,
+            _msg(
+                marker,
+                body,
+                message_id=mid,
+                type=type_,
+                content_type="application/octet-stream",
+                headers={"x-kept": "yes", "x-table": {"a": 1}, "x-nul": "a\x00b"},
+            ),
+        )
+        collector, connection = await _own_collector(ops_settings, ops_engine)
+        try:
+            [row] = await _stored(ops_engine, marker, 1)
+            await wait_until(lambda: collector.stored_raw == 1, what="acked")
+            assert collector.failures == {}
+            after = uuid.uuid4().hex
+            await _broker_dead_letter(ops_settings, _msg(after, message_id=str(uuid.uuid4())))
+            await _stored(ops_engine, after, 1)
+        finally:
+            await _stop(collector, connection)
+    finally:
+        async with ops_engine.begin() as conn:
+            await conn.execute(
+                text(f"ALTER TABLE dead_letters.dead_letters DROP CONSTRAINT refuse_{marker[:8]}")
+            )
+    await _dlq_empty(ops_settings, f"{SHIPPING}.dlq")
+    assert row.failure_kind == "unstorable" and row.error_class == "collector:unstorable"
+    assert f"refuse_{marker[:8]}" in row.error_message  # the storage error is the reason
+    assert row.body == body and row.message_id == mid and row.message_type == type_
+    # the scalar headers, sanitised
+    assert row.headers["x-kept"] == "yes" and row.headers["x-nul"] == "a\ufffdb"
+    assert "x-table" not in row.headers and "x-death" not in row.headers
+    assert "'x-table': {'a': 1}" in row.headers_raw
+
+    listed = _dlq_cli(ops_settings, "list", str(row.id), "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)[0]["failure_kind"] == "unstorable"
+    shown = _dlq_cli(ops_settings, "show", str(row.id), "--json")
+    assert shown.returncode == 0, shown.stderr
+    full = json.loads(shown.stdout)
+    assert full["headers_faithful"] is False and "stored raw" in full["headers_note"]
+    assert full["body_hex"] == body.hex()
+
+    replayed = _dlq_cli(ops_settings, "replay", str(row.id), "--json")
+    assert replayed.returncode == 0, replayed.stderr
+    broker = await aio_pika.connect(ops_settings.amqp_url)
+    async with broker:
+        channel = await broker.channel()
+        work = await channel.get_queue(SHIPPING, ensure=False)
+
+        async def arrived() -> aio_pika.abc.AbstractIncomingMessage | None:
+            got = await work.get(no_ack=False, fail=False)
+            if got is not None and got.correlation_id != marker:
+                await got.reject(requeue=True)
+                return None
+            return got
+
+        m = await wait_for(arrived, timeout=20, what="the replayed message")
+        assert m is not None
+        await m.ack()
+    assert m.body == body and m.message_id == mid and m.type == type_
+    assert m.content_type == "application/octet-stream"
+    assert (m.headers or {})["x-kept"] == "yes"
+    assert (m.headers or {})["sagabus-replayed-from"] == str(row.id)
