@@ -68,6 +68,7 @@ from messaging import telemetry, topology
 from messaging.consumer import is_transient_db_error
 from messaging.publisher import Publisher
 from messaging.retention import RetentionRule
+from messaging.signing import BROKER_MADE
 from messaging.telemetry import mask_json_body, mask_personal, mask_text
 from schemas.envelope import HeaderNames
 
@@ -472,23 +473,31 @@ def _first_death(headers: dict[Any, Any]) -> dict[Any, Any]:
 
 
 def _believe_the_broker(
-    headers: dict[Any, Any], death: dict[Any, Any], delivery: AbstractIncomingMessage
+    headers: dict[Any, Any],
+    death: dict[Any, Any],
+    delivery: AbstractIncomingMessage,
+    queue: str,
 ) -> None:
-    """Set the route and sender of a broker dead letter to what the broker saw."""
-    exchange = _opt_text(death.get("exchange"))
-    keys = death.get("routing-keys")
-    if exchange:
-        # It came straight to the work queue and crashed its consumer until the broker gave
-        # up: its route and sender are what the broker saw, whatever its headers claim (a
-        # replay is judged by them). A retry copy (exchange "") keeps the ones we wrote.
-        headers[HeaderNames.ORIGINAL_EXCHANGE] = exchange
-        headers[HeaderNames.ORIGINAL_ROUTING_KEY] = (
-            _text(keys[0], cap=MAX_ID_TEXT) if isinstance(keys, list) and keys else ""
-        )
-        if delivery.user_id:
-            headers[HeaderNames.ORIGINAL_USER_ID] = _text(delivery.user_id, cap=MAX_ID_TEXT)
-        else:
-            headers.pop(HeaderNames.ORIGINAL_USER_ID, None)
+    """The route and sender a replay of a dead letter the broker made will be judged by.
+
+    Only the broker publishes on ``sagabus.dead-letter``, but the message's own headers (its
+    ``x-death`` included) are the publisher's to write, so nothing is taken from them: the
+    route is the one its type may arrive by on the queue (``topology.ACCEPTED``), and the sender
+    is its ``user_id``, which RabbitMQ validated when it was first published and keeps. The
+    collector's mark (``sagabus-dead-lettered-by: broker``) tells the consumer so. A retry copy
+    that crashed its consumer (it came back from a delay queue, ``x-death`` exchange ``""``)
+    keeps the bookkeeping its consumer signed, which the consumer checks on the replay."""
+    if _opt_text(death.get("exchange")) == "":
+        return  # a signed retry copy: judged by its signature
+    for name in (*_ROUTE_HEADERS, HeaderNames.SIGNATURE):
+        headers.pop(name, None)
+    accepted = topology.accepted_route(queue, _opt_text(delivery.type) or "")
+    if accepted is not None:
+        headers[HeaderNames.ORIGINAL_EXCHANGE] = accepted[0].exchange
+        headers[HeaderNames.ORIGINAL_ROUTING_KEY] = accepted[0].routing_key
+    if delivery.user_id:
+        headers[HeaderNames.ORIGINAL_USER_ID] = _text(delivery.user_id, cap=MAX_ID_TEXT)
+    headers[HeaderNames.DEAD_LETTERED_BY] = BROKER_MADE
 
 
 def row_from_delivery(
@@ -498,8 +507,11 @@ def row_from_delivery(
     text, in the headers, and noted in ``storage_note``."""
     received = delivery.headers or {}
     headers: dict[Any, Any] = dict(received)
+    # the collector's own mark: never believed from the message
+    headers.pop(HeaderNames.DEAD_LETTERED_BY, None)
     notes = _Notes()
     queue = _text(dlq.removesuffix(".dlq"), cap=MAX_ID_TEXT)
+    broker_made = delivery.exchange == topology.BROKER_DEAD_LETTER_EXCHANGE
     error_class = _opt_text(headers.get(HeaderNames.ERROR_CLASS), MAX_TEXT)
     error_message = _opt_text(headers.get(HeaderNames.ERROR_MESSAGE), MAX_TEXT)
     kind = _opt_text(headers.get(HeaderNames.FAILURE_KIND))
@@ -514,8 +526,9 @@ def row_from_delivery(
             "expired": "expired before it was consumed",
         }.get(reason, f"dead-lettered by the broker: {reason}")
         kind = "broker"
-        queue = _opt_text(death.get("queue")) or queue
-        _believe_the_broker(headers, death, delivery)
+    if broker_made:
+        # the DLQ says which work queue it came from (x-death is the publisher's to write)
+        _believe_the_broker(headers, _first_death(headers), delivery, queue)
     failed_at_value = headers.get(HeaderNames.FAILED_AT)
     failed_at = parse_time(failed_at_value)
     if failed_at is None:
@@ -607,8 +620,10 @@ def raw_row(
         headers = _scalar_headers(dict(received))
         properties = _properties(delivery)
         try:
-            if HeaderNames.ERROR_CLASS not in received:
-                _believe_the_broker(headers, _first_death(dict(received)), delivery)
+            headers.pop(HeaderNames.DEAD_LETTERED_BY, None)
+            if delivery.exchange == topology.BROKER_DEAD_LETTER_EXCHANGE:
+                queue = dlq.removesuffix(".dlq")
+                _believe_the_broker(headers, _first_death(dict(received)), delivery, queue)
         except Exception:  # a route nobody can vouch for is dropped: its replay is refused
             for name in _ROUTE_HEADERS:
                 headers.pop(name, None)
@@ -951,10 +966,19 @@ _STRIP = {
 
 
 def replay_message(row: Any, tracer: trace.Tracer) -> tuple[aio_pika.Message, trace.Span]:
+    # A retry copy the broker dead-lettered (a crash loop) carries its consumer's retry
+    # signature, which covers its retry count and retry state: they stay on the replay for the
+    # consumer to check, and the consumer starts the replay's retries afresh anyway.
+    signed_retry = (
+        getattr(row, "failure_kind", None) == "broker"
+        and HeaderNames.SIGNATURE in row.headers
+        and HeaderNames.DEAD_LETTERED_BY not in row.headers
+    )
     headers = {
         k: v
         for k, v in row.headers.items()
-        if k not in _STRIP and not k.startswith(HeaderNames.RETRY_STATE_PREFIX)
+        if (k not in _STRIP or (signed_retry and k == HeaderNames.RETRY_COUNT))
+        and (signed_retry or not k.startswith(HeaderNames.RETRY_STATE_PREFIX))
     }
     original = telemetry.extract(row.headers)
     original_ctx = trace.get_current_span(original).get_span_context()

@@ -182,6 +182,8 @@ PERSONAL_KEYS = frozenset(
         "line2",
         "city",
         "postal_code",
+        # not personal, but secret: a dispatch's reply token proves a reply (issue 9)
+        "sagabus-reply-token",
     }
 )
 MASK = "***"

@@ -207,6 +207,8 @@ def _signed(
         return signing.verify(key, "retry", claimed, **fields)
     if signing.verify(key, "dead-letter", claimed, **fields):
         return True
+    if signing.verify(key, "retry", claimed, **fields):
+        return True  # a retry copy that crashed its consumer until the broker dead-lettered it
     # a dead letter the broker made (a crash loop), stored by the collector, which marks only
     # those it took from the broker's own dead-letter exchange
     return _text(raw.get(HeaderNames.DEAD_LETTERED_BY)) == signing.BROKER_MADE

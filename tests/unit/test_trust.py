@@ -23,7 +23,15 @@ PREFIX = "sagabus-"
 def delivery(
     exchange: str, key: str, headers: dict[str, Any] | None = None, user_id: str | None = None
 ) -> Any:
-    return SimpleNamespace(exchange=exchange, routing_key=key, headers=headers, user_id=user_id)
+    return SimpleNamespace(
+        exchange=exchange,
+        routing_key=key,
+        headers=headers,
+        user_id=user_id,
+        message_id="m-1",
+        type=None,
+        body=b"{}",
+    )
 
 
 def arrive(d: Any, queue: str = PM, own_user: str | None = "sagabus-process-manager") -> Any:
@@ -198,3 +206,103 @@ def test_every_accepted_type_has_exactly_one_route_per_queue_and_a_sender() -> N
         topology.Route(topology.COMMANDS_EXCHANGE, topology.START_ROUTING_KEY),
         topology.ANY_SENDER,
     )
+
+
+# -- what the dead-letter collector believes (review finding 3) ---------------------------------
+
+
+def dead_lettered(exchange: str, headers: dict[str, Any], user_id: str | None) -> Any:
+    return SimpleNamespace(
+        exchange=exchange,
+        routing_key=PAYMENT_Q,
+        headers=headers,
+        user_id=user_id,
+        type="payment.RefundPayment.v1",
+        message_id="m-1",
+        body=b'{"order_id": "o-1", "amount_minor": 100, "currency": "EUR"}',
+        content_type="application/json",
+        content_encoding=None,
+        correlation_id=None,
+        timestamp=None,
+        app_id=None,
+        priority=None,
+        reply_to=None,
+        expiration=None,
+    )
+
+
+FORGED = {
+    HeaderNames.ORIGINAL_EXCHANGE: topology.COMMANDS_EXCHANGE,
+    HeaderNames.ORIGINAL_ROUTING_KEY: "payment.RefundPayment",
+    HeaderNames.ORIGINAL_USER_ID: "sagabus-process-manager",
+    HeaderNames.DEAD_LETTERED_BY: "broker",
+}
+
+
+def test_the_collector_never_believes_a_claimed_broker_mark() -> None:
+    from messaging.deadletters import row_from_delivery
+
+    # a copy the payment user put into its own DLQ through sagabus.dlx, claiming everything
+    row = row_from_delivery(
+        dead_lettered(topology.DEAD_LETTER_EXCHANGE, dict(FORGED), "sagabus-payment"),
+        f"{PAYMENT_Q}.dlq",
+    )
+    assert HeaderNames.DEAD_LETTERED_BY not in row["headers"]
+
+
+def test_a_broker_dead_letter_is_judged_by_its_validated_sender_not_its_headers() -> None:
+    from messaging.deadletters import row_from_delivery
+
+    x_death = [
+        {
+            "queue": "sagabus.process-manager",  # forged: the DLQ says which queue
+            "reason": "rejected",
+            "exchange": topology.COMMANDS_EXCHANGE,
+            "routing-keys": ["payment.RefundPayment"],
+            "count": 1,
+        }
+    ]
+    row = row_from_delivery(
+        dead_lettered(
+            topology.BROKER_DEAD_LETTER_EXCHANGE,
+            {**FORGED, "x-death": x_death},
+            "sagabus-payment",
+        ),
+        f"{PAYMENT_Q}.dlq",
+    )
+    h = row["headers"]
+    assert row["queue"] == PAYMENT_Q
+    assert h[HeaderNames.DEAD_LETTERED_BY] == "broker"
+    assert h[HeaderNames.ORIGINAL_USER_ID] == "sagabus-payment"  # the validated user_id
+    # replayed by the operator, it is refused: a refund must come from the process manager
+    replayed = delivery(topology.REPLAY_EXCHANGE, PAYMENT_Q, h, user_id="sagabus-operator")
+    a = trust.arrival(replayed, PAYMENT_Q, own_user="sagabus-payment", max_retries=6, key=b"k")
+    with pytest.raises(trust.Forbidden) as e:
+        trust.check(a, PAYMENT_Q, "payment.RefundPayment.v1", sender_prefix=PREFIX)
+    assert str(e.value).startswith("forbidden sender")
+
+
+def test_a_crashed_retry_copy_must_carry_its_consumers_signature() -> None:
+    from messaging.deadletters import row_from_delivery
+
+    x_death = [{"queue": PAYMENT_Q, "reason": "delivery_limit", "exchange": "", "count": 20}]
+    row = row_from_delivery(
+        dead_lettered(
+            topology.BROKER_DEAD_LETTER_EXCHANGE,
+            {**FORGED, "x-death": x_death},
+            "sagabus-payment",
+        ),
+        f"{PAYMENT_Q}.dlq",
+    )
+    h = row["headers"]
+    assert HeaderNames.DEAD_LETTERED_BY not in h  # unsigned claims are not vouched for
+    replayed = delivery(topology.REPLAY_EXCHANGE, PAYMENT_Q, h, user_id="sagabus-operator")
+    with pytest.raises(trust.Forbidden):
+        trust.arrival(replayed, PAYMENT_Q, own_user="sagabus-payment", max_retries=6, key=b"k")
+
+
+def test_dead_letter_display_masks_reply_tokens() -> None:
+    from messaging.telemetry import mask_personal
+
+    shown = mask_personal({HeaderNames.REPLY_TOKEN: "3f9c2a1e5b7d4c6a", HeaderNames.FENCE: 2})
+    assert shown == {HeaderNames.REPLY_TOKEN: "***", HeaderNames.FENCE: 2}
