@@ -825,6 +825,9 @@ class Filters:
     since: timedelta | None = None
     group: str | None = None
     status: str | None = "open"
+    #: only dead letters that failed within this window (``dlq replay``'s guard), not a filter
+    #: of its own: ``any`` ignores it
+    failed_within: timedelta | None = None
 
     def any(self) -> bool:
         return bool(
@@ -858,7 +861,32 @@ def _where(stmt: Any, f: Filters) -> Any:
         stmt = stmt.where(t.c.fingerprint == f.group)
     if f.status:
         stmt = stmt.where(t.c.status == f.status)
+    if f.failed_within:
+        stmt = stmt.where(t.c.failed_at >= datetime.now(UTC) - f.failed_within)
     return stmt
+
+
+def replay_window(settings: Any) -> timedelta | None:
+    """How old a dead letter may be and still be replayed safely: the shortest of the windows
+    that keep what absorbs a late copy (processed-message ids, tombstones, finished sagas). An
+    older one could, say, authorize a card for a saga compensated long ago whose tombstone has
+    been pruned. None: every window is "for ever"."""
+    windows = [
+        float(getattr(settings, name))
+        for name in ("inbox_retention_s", "participant_retention_s", "saga_retention_s")
+    ]
+    finite = [w for w in windows if w > 0]
+    return timedelta(seconds=min(finite)) if finite else None
+
+
+async def count_too_old(engine: AsyncEngine, f: Filters, window: timedelta) -> int:
+    """Dead letters matching ``f`` that failed longer ago than ``window``."""
+    t = dead_letters
+    stmt = _where(select(func.count()).select_from(t), f).where(
+        t.c.failed_at < datetime.now(UTC) - window
+    )
+    async with engine.connect() as conn:
+        return int((await conn.execute(stmt)).scalar_one())
 
 
 def to_json(row: Any, *, full: bool = False) -> dict[str, Any]:

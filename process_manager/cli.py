@@ -7,6 +7,7 @@ Bad arguments and unreachable services end in one line on stderr and a non-zero 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -784,6 +785,12 @@ def dlq_groups(
 @click.option(
     "--rate", type=click.FloatRange(min=0.01), default=None, help="At most this many per second."
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also replay dead letters older than the shortest retention window (inbox, "
+    "participants, sagas), whose late copy nothing may absorb any more.",
+)
 @click.option("--json", "as_json", is_flag=True)
 def dlq_replay(
     ids: tuple[str, ...],
@@ -796,9 +803,13 @@ def dlq_replay(
     dry_run: bool,
     limit: int,
     rate: float | None,
+    force: bool,
     as_json: bool,
 ) -> None:
-    """Republish dead letters to the queue that failed them, with their original message id."""
+    """Republish dead letters to the queue that failed them, with their original message id.
+
+    Dead letters older than the shortest retention window are left alone unless --force: the
+    ids and tombstones that would make their late copy harmless may have been pruned."""
     from messaging import deadletters, telemetry
     from messaging.publisher import Publisher
 
@@ -806,9 +817,19 @@ def dlq_replay(
     if not f.any():
         raise click.UsageError("name dead-letter ids, a --group, or at least one filter")
     s = settings()
+    window = None if force else deadletters.replay_window(s)
+    if window is not None:
+        f = dataclasses.replace(f, failed_within=window)
+    too_old = 0
 
     async def go(engine: Any) -> list[dict[str, Any]]:
         import aio_pika
+
+        nonlocal too_old
+        if window is not None:
+            too_old = await deadletters.count_too_old(
+                engine, dataclasses.replace(f, failed_within=None), window
+            )
 
         if dry_run:
             return await deadletters.replay(engine, None, f, limit=limit, dry_run=True)  # type: ignore[arg-type]
@@ -822,12 +843,20 @@ def dlq_replay(
 
     rows = _dlq_engine_call(go)
     if as_json:
-        emit_json({"dry_run": dry_run, "count": len(rows), "dead_letters": rows})
+        emit_json(
+            {"dry_run": dry_run, "count": len(rows), "too_old": too_old, "dead_letters": rows}
+        )
     else:
         verb = "would replay" if dry_run else "replayed"
         click.echo(f"{verb} {len(rows)} dead letter(s)")
         for r in rows:
             click.echo(f"  {r['id']}  {r['queue']}  {r['message_type']}")
+    if too_old:
+        click.echo(
+            f"left {too_old} dead letter(s) that failed more than {window} ago: nothing may "
+            "absorb their late copy any more (--force replays them anyway)",
+            err=True,
+        )
 
 
 @dlq.command("purge")

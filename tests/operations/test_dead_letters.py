@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
@@ -833,3 +833,50 @@ async def test_a_dead_letter_the_database_refuses_is_stored_raw_and_replays_its_
     assert m.content_type == "application/octet-stream"
     assert (m.headers or {})["x-kept"] == "yes"
     assert (m.headers or {})["sagabus-replayed-from"] == str(row.id)
+
+
+# -- replaying is refused past the retention windows (review finding 4) ------------------------
+
+
+async def test_replay_leaves_dead_letters_older_than_the_retention_windows_unless_forced(
+    start_services: Start, ops_settings: Settings, ops_engine: AsyncEngine
+) -> None:
+    """A dead letter older than the shortest window that keeps ids and tombstones could re-apply
+    an effect nothing would undo (an authorization for a saga compensated long ago): `dlq
+    replay` leaves it, says so, and replays it only with --force."""
+    await start_services("process-manager", dead_letters=True)
+    marker = uuid.uuid4().hex[:8]
+    connection = await aio_pika.connect(ops_settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        ex = await channel.get_exchange("sagabus.commands")
+        for _ in range(2):
+            await ex.publish(
+                aio_pika.Message(b"{}", message_id=str(uuid.uuid4()), type=f"x.Old{marker}.v1"),
+                routing_key="checkout.start",
+            )
+
+    async def stored() -> list[dict[str, Any]] | None:
+        out = _dlq_cli(ops_settings, "list", "--error", marker, "--json")
+        rows = json.loads(out.stdout) if out.returncode == 0 else []
+        return rows if len(rows) == 2 else None
+
+    old, young = await wait_for(stored, timeout=60, what="two dead letters stored")
+    window = deadletters.replay_window(ops_settings)
+    assert window is not None
+    async with ops_engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE dead_letters.dead_letters SET failed_at = :at WHERE id = :i"),
+            {"at": datetime.now(UTC) - window - timedelta(days=1), "i": uuid.UUID(old["id"])},
+        )
+
+    out = _dlq_cli(ops_settings, "replay", "--error", marker, "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert [r["id"] for r in result["dead_letters"]] == [young["id"]]
+    assert result["too_old"] == 1
+    assert "--force" in out.stderr and out.stderr.count("\n") == 1
+
+    forced = _dlq_cli(ops_settings, "replay", "--error", marker, "--force", "--json")
+    assert forced.returncode == 0, forced.stderr
+    assert [r["id"] for r in json.loads(forced.stdout)["dead_letters"]] == [old["id"]]
