@@ -24,7 +24,7 @@ services:
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy
+	$(BIN)/mypy messaging process_manager schemas participants
 
 schemas: setup
 	$(BIN)/python -m schemas.jsonschema
