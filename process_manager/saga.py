@@ -262,8 +262,11 @@ RECONCILE = StepSpec(
 #: forward steps reconciled by a status query, and the reported statuses that mean "it happened"
 RECONCILED: dict[str, frozenset[str]] = {
     "authorization": frozenset({"authorized", "captured", "refunded"}),
-    "capture": frozenset({"captured", "refunded"}),
+    "capture": frozenset({"captured"}),
 }
+#: reported statuses that mean a human must look: the capture was made and then undone
+#: outside this saga (it must neither complete nor refund again)
+RECONCILE_NEEDS_HUMAN: dict[str, frozenset[str]] = {"capture": frozenset({"refunded"})}
 
 FORWARD_BY_NAME: dict[str, StepSpec] = {s.name: s for s in FORWARD}
 STEPS: dict[str, StepSpec] = {**FORWARD_BY_NAME, **COMPENSATIONS, RECONCILE.name: RECONCILE}
@@ -583,11 +586,16 @@ def decide(
     elif isinstance(message, ForceCompensate):
         d = _on_force_compensate(state, message, now=now, policy=policy, nonce=nonce)
     elif isinstance(message, Expire):
-        d = (
-            Decision(state, outcome="ignored", note=f"already {state.status}")
-            if state.status.terminal
-            else _needs_manual(state, message.reason)
-        )
+        if state.status.terminal:
+            d = Decision(state, outcome="ignored", note=f"already {state.status}")
+        elif past_pivot(state) and not state.compensating and state.awaiting is not None:
+            # after the point of no return the retriable step is re-sent on its own schedule,
+            # and calls a human when those run out: the time-to-live does not cut it short
+            d = Decision(
+                state, outcome="ignored", note="past the pivot: re-sends go on, not expired"
+            )
+        else:
+            d = _needs_manual(state, message.reason)
     else:
         d = _on_resume(state, now=now, policy=policy, nonce=nonce)
     after = d.state.status if d.state is not None else None
@@ -622,9 +630,24 @@ def _on_reply(
         # the reply of the step in flight when the saga stopped for a human, just late: apply it
         # as if it had come in time (it closes the manual case if it finishes the saga)
         stalled = STEPS[state.stalled]
-        resumed = stalled.status if stalled.name in FORWARD_BY_NAME else SagaStatus.COMPENSATING
-        state = replace(state, awaiting=stalled.name, status=resumed, stalled=None)
-        awaited = stalled
+        if stalled is RECONCILE and state.unknown_step in RECONCILED:
+            # the status query of a payment step: its answer settles that step after all
+            asked = state.unknown_step
+            state = replace(
+                state,
+                awaiting=RECONCILE.name,
+                reconciling=asked,
+                unknown_step=None,
+                status=FORWARD_BY_NAME[asked].status,
+                stalled=None,
+            )
+        else:
+            resumed = stalled.status if stalled.name in FORWARD_BY_NAME else SagaStatus.COMPENSATING
+            unknown = None if stalled.name in FORWARD_BY_NAME else state.unknown_step
+            state = replace(
+                state, awaiting=stalled.name, status=resumed, stalled=None, unknown_step=unknown
+            )
+        awaited = STEPS[state.awaiting or stalled.name]
 
     if awaited is None or reply.fence != state.seq or kind not in awaited.success + awaited.failure:
         # Not for the step we wait on. A late *success* of a forward step that we are undoing, or
@@ -635,6 +658,9 @@ def _on_reply(
             and late_step not in state.completed
             and (state.status is SagaStatus.COMPENSATING or state.status.terminal)
             and state.status is not SagaStatus.COMPLETED
+            # a late pivot (a capture) is undone only once the saga is being undone: a saga
+            # stopped for a human is not compensating, and resume asks the payment first
+            and (late_step != PIVOT or state.compensating)
         ):
             comp = FORWARD_BY_NAME[late_step].compensation
             if comp is not None:
@@ -699,6 +725,8 @@ def _on_reconciled(
 ) -> Decision:
     step = state.reconciling
     assert step is not None
+    if status in RECONCILE_NEEDS_HUMAN.get(step, frozenset()):
+        return _needs_manual(state, f"{step} outcome unclear: payment reports {status}")
     state = replace(state, reconciling=None)
     if status in RECONCILED[step]:
         state = replace(state, completed=(*state.completed, step))
@@ -752,8 +780,10 @@ def _late_reply_counts(step: str | None) -> bool:
     fail). A step before the pivot is not: the saga stays stopped for the human to decide."""
     if step is None:
         return False
-    return step in COMPENSATIONS or (
-        step in FORWARD_BY_NAME and FORWARD_BY_NAME[step].kind == "retriable"
+    return (
+        step in COMPENSATIONS
+        or step == RECONCILE.name  # the status query (of a payment step, the pivot included)
+        or (step in FORWARD_BY_NAME and FORWARD_BY_NAME[step].kind in ("pivot", "retriable"))
     )
 
 
@@ -797,6 +827,13 @@ def _on_timeout(
             state, RECONCILE.name, now=now, policy=policy, new_seq=True, nonce=nonce
         )
         return Decision(state, (cmd,), note=note)
+    if step == RECONCILE.name and state.reconciling == PIVOT:
+        # whether the point of no return was passed is unknown: neither refund nor go on
+        return _needs_manual(
+            state,
+            f"{PIVOT} outcome unknown: the payment status query went unanswered after "
+            f"{state.attempt} attempts; not compensated",
+        )
     if forward or step == RECONCILE.name:
         unknown = state.reconciling if step == RECONCILE.name else step
         assert unknown is not None
@@ -841,6 +878,26 @@ def _on_resume(state: SagaState, *, now: datetime, policy: Policy, nonce: str) -
         state, cmds = _next_forward(state, now=now, policy=policy, nonce=nonce)
         step = cmds[0].step if cmds else "nothing"
         return Decision(state, cmds, note=f"operator resumed past the pivot: sent {step}")
+    if (
+        state.status is SagaStatus.FAILED_NEEDS_MANUAL
+        and not state.compensating
+        and state.unknown_step in RECONCILED
+    ):
+        # Stopped while a payment step's outcome was unknown: ask before undoing anything (it
+        # may have captured, and then the saga goes on; if not, it compensates).
+        asked = state.unknown_step
+        assert asked is not None
+        state = replace(
+            state,
+            reconciling=asked,
+            unknown_step=None,
+            stalled=None,
+            status=FORWARD_BY_NAME[asked].status,
+        )
+        state, cmd = _dispatch(
+            state, RECONCILE.name, now=now, policy=policy, new_seq=True, nonce=nonce
+        )
+        return Decision(state, (cmd,), note=f"operator resumed: asking payment status for {asked}")
     if state.status is SagaStatus.FAILED_NEEDS_MANUAL:
         # An operator fixed the cause: retry compensating from where it stopped.
         state = replace(state, stalled=None, compensating=True)

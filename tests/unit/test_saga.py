@@ -573,11 +573,8 @@ EXHAUSTED = [
         "shipment",
         ("cancel_shipment", "release_inventory", "void_authorization", "cancel_order"),
     ),
-    (
-        "capture",
-        ("refund_payment", "cancel_shipment", "release_inventory", "cancel_order"),
-    ),
-    # completion, past the pivot, never compensates (test_step_kinds below)
+    # capture (the pivot) whose outcome stays unknown calls a human, and completion, past the
+    # pivot, never compensates (the step-kinds tests below)
 ]
 
 
@@ -915,16 +912,17 @@ def test_resume_after_compensation_timeouts_skips_what_is_already_compensated() 
 
 
 def test_resume_keeps_the_unknown_steps_compensation() -> None:
-    state = awaiting("capture")
+    # an authorization whose outcome was unknown when compensation began stays in the plan
+    state = awaiting("authorization")
     state, d = timed_out(state, POLICY.max_step_attempts)
     assert only(d).step == "payment_status"
     state, d = timed_out(state, POLICY.max_step_attempts)  # the query times out too
-    assert only(d).step == "refund_payment"  # capture outcome unknown: refund it
-    manual = state_of(answer(state, ok=False))  # PaymentRefundFailed
-    assert manual.status is S.FAILED_NEEDS_MANUAL
+    assert only(d).step == "void_authorization"  # authorization outcome unknown: void it
+    manual, _ = timed_out(state_of(d), POLICY.max_compensation_attempts)
+    assert manual.status is S.FAILED_NEEDS_MANUAL and manual.compensating
 
     d = step(manual, Resume(), now=LATER)
-    assert only(d).step == "refund_payment"
+    assert only(d).step == "void_authorization"
 
 
 def test_resume_keeps_the_unknown_shipment_cancellation() -> None:
@@ -946,7 +944,7 @@ def test_resume_after_expire_compensates_the_in_flight_step() -> None:
     assert only(d).step == forced
 
 
-@pytest.mark.parametrize("name", FORWARD_NAMES)
+@pytest.mark.parametrize("name", BEFORE_PIVOT)
 def test_expire_stops_a_live_saga_for_a_human(name: str) -> None:
     state = awaiting(name)
     d = step(state, Expire("alive for 2 days"), now=LATER)
@@ -1310,3 +1308,81 @@ def test_a_new_saga_never_accepts_a_tokenless_reply() -> None:
     assert state.untokened_below == 0
     bare = _with_token(reply("authorization", state.seq), None)
     assert step(replace(state, tokens=()), bare).outcome == "rejected"
+
+
+# ---------------------------------------------------------------------------------------------
+# The pivot's outcome unknown (review of issue 10): never refunded without an operator
+
+
+def _asking_capture_status() -> SagaState:
+    state, d = timed_out(awaiting("capture"), POLICY.max_step_attempts)
+    assert only(d).step == "payment_status" and state.reconciling == "capture"
+    return state
+
+
+def _status(state: SagaState, status: str) -> Reply:
+    return Reply(
+        PaymentStatusReported(order_id=state.order_id, status=status),  # type: ignore[arg-type]
+        fence=state.seq,
+        message_id=uuid.uuid4(),
+        token=state.token_for(state.seq),
+    )
+
+
+def test_an_unanswered_capture_status_query_calls_a_human_and_refunds_nothing() -> None:
+    state = _asking_capture_status()
+    manual, d = timed_out(state, POLICY.max_step_attempts)
+    assert d.commands == ()
+    assert manual.status is S.FAILED_NEEDS_MANUAL and not manual.compensating
+    assert "not compensated" in (manual.failure_reason or "")
+    # the late answer still counts: captured, so the saga goes on to completion
+    d = step(manual, _status(manual, "captured"))
+    assert only(d).step == "completion" and state_of(d).status is S.COMPLETING
+
+
+def test_the_capture_status_not_captured_after_a_human_was_called_compensates() -> None:
+    manual, _ = timed_out(_asking_capture_status(), POLICY.max_step_attempts)
+    d = step(manual, _status(manual, "authorized"))
+    comp = state_of(d)
+    assert comp.status is S.COMPENSATING
+    assert "refund_payment" not in (only(d).step, *comp.compensation_plan)
+
+
+def test_a_refunded_capture_calls_a_human_instead_of_completing() -> None:
+    state = _asking_capture_status()
+    d = step(state, _status(state, "refunded"))
+    assert d.commands == () and state_of(d).status is S.FAILED_NEEDS_MANUAL
+
+
+def test_expire_at_the_capture_then_a_late_capture_goes_on_and_refunds_nothing() -> None:
+    state = awaiting("capture")
+    manual = state_of(step(state, Expire("ttl")))
+    assert manual.status is S.FAILED_NEEDS_MANUAL and manual.stalled == "capture"
+    d = step(manual, reply("capture", manual.seq))
+    assert only(d).step == "completion"
+    assert "capture" in state_of(d).completed
+
+
+def test_resume_of_a_saga_stopped_at_the_capture_asks_the_payment_first() -> None:
+    manual = state_of(step(awaiting("capture"), Expire("ttl")))
+    d = step(manual, Resume(), now=LATER)
+    assert only(d).step == "payment_status"
+    asking = state_of(d)
+    assert asking.reconciling == "capture" and asking.status is S.PENDING_CAPTURE
+    d = step(asking, _status(asking, "captured"))
+    assert only(d).step == "completion"
+
+
+def test_a_late_capture_with_a_stale_fence_on_a_stopped_saga_refunds_nothing() -> None:
+    state = awaiting("capture")
+    capture_fence = state.seq
+    asking, _ = timed_out(state, POLICY.max_step_attempts)  # now asking the status
+    manual = state_of(step(asking, Expire("ttl")))
+    d = step(manual, reply("capture", capture_fence))
+    assert d.commands == () and d.state == manual
+
+
+def test_expire_past_the_pivot_lets_the_re_sends_go_on() -> None:
+    state = awaiting("completion")
+    d = step(state, Expire("alive too long"))
+    assert d.outcome == "ignored" and d.state == state

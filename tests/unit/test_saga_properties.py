@@ -18,8 +18,10 @@ from process_manager.saga import (
     RECONCILE,
     Command,
     Decision,
+    Expire,
     Input,
     Reply,
+    Resume,
     SagaState,
     SagaStatus,
     Timeout,
@@ -55,6 +57,8 @@ ACTIONS = (
     "timeout_old",
     "stray",
 )
+#: an operator's resume and the sweeper's expiry, for the money property below
+OPERATOR_ACTIONS = (*ACTIONS, "expire", "resume")
 
 
 @dataclass
@@ -93,6 +97,12 @@ def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
     # pure and deterministic
     assert decide(prev, msg, now=NOW, policy=POLICY) == d
 
+    # money goes back (a refund, a void) only from a saga that is undoing its work: never from
+    # one moving forward, nor from one stopped for a human that has not begun compensating
+    for c in d.commands:
+        if c.step in ("refund_payment", "void_authorization"):
+            assert new.compensating or prev.compensating, (prev, msg, d)
+
     # past the point of no return (the capture) a saga only moves forward: no interleaving of
     # replies, duplicates, stale replies and timeouts refunds, voids or undoes anything (only an
     # operator's ForceCompensate may, and the driver never sends one)
@@ -116,8 +126,15 @@ def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
     else:
         assert new.awaiting is not None and new.deadline is not None
 
-    if prev.status.terminal:
-        # nothing in this driver may take a saga out of its terminal state
+    if prev.status.terminal and (
+        prev.status is not S.FAILED_NEEDS_MANUAL
+        or not (
+            isinstance(msg, Resume)
+            or (isinstance(msg, Reply) and prev.stalled is not None and msg.fence == prev.seq)
+        )
+    ):
+        # nothing takes a saga out of a terminal state, except, for one stopped for a human,
+        # an operator's resume or the late reply of the step it stopped on
         assert new == prev
         assert d.outcome in ("ignored", "rejected")
         assert all(c.step in COMPENSATIONS for c in d.commands)
@@ -234,7 +251,13 @@ def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
             assert "refund_payment" in new.compensated
 
     if new.status is S.FAILED_NEEDS_MANUAL:
-        assert prev.status is S.COMPENSATING
+        # a human is called while undoing, after the point of no return, or when whether it
+        # was passed is unknown (the capture's status query unanswered): never otherwise
+        assert (
+            prev.status is S.COMPENSATING
+            or past_pivot(prev)
+            or (prev.awaiting == "payment_status" and prev.reconciling == PIVOT)
+        ), (prev, msg)
         assert new.failure_reason
 
 
@@ -283,6 +306,10 @@ def choose(data: st.DataObject, world: World, action: str) -> Input | None:
         return Timeout(state.seq)
     if action == "timeout_old":
         return Timeout(data.draw(st.integers(0, state.seq - 1), label="old seq"))
+    if action == "expire":
+        return Expire("alive too long")
+    if action == "resume":
+        return Resume()
     # stray: any reply type, any fence near the current one
     name = data.draw(st.sampled_from(ALL_STEPS), label="stray step")
     ok = data.draw(st.booleans(), label="stray ok") or not has_failure(name)
@@ -364,6 +391,14 @@ def test_any_failure_point_ends_compensated_in_reverse_order(
     if business_failure and has_failure(failing):
         apply(world, reply(failing, world.state.seq, ok=False))
         expected = compensation_plan(done)
+    elif failing == PIVOT:
+        # the pivot's outcome stays unknown (its status query unanswered too): a human is
+        # called, and nothing is compensated (it may have captured)
+        while not world.state.status.terminal:
+            apply(world, Timeout(world.state.seq))
+        assert world.state.status is S.FAILED_NEEDS_MANUAL
+        assert not any(c.step in COMPENSATIONS for c in world.sent)
+        return
     else:
         while world.state.status is not S.COMPENSATING:
             apply(world, Timeout(world.state.seq))
@@ -405,3 +440,33 @@ def test_past_the_pivot_nothing_is_ever_undone(data: st.DataObject, actions: lis
         world.copies += 1
         apply(world, reply("completion", world.state.seq, copy=world.copies))
         assert world.state.status is S.COMPLETED
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), actions=st.lists(st.sampled_from(OPERATOR_ACTIONS), max_size=50))
+def test_expiry_and_resume_never_give_money_back_unless_compensating(
+    data: st.DataObject, actions: list[str]
+) -> None:
+    """With the sweeper's expiry and an operator's resume mixed into any interleaving of replies,
+    duplicates, stale and stray replies and timeouts: a refund or a void is only ever sent by a
+    saga that is undoing its work, and a capture the saga knew of is never refunded (only an
+    operator's ForceCompensate, which this driver never sends, may)."""
+    world = begin()
+    captured_known = False
+    for action in actions:
+        msg = choose(data, world, action)
+        if msg is None:
+            continue
+        prev = world.state
+        d = decide(prev, msg, now=NOW, policy=POLICY)
+        assert decide(prev, msg, now=NOW, policy=POLICY) == d  # pure
+        assert d.state is not None
+        for c in d.commands:
+            if c.step in ("refund_payment", "void_authorization"):
+                assert d.state.compensating or prev.compensating, (prev, msg, d)
+            assert not (captured_known and c.step == "refund_payment"), (prev, msg, d)
+        captured_known = captured_known or past_pivot(d.state)
+        world.record(d)
+        if isinstance(msg, Reply):
+            world.delivered.append(msg)
+        world.state = d.state
