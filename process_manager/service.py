@@ -360,7 +360,12 @@ async def fire_due_timeouts(sctx: ServiceContext, policy: Policy, *, limit: int 
         ).all()
         out: list[OutgoingMessage] = []
         for (saga_id,) in rows:
-            loaded = await store.load(conn, saga_id)
+            try:
+                loaded = await store.load(conn, saga_id)
+            except store.UnloadableSaga as e:
+                await store.quarantine(conn, e, now)
+                log.error("saga_unloadable", saga_id=str(saga_id), error=str(e))
+                continue
             assert loaded is not None
             parent = telemetry.extract({"traceparent": loaded.traceparent or ""})
             with sctx.tracer.start_as_current_span(
@@ -414,7 +419,12 @@ async def sweep_expired(
         ).all()
         out: list[OutgoingMessage] = []
         for (saga_id,) in rows:
-            loaded = await store.load(conn, saga_id)
+            try:
+                loaded = await store.load(conn, saga_id)
+            except store.UnloadableSaga as e:
+                await store.quarantine(conn, e, now)
+                log.error("saga_unloadable", saga_id=str(saga_id), error=str(e))
+                continue
             assert loaded is not None
             reason = f"saga exceeded its time-to-live of {ttl} in {loaded.state.status}"
             decision = decide(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -28,7 +29,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from messaging.db import affected, driver
-from messaging.errors import ConcurrencyConflict
+from messaging.errors import ConcurrencyConflict, PermanentError
 from process_manager.saga import TERMINAL, Decision, SagaState, SagaStatus
 from schemas.checkout import StartCheckout
 
@@ -224,7 +225,50 @@ async def load(conn: AsyncConnection, saga_id: uuid.UUID, *, lock: bool = False)
     row = await pg.fetchrow(_LOAD_LOCKED if lock else _LOAD, saga_id)
     if row is None:
         return None
-    return Loaded(_load(_Row(row)), row["version"], row["correlation_id"], row["traceparent"])
+    try:
+        state = _load(_Row(row))
+    except (ValidationError, KeyError, TypeError, ValueError) as e:
+        raise UnloadableSaga(saga_id, e) from None
+    return Loaded(state, row["version"], row["correlation_id"], row["traceparent"])
+
+
+class UnloadableSaga(PermanentError):
+    """A saga whose stored state this version cannot read (for example a body an earlier, looser
+    version accepted). A message for it is dead-lettered with this reason; the timeout loop and
+    the sweeper set it aside for a human (``quarantine``) instead of failing on it for ever."""
+
+    def __init__(self, saga_id: uuid.UUID, cause: Exception) -> None:
+        detail = str(cause).splitlines()[0][:300] if str(cause) else type(cause).__name__
+        super().__init__(f"saga {saga_id}: stored state cannot be read by this version: {detail}")
+        self.saga_id = saga_id
+
+
+_QUARANTINE = (
+    "UPDATE process_manager.sagas SET status = 'FAILED_NEEDS_MANUAL', deadline_at = NULL,"
+    " failure_reason = $2, updated_at = $3, finished_at = $3, version = version + 1"
+    " WHERE saga_id = $1"
+)
+_QUARANTINE_HISTORY = (
+    f"INSERT INTO process_manager.history ({_HISTORY_COLUMNS})"
+    " SELECT saga_id, seq, NULL, 'sagabus.Quarantine', status, 'FAILED_NEEDS_MANUAL',"
+    " 'applied', $2 FROM process_manager.sagas WHERE saga_id = $1"
+)
+_QUARANTINE_CASE = (
+    "INSERT INTO process_manager.manual_cases (saga_id, order_id, reason, opened_at)"
+    " SELECT saga_id, order_id, $2, $3 FROM process_manager.sagas WHERE saga_id = $1"
+    " ON CONFLICT (saga_id) DO UPDATE SET reason = EXCLUDED.reason,"
+    " opened_at = EXCLUDED.opened_at, resolved_at = NULL, resolution = NULL"
+)
+
+
+async def quarantine(conn: AsyncConnection, e: UnloadableSaga, now: datetime) -> None:
+    """Stop an unreadable saga for a human, with a manual case and a history row, so the loops
+    that claim due sagas go on with the others."""
+    pg = await driver(conn)
+    reason = str(e)
+    await pg.execute(_QUARANTINE_HISTORY, e.saga_id, f"needs manual: {reason}")
+    await pg.execute(_QUARANTINE, e.saga_id, reason, now)
+    await pg.execute(_QUARANTINE_CASE, e.saga_id, reason, now)
 
 
 class _Row:

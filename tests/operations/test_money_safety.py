@@ -105,3 +105,48 @@ async def test_a_stall_after_the_capture_never_refunds(
 
     told = await wait_for(told_once, what="the customer notified")
     assert [n.template for n in told] == ["order_confirmed"]
+
+
+async def test_a_saga_this_version_cannot_read_is_set_aside_and_the_others_go_on(
+    start_services: Start, ops_settings: Settings, ops_engine: AsyncEngine, uid: str
+) -> None:
+    """A saga stored by an earlier, looser version (here a currency no longer accepted) must not
+    stop the timeout loop for every other saga: it is set aside for a human, with a case."""
+    from sqlalchemy import text
+
+    # the process manager alone: CreateOrder waits in the order queue, so both sagas time out
+    await start_services("process-manager")
+    bad, good = checkout(f"legacy-{uid}"), checkout(f"fine-{uid}")
+    await ops.publish_starts(
+        ops_settings.amqp_url, [ops.start_message(bad), ops.start_message(good)]
+    )
+
+    async def both_started() -> bool:
+        return await count(ops_engine, store.sagas, order_id=bad.order_id) + await count(
+            ops_engine, store.sagas, order_id=good.order_id
+        ) == 2
+
+    await wait_for(both_started, what="both sagas stored")
+    async with ops_engine.begin() as conn:
+        await conn.execute(
+            text(
+                "UPDATE process_manager.sagas SET state = jsonb_set(state,"
+                " '{checkout,currency}', to_jsonb('ZZZ'::text)) WHERE order_id = :o"
+            ),
+            {"o": bad.order_id},
+        )
+
+    async def set_aside() -> Any:
+        row = await one(ops_engine, store.sagas, order_id=bad.order_id)
+        return row if row.status == "FAILED_NEEDS_MANUAL" else None
+
+    row = await wait_for(set_aside, what="the unreadable saga set aside")
+    assert "cannot be read by this version" in row.failure_reason
+    case = await one(ops_engine, store.manual_cases, saga_id=row.saga_id)
+    assert case.resolved_at is None
+
+    async def good_resent() -> bool:
+        s = await _status(ops_engine, good.order_id)
+        return any("re-sent as attempt" in h["note"] for h in s["history"])
+
+    await wait_for(good_resent, what="the readable saga's timeout handled")
