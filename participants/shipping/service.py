@@ -227,6 +227,11 @@ def make_handlers(carrier: Carrier, settings: Settings) -> dict[str, Handler]:
         async with p.engine.connect() as conn:
             status = (await conn.execute(_STATUS, {"order_id": cmd.order_id})).scalar_one_or_none()
         if status is not None:
+            if status != "CREATED":
+                # Cancelled or failed: whatever another instance's call left at the carrier
+                # (a booking that landed after the cancel, its answer then lost with a crash) is
+                # cancelled; it is idempotent, and nothing if there is no booking.
+                await carrier.cancel(key)
             return Recorded()
         tracking = await carrier.lookup(key)
         if tracking is not None:

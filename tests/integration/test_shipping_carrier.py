@@ -287,3 +287,39 @@ async def test_a_cancel_that_recorded_after_a_late_booking_cancels_it(
     reply = _only_reply(await apply(engine, cancel, cancelling, False))
     assert reply == ShipmentCancelled(order_id=order_id, had_shipment=True)
     assert await _booking_status(engine, order_id) == "CANCELLED"
+
+
+async def test_a_booking_left_by_a_crashed_instance_is_cancelled_by_the_retry(
+    database: Settings, engine: AsyncEngine, carrier: Carrier, uid: str
+) -> None:
+    """Two shipping instances: one booked at the carrier, then crashed before recording; the
+    other recorded the cancel's tombstone meanwhile. The create's retry finds the tombstone and
+    must not leave that booking live (goods shipped for a compensated saga)."""
+    handlers = shipping.make_handlers(carrier, database)
+    create, cancel = handlers[CreateShipment.TYPE], handlers[CancelShipment.TYPE]
+    order_id = f"ship-orphan-{uid}"
+    created = create_shipment(order_id)
+    env = created.envelope
+    cancelling = Incoming(
+        env.model_copy(
+            update={
+                "message_id": uuid.uuid4(),
+                "type": CancelShipment.TYPE,
+                "step": "cancel_shipment",
+                "idempotency_key": f"{env.saga_id}:cancel_shipment",
+            }
+        ),
+        CancelShipment(order_id=order_id),
+    )
+    # the other instance's cancel: nothing at the carrier yet, a tombstone recorded
+    assert await prepare(engine, cancel, cancelling) is False
+    await apply(engine, cancel, cancelling, False)
+    # this instance's booking lands after it, and the instance dies before its transaction
+    body = created.body
+    assert isinstance(body, CreateShipment)
+    await carrier.book(shipping._key(env), order_id, body.shipping_address)
+    assert await _booking_status(engine, order_id) == "BOOKED"
+    # the redelivered CreateShipment: answered from the tombstone, and the booking cancelled
+    reply = _only_reply(await handle(engine, create, created))
+    assert isinstance(reply, ShipmentFailed)
+    assert await _booking_status(engine, order_id) == "CANCELLED"
