@@ -862,7 +862,10 @@ def _where(stmt: Any, f: Filters) -> Any:
     if f.status:
         stmt = stmt.where(t.c.status == f.status)
     if f.failed_within:
-        stmt = stmt.where(t.c.failed_at >= datetime.now(UTC) - f.failed_within)
+        # the earlier of the two: a broker dead letter's failed_at is the publisher's to write
+        stmt = stmt.where(
+            func.least(t.c.failed_at, t.c.collected_at) >= datetime.now(UTC) - f.failed_within
+        )
     return stmt
 
 
@@ -883,7 +886,7 @@ async def count_too_old(engine: AsyncEngine, f: Filters, window: timedelta) -> i
     """Dead letters matching ``f`` that failed longer ago than ``window``."""
     t = dead_letters
     stmt = _where(select(func.count()).select_from(t), f).where(
-        t.c.failed_at < datetime.now(UTC) - window
+        func.least(t.c.failed_at, t.c.collected_at) < datetime.now(UTC) - window
     )
     async with engine.connect() as conn:
         return int((await conn.execute(stmt)).scalar_one())
