@@ -515,8 +515,10 @@ def row_from_delivery(
     error_class = _opt_text(headers.get(HeaderNames.ERROR_CLASS), MAX_TEXT)
     error_message = _opt_text(headers.get(HeaderNames.ERROR_MESSAGE), MAX_TEXT)
     kind = _opt_text(headers.get(HeaderNames.FAILURE_KIND))
-    if error_class is None:
+    if error_class is None or broker_made:
         # Dead-lettered by the broker itself (x-delivery-limit, rejected, expired): read x-death.
+        # A retry copy that then crashed its consumer carries the error of its last retry, but
+        # the broker made this dead letter.
         death = _first_death(headers)
         reason = _opt_text(death.get("reason")) or "unknown"
         error_class = f"broker:{reason}"

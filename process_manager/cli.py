@@ -525,9 +525,13 @@ def _saga_id(value: str) -> uuid.UUID:
 
 def _operator(saga: str, action: Any) -> None:
     from process_manager.service import operator_action
+    from process_manager.store import UnloadableSaga
 
     s = settings()
-    decision = _with_engine(lambda e: operator_action(e, s, _saga_id(saga), action))
+    try:
+        decision = _with_engine(lambda e: operator_action(e, s, _saga_id(saga), action))
+    except UnloadableSaga as e:
+        raise Failed(f"{e}; its row must be repaired by hand (see its manual case)") from None
     if decision is None:
         raise Failed(f"no saga {saga!r}")
     if decision.outcome == "ignored":

@@ -658,9 +658,9 @@ def _on_reply(
             and late_step not in state.completed
             and (state.status is SagaStatus.COMPENSATING or state.status.terminal)
             and state.status is not SagaStatus.COMPLETED
-            # a late pivot (a capture) is undone only once the saga is being undone: a saga
-            # stopped for a human is not compensating, and resume asks the payment first
-            and (late_step != PIVOT or state.compensating)
+            # only a saga that is undoing its work undoes a late success: one stopped for a
+            # human without compensating leaves it to the human (resume asks, or goes on)
+            and state.compensating
         ):
             comp = FORWARD_BY_NAME[late_step].compensation
             if comp is not None:
@@ -754,6 +754,7 @@ def _forward_step_succeeded_by(kind: type[Message]) -> str | None:
 
 def _needs_manual(state: SagaState, reason: str) -> Decision:
     stalled = state.awaiting
+    counts = _late_reply_counts(stalled, state.reconciling)
     in_flight = state.reconciling if state.awaiting == RECONCILE.name else state.awaiting
     if in_flight in FORWARD_BY_NAME and state.unknown_step is None:
         # stopped while a forward step was in flight: remember it, its effect may exist
@@ -769,21 +770,22 @@ def _needs_manual(state: SagaState, reason: str) -> Decision:
         awaiting=None,
         deadline=None,
         failure_reason=reason,
-        stalled=stalled if _late_reply_counts(stalled) else None,
+        stalled=stalled if counts else None,
     )
     return Decision(state, note=f"needs manual: {reason}")
 
 
-def _late_reply_counts(step: str | None) -> bool:
+def _late_reply_counts(step: str | None, reconciling: str | None) -> bool:
     """A reply to this step that arrives after the saga stopped for a human is still applied:
-    a compensation (its effect is done either way) or a step after the pivot (it cannot
-    fail). A step before the pivot is not: the saga stays stopped for the human to decide."""
+    a compensation (its effect is done either way), the pivot or its status query (whether the
+    point of no return was passed: nobody should have to guess), or a step after the pivot (it
+    cannot fail). A step before the pivot is not: the saga stays stopped for the human."""
     if step is None:
         return False
-    return (
-        step in COMPENSATIONS
-        or step == RECONCILE.name  # the status query (of a payment step, the pivot included)
-        or (step in FORWARD_BY_NAME and FORWARD_BY_NAME[step].kind in ("pivot", "retriable"))
+    if step == RECONCILE.name:
+        return reconciling is not None and reconciling == PIVOT
+    return step in COMPENSATIONS or (
+        step in FORWARD_BY_NAME and FORWARD_BY_NAME[step].kind in ("pivot", "retriable")
     )
 
 

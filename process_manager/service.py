@@ -32,6 +32,7 @@ from messaging.settings import Settings
 from messaging.topology import command_route
 from process_manager import store
 from process_manager.saga import (
+    FORWARD,
     FORWARD_BY_NAME,
     RECONCILE,
     TERMINAL,
@@ -55,6 +56,8 @@ from schemas.registry import REGISTRY
 log = structlog.get_logger("sagabus.process_manager")
 
 SERVICE = "process-manager"
+#: statuses of the steps after the pivot (the sweeper leaves them alone)
+RETRIABLE_STATUSES = [s.status.value for s in FORWARD if s.kind == "retriable"]
 _UNCLAIM = "DELETE FROM process_manager.inbox WHERE message_id = $1 AND message_type = $2"
 
 
@@ -412,7 +415,13 @@ async def sweep_expired(
         rows = (
             await conn.execute(
                 select(t.c.saga_id)
-                .where(t.c.started_at < now - ttl, t.c.status.not_in([s.value for s in TERMINAL]))
+                .where(
+                    t.c.started_at < now - ttl,
+                    # past the pivot the retriable step is re-sent on its own schedule, and
+                    # calls a human when that runs out: not the time-to-live's business
+                    t.c.status.not_in([s.value for s in TERMINAL] + RETRIABLE_STATUSES),
+                )
+                .order_by(t.c.started_at)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
             )

@@ -1386,3 +1386,20 @@ def test_expire_past_the_pivot_lets_the_re_sends_go_on() -> None:
     state = awaiting("completion")
     d = step(state, Expire("alive too long"))
     assert d.outcome == "ignored" and d.state == state
+
+
+def test_a_late_success_on_a_saga_stopped_for_a_human_undoes_nothing() -> None:
+    state = awaiting("authorization")
+    manual = state_of(step(state, Expire("ttl")))
+    assert manual.status is S.FAILED_NEEDS_MANUAL and not manual.compensating
+    d = step(manual, reply("authorization", state.seq))
+    assert d.commands == () and d.state == manual  # the human decides: resume asks payment
+
+
+def test_a_late_status_answer_does_not_revive_a_saga_stopped_before_the_pivot() -> None:
+    asking, _ = timed_out(awaiting("authorization"), POLICY.max_step_attempts)
+    assert asking.reconciling == "authorization"
+    manual = state_of(step(asking, Expire("ttl")))
+    assert manual.stalled is None
+    d = step(manual, _status(manual, "authorized"))
+    assert d.commands == () and d.state == manual
