@@ -122,9 +122,11 @@ async def test_a_saga_this_version_cannot_read_is_set_aside_and_the_others_go_on
     )
 
     async def both_started() -> bool:
-        return await count(ops_engine, store.sagas, order_id=bad.order_id) + await count(
-            ops_engine, store.sagas, order_id=good.order_id
-        ) == 2
+        return (
+            await count(ops_engine, store.sagas, order_id=bad.order_id)
+            + await count(ops_engine, store.sagas, order_id=good.order_id)
+            == 2
+        )
 
     await wait_for(both_started, what="both sagas stored")
     async with ops_engine.begin() as conn:
