@@ -64,6 +64,23 @@ def create_shipment(order_id: str, *, postal_code: str = "3511AA") -> Incoming:
     return Incoming(env, body)
 
 
+def cancel_shipment(created: Incoming) -> Incoming:
+    """The CancelShipment of the same saga as ``created`` (a CreateShipment)."""
+    env, body = created.envelope, created.body
+    assert isinstance(body, CreateShipment)
+    return Incoming(
+        env.model_copy(
+            update={
+                "message_id": uuid.uuid4(),
+                "type": CancelShipment.TYPE,
+                "step": "cancel_shipment",
+                "idempotency_key": f"{env.saga_id}:cancel_shipment",
+            }
+        ),
+        CancelShipment(order_id=body.order_id),
+    )
+
+
 async def prepare(
     engine: AsyncEngine, handler: Handler, incoming: Incoming, *, retries: int = 0
 ) -> Any:
@@ -268,18 +285,7 @@ async def test_a_cancel_that_recorded_after_a_late_booking_cancels_it(
     create, cancel = handlers[CreateShipment.TYPE], handlers[CancelShipment.TYPE]
     order_id = f"ship-late-booking-{uid}"
     created = create_shipment(order_id)
-    env = created.envelope
-    cancelling = Incoming(
-        env.model_copy(
-            update={
-                "message_id": uuid.uuid4(),
-                "type": CancelShipment.TYPE,
-                "step": "cancel_shipment",
-                "idempotency_key": f"{env.saga_id}:cancel_shipment",
-            }
-        ),
-        CancelShipment(order_id=order_id),
-    )
+    cancelling = cancel_shipment(created)
     assert await prepare(engine, cancel, cancelling) is False  # nothing booked yet
     booked = await prepare(engine, create, created)
     assert isinstance(booked, shipping.Booked)
@@ -300,17 +306,7 @@ async def test_a_booking_left_by_a_crashed_instance_is_cancelled_by_the_retry(
     order_id = f"ship-orphan-{uid}"
     created = create_shipment(order_id)
     env = created.envelope
-    cancelling = Incoming(
-        env.model_copy(
-            update={
-                "message_id": uuid.uuid4(),
-                "type": CancelShipment.TYPE,
-                "step": "cancel_shipment",
-                "idempotency_key": f"{env.saga_id}:cancel_shipment",
-            }
-        ),
-        CancelShipment(order_id=order_id),
-    )
+    cancelling = cancel_shipment(created)
     # the other instance's cancel: nothing at the carrier yet, a tombstone recorded
     assert await prepare(engine, cancel, cancelling) is False
     await apply(engine, cancel, cancelling, False)
