@@ -306,3 +306,21 @@ def test_dead_letter_display_masks_reply_tokens() -> None:
 
     shown = mask_personal({HeaderNames.REPLY_TOKEN: "3f9c2a1e5b7d4c6a", HeaderNames.FENCE: 2})
     assert shown == {HeaderNames.REPLY_TOKEN: "***", HeaderNames.FENCE: 2}
+
+
+def test_run_all_takes_each_services_own_credentials_from_the_environment() -> None:
+    from messaging.service import Credentials, credentials_from_env
+
+    env = {
+        "SAGABUS_AMQP_URL_PROCESS_MANAGER": "amqp://sagabus-process-manager:p@h/",
+        "SAGABUS_DATABASE_URL_PROCESS_MANAGER": "postgresql://sagabus_process_manager:p@h/db",
+        "SAGABUS_AMQP_URL_DEAD_LETTERS": "amqp://sagabus-dead-letters:p@h/",
+        "SAGABUS_AMQP_URL_ORDER": "",  # empty: not given
+    }
+    found = credentials_from_env(["process-manager", "order", "dead-letters"], env)
+    assert found == {
+        "process-manager": Credentials(
+            "amqp://sagabus-process-manager:p@h/", "postgresql://sagabus_process_manager:p@h/db"
+        ),
+        "dead-letters": Credentials("amqp://sagabus-dead-letters:p@h/", None),
+    }
