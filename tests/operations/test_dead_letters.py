@@ -263,20 +263,25 @@ async def test_crash_loop_is_bounded_by_the_delivery_limit_and_stored(
     assert rejected >= ops_settings.delivery_limit  # redelivered up to the limit, then stopped
 
 
+async def _publish_unknown_starts(s: Settings, type_name: str, n: int) -> None:
+    """``n`` messages of an unknown type on the start route: each dead-lettered at once."""
+    connection = await aio_pika.connect(s.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        ex = await channel.get_exchange("sagabus.commands")
+        for _ in range(n):
+            await ex.publish(
+                aio_pika.Message(b"{}", message_id=str(uuid.uuid4()), type=type_name),
+                routing_key="checkout.start",
+            )
+
+
 async def test_purge_archives_and_the_cli_filters_and_refuses_without_yes(
     start_services: Start, ops_settings: Settings, ops_engine: AsyncEngine
 ) -> None:
     await start_services("process-manager", dead_letters=True)
     marker = uuid.uuid4().hex[:8]
-    connection = await aio_pika.connect(ops_settings.amqp_url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        ex = await channel.get_exchange("sagabus.commands")
-        for _ in range(2):
-            await ex.publish(
-                aio_pika.Message(b"{}", message_id=str(uuid.uuid4()), type=f"x.Unknown{marker}.v1"),
-                routing_key="checkout.start",
-            )
+    await _publish_unknown_starts(ops_settings, f"x.Unknown{marker}.v1", 2)
     env = _env(ops_settings)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -846,15 +851,7 @@ async def test_replay_leaves_dead_letters_older_than_the_retention_windows_unles
     replay` leaves it, says so, and replays it only with --force."""
     await start_services("process-manager", dead_letters=True)
     marker = uuid.uuid4().hex[:8]
-    connection = await aio_pika.connect(ops_settings.amqp_url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        ex = await channel.get_exchange("sagabus.commands")
-        for _ in range(2):
-            await ex.publish(
-                aio_pika.Message(b"{}", message_id=str(uuid.uuid4()), type=f"x.Old{marker}.v1"),
-                routing_key="checkout.start",
-            )
+    await _publish_unknown_starts(ops_settings, f"x.Old{marker}.v1", 2)
 
     async def stored() -> list[dict[str, Any]] | None:
         out = _dlq_cli(ops_settings, "list", "--error", marker, "--json")
