@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     carrier_lose_response_rate: float = Field(default=0.0, ge=0, le=1)
     #: shipping: deliveries of CreateShipment that may hit a carrier error before giving up
     shipping_max_attempts: int = Field(default=4, ge=1)
+    #: risk: an order above this amount (minor units, any currency) is rejected
+    risk_max_amount_minor: int = Field(default=1_000_000, ge=0)
+    #: risk: customer ids on the block list, comma separated; added to ``risk.blocked_customers``
+    #: at start (never removed from it: a customer is unblocked there, by an operator)
+    risk_blocked_customers: str = "cus_blocked"
 
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "info"

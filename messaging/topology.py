@@ -107,6 +107,7 @@ QUEUES: dict[str, QueueSpec] = {
         _q("payment", (COMMANDS_EXCHANGE, "payment.#")),
         _q("inventory", (COMMANDS_EXCHANGE, "inventory.#")),
         _q("shipping", (COMMANDS_EXCHANGE, "shipping.#")),
+        _q("risk", (COMMANDS_EXCHANGE, "risk.#")),
         _q("notification", (FACTS_EXCHANGE, "")),
         _q("analytics", (FACTS_EXCHANGE, "")),
     )

@@ -1,4 +1,5 @@
-"""Payment service: authorize then capture; void or refund to compensate."""
+"""Payment service: authorize then capture; to compensate, the ladder void, refund, credit note
+(then a manual case). ``RefundOrder`` refunds a completed order (the returns saga)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,24 @@ class VoidAuthorization(Message):
 
 class RefundPayment(Message):
     TYPE: ClassVar[str] = "payment.RefundPayment.v1"
+    KIND: ClassVar[str] = "command"
+    order_id: OrderId
+    amount_minor: MinorUnits
+    currency: Currency
+
+
+class RefundOrder(Message):
+    """Refund exactly what the ledger says was captured (a return of a completed order)."""
+
+    TYPE: ClassVar[str] = "payment.RefundOrder.v1"
+    KIND: ClassVar[str] = "command"
+    order_id: OrderId
+
+
+class IssueCreditNote(Message):
+    """Store credit for ``amount_minor``: the rung after a refund the PSP refused."""
+
+    TYPE: ClassVar[str] = "payment.IssueCreditNote.v1"
     KIND: ClassVar[str] = "command"
     order_id: OrderId
     amount_minor: MinorUnits
@@ -97,8 +116,24 @@ class PaymentRefundFailed(Message):
     reason: Reason
 
 
+class CreditNoteIssued(Message):
+    TYPE: ClassVar[str] = "payment.CreditNoteIssued.v1"
+    KIND: ClassVar[str] = "reply"
+    order_id: OrderId
+    credit_note_id: Token
+    amount_minor: MinorUnits
+
+
+class CreditNoteRefused(Message):
+    TYPE: ClassVar[str] = "payment.CreditNoteRefused.v1"
+    KIND: ClassVar[str] = "reply"
+    order_id: OrderId
+    reason: Reason
+
+
 class PaymentStatusReported(Message):
     TYPE: ClassVar[str] = "payment.PaymentStatusReported.v1"
     KIND: ClassVar[str] = "reply"
     order_id: OrderId
-    status: Literal["none", "authorized", "declined", "captured", "voided", "refunded"]
+    #: "credited": captured, the refund refused, and store credit issued instead
+    status: Literal["none", "authorized", "declined", "captured", "voided", "refunded", "credited"]
