@@ -15,10 +15,21 @@ class ReserveInventory(Message):
     KIND: ClassVar[str] = "command"
     order_id: OrderId
     items: tuple[LineItem, ...] = Field(min_length=1, max_length=100)
+    #: when a SKU is short: True records a backorder and takes no stock (``InventoryBackordered``),
+    #: False refuses (``InventoryUnavailable``)
+    allow_backorder: bool = False
 
 
 class ReleaseInventory(Message):
     TYPE: ClassVar[str] = "inventory.ReleaseInventory.v1"
+    KIND: ClassVar[str] = "command"
+    order_id: OrderId
+
+
+class RestockItems(Message):
+    """Put back on the shelf what the order's reservation took (a returned order), once."""
+
+    TYPE: ClassVar[str] = "inventory.RestockItems.v1"
     KIND: ClassVar[str] = "command"
     order_id: OrderId
 
@@ -44,3 +55,21 @@ class InventoryReleased(Message):
     KIND: ClassVar[str] = "reply"
     order_id: OrderId
     units_released: int
+
+
+class InventoryBackordered(Message):
+    """Some SKUs were short and the order may wait: a backorder is recorded, no stock taken."""
+
+    TYPE: ClassVar[str] = "inventory.InventoryBackordered.v1"
+    KIND: ClassVar[str] = "reply"
+    order_id: OrderId
+    #: the short SKUs
+    skus: tuple[Sku, ...]
+
+
+class ItemsRestocked(Message):
+    TYPE: ClassVar[str] = "inventory.ItemsRestocked.v1"
+    KIND: ClassVar[str] = "reply"
+    order_id: OrderId
+    #: units put back now or by an earlier delivery of the same command; 0: nothing to put back
+    units_restocked: int = Field(ge=0)

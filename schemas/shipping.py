@@ -43,3 +43,38 @@ class ShipmentCancelled(Message):
     KIND: ClassVar[str] = "reply"
     order_id: OrderId
     had_shipment: bool
+
+
+class BookPickup(Message):
+    """Have the carrier collect a returned parcel at the order's shipping address."""
+
+    TYPE: ClassVar[str] = "shipping.BookPickup.v1"
+    KIND: ClassVar[str] = "command"
+    order_id: OrderId
+
+
+class CancelPickup(Message):
+    TYPE: ClassVar[str] = "shipping.CancelPickup.v1"
+    KIND: ClassVar[str] = "command"
+    order_id: OrderId
+
+
+class PickupBooked(Message):
+    TYPE: ClassVar[str] = "shipping.PickupBooked.v1"
+    KIND: ClassVar[str] = "reply"
+    order_id: OrderId
+    pickup_id: Token
+
+
+class PickupFailed(Message):
+    TYPE: ClassVar[str] = "shipping.PickupFailed.v1"
+    KIND: ClassVar[str] = "reply"
+    order_id: OrderId
+    reason: Reason
+
+
+class PickupCancelled(Message):
+    TYPE: ClassVar[str] = "shipping.PickupCancelled.v1"
+    KIND: ClassVar[str] = "reply"
+    order_id: OrderId
+    had_pickup: bool

@@ -1,4 +1,8 @@
-"""Analytics service (choreographed): counts and durations of checkouts by outcome."""
+"""Analytics service (choreographed): counts and durations of checkouts by outcome.
+
+Outcomes: ``completed`` (its amount summed), ``cancelled`` and ``needs_manual`` (amount 0), and
+the later events of an order: ``backordered`` and ``returned`` (their amounts summed; they carry
+no duration, counted as 0). An order that was backordered and then completed counts in both."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from messaging.consumer import Context, Handler
 from messaging.db import driver, qualified
 from messaging.service import ServiceDefinition
 from messaging.settings import Settings
-from schemas.order import OrderCancelled, OrderCompleted
+from schemas.order import OrderBackordered, OrderCancelled, OrderCompleted, OrderReturned
 
 SCHEMA = "analytics"
 metadata = MetaData(schema=SCHEMA)
@@ -38,17 +42,25 @@ _COUNT = (
 
 async def count(ctx: Context) -> None:
     fact = ctx.incoming.body
-    assert isinstance(fact, OrderCompleted | OrderCancelled)
-    outcome = "completed" if isinstance(fact, OrderCompleted) else fact.outcome
+    assert isinstance(fact, OrderCompleted | OrderCancelled | OrderBackordered | OrderReturned)
+    match fact:
+        case OrderCompleted():
+            outcome, duration_ms, amount = "completed", fact.duration_ms, fact.amount_minor
+        case OrderCancelled():
+            outcome, duration_ms, amount = fact.outcome, fact.duration_ms, 0
+        case OrderBackordered():
+            outcome, duration_ms, amount = "backordered", 0, fact.amount_minor
+        case OrderReturned():
+            outcome, duration_ms, amount = "returned", 0, fact.amount_minor
     pg = await driver(ctx.conn)
-    await pg.execute(
-        _COUNT,
-        outcome,
-        fact.duration_ms,
-        fact.amount_minor if outcome == "completed" else 0,
-    )
+    await pg.execute(_COUNT, outcome, duration_ms, amount)
 
 
 def definition(settings: Settings) -> ServiceDefinition:
-    handlers: dict[str, Handler] = {OrderCompleted.TYPE: count, OrderCancelled.TYPE: count}
+    handlers: dict[str, Handler] = {
+        OrderCompleted.TYPE: count,
+        OrderCancelled.TYPE: count,
+        OrderBackordered.TYPE: count,
+        OrderReturned.TYPE: count,
+    }
     return ServiceDefinition("analytics", SCHEMA, metadata, handlers)

@@ -6,6 +6,14 @@ serialise on the row and the second finds nothing left. A ``CHECK (available >= 
 All-or-nothing: if any SKU is short, the decrements are rolled back to a savepoint.
 Tombstones: a ReleaseInventory that arrives before its ReserveInventory records the release, and
 the late reservation takes nothing.
+
+Backorders: a ReserveInventory with ``allow_backorder`` that finds a SKU short takes no stock at
+all; it records a backorder (``backorders``, OPEN) and answers InventoryBackordered with the
+short SKUs. A ReleaseInventory of a backordered order cancels the backorder (CANCELLED) and
+releases nothing.
+Returns: RestockItems puts back on the shelf what the order's reservation took, once (the
+reservation becomes RESTOCKED); a reservation that took nothing, or gave it back already
+(released), restocks nothing.
 """
 
 from __future__ import annotations
@@ -37,11 +45,14 @@ from messaging.retention import RetentionRule
 from messaging.service import ServiceDefinition
 from messaging.settings import Settings
 from schemas.inventory import (
+    InventoryBackordered,
     InventoryReleased,
     InventoryReserved,
     InventoryUnavailable,
+    ItemsRestocked,
     ReleaseInventory,
     ReserveInventory,
+    RestockItems,
 )
 
 SCHEMA = "inventory"
@@ -61,12 +72,24 @@ reservations = Table(
     metadata,
     Column("order_id", Text, primary_key=True),
     Column("saga_id", Uuid, nullable=False),
-    #: PENDING (claimed in this transaction) -> RESERVED | UNAVAILABLE; RESERVED -> RELEASED;
+    #: PENDING (claimed in this transaction) -> RESERVED | UNAVAILABLE | BACKORDERED;
+    #: RESERVED -> RELEASED | RESTOCKED (returned: its units back on the shelf);
     #: RELEASED without a reservation is a tombstone
     Column("status", Text, nullable=False),
     Column("items", JSONB, nullable=False),
     Column("short_skus", JSONB, nullable=True),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+backorders = Table(
+    "backorders",
+    metadata,
+    Column("order_id", Text, primary_key=True),
+    #: the order's line items, as its ReserveInventory asked for them
+    Column("items", JSONB, nullable=False),
+    #: OPEN (waiting for stock) -> CANCELLED (its checkout was compensated)
+    Column("status", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
 
@@ -100,9 +123,27 @@ _GIVE_BACK = (
     f" UPDATE {_RESERVATIONS} SET status = 'RELEASED', updated_at = $3 WHERE order_id = $4"
     " RETURNING (SELECT count(*) FROM returned)"
 )
-_UNAVAILABLE = (
-    f"UPDATE {_RESERVATIONS} SET status = 'UNAVAILABLE', short_skus = $2::jsonb,"
+_SHORT = (
+    f"UPDATE {_RESERVATIONS} SET status = $4, short_skus = $2::jsonb,"
     " updated_at = $3 WHERE order_id = $1"
+)
+_BACKORDERS = qualified(backorders)
+_BACKORDER = (
+    f"INSERT INTO {_BACKORDERS} (order_id, items, status, created_at)"
+    " VALUES ($1, $2::jsonb, 'OPEN', $3) ON CONFLICT DO NOTHING"
+)
+_CANCEL_BACKORDER = (
+    f"UPDATE {_BACKORDERS} SET status = 'CANCELLED' WHERE order_id = $1 AND status = 'OPEN'"
+)
+#: back on the shelf: the units the reservation took, and the reservation marked, in one round
+#: trip (a SKU whose stock row is gone gets its row back)
+_RESTOCK = (
+    f"WITH restocked AS (INSERT INTO {_STOCK} AS s (sku, available, updated_at)"
+    f" SELECT wanted.sku, wanted.quantity, $3::timestamptz FROM {_WANTED}"
+    " ON CONFLICT (sku) DO UPDATE SET available = s.available + EXCLUDED.available,"
+    " updated_at = EXCLUDED.updated_at RETURNING s.sku)"
+    f" UPDATE {_RESERVATIONS} SET status = 'RESTOCKED', updated_at = $3 WHERE order_id = $4"
+    " RETURNING (SELECT count(*) FROM restocked)"
 )
 
 
@@ -144,8 +185,11 @@ async def reserve(ctx: Context) -> None:
     items = [i.model_dump() for i in cmd.items]
     row, inserted = await _claim(ctx, pg, cmd.order_id, "PENDING", items)
     if not inserted:
-        if row["status"] == "RESERVED":
+        if row["status"] in ("RESERVED", "RESTOCKED"):
             ctx.reply(InventoryReserved(order_id=cmd.order_id, reservation_id=cmd.order_id))
+        elif row["status"] == "BACKORDERED":
+            short_skus = tuple(_json(row["short_skus"]) or [])
+            ctx.reply(InventoryBackordered(order_id=cmd.order_id, skus=short_skus))
         else:
             ctx.reply(
                 InventoryUnavailable(
@@ -163,8 +207,14 @@ async def reserve(ctx: Context) -> None:
     short = [
         sku for sku, quantity in zip(skus, quantities, strict=True) if levels.get(sku, 0) < quantity
     ]
+    if short and cmd.allow_backorder:
+        # the order waits for stock: it takes none now (no unit is held for a backorder)
+        await pg.execute(_SHORT, cmd.order_id, json.dumps(short), ctx.now, "BACKORDERED")
+        await pg.execute(_BACKORDER, cmd.order_id, json.dumps(items), ctx.now)
+        ctx.reply(InventoryBackordered(order_id=cmd.order_id, skus=tuple(short)))
+        return
     if short:
-        await pg.execute(_UNAVAILABLE, cmd.order_id, json.dumps(short), ctx.now)
+        await pg.execute(_SHORT, cmd.order_id, json.dumps(short), ctx.now, "UNAVAILABLE")
         ctx.reply(InventoryUnavailable(order_id=cmd.order_id, skus=tuple(short)))
         return
     taken = await pg.fetchval(_TAKE, skus, quantities, ctx.now, cmd.order_id)
@@ -179,6 +229,12 @@ async def release(ctx: Context) -> None:
     assert isinstance(cmd, ReleaseInventory)
     pg = await driver(ctx.conn)
     row, inserted = await _claim(ctx, pg, cmd.order_id, "RELEASED", [])
+    if not inserted and row["status"] == "BACKORDERED":
+        # it took no stock: the backorder is cancelled (idempotent), nothing is released. The
+        # reservation stays BACKORDERED, so a re-sent ReserveInventory answers as before.
+        await pg.execute(_CANCEL_BACKORDER, cmd.order_id)
+        ctx.reply(InventoryReleased(order_id=cmd.order_id, units_released=0))
+        return
     if inserted or row["status"] != "RESERVED":
         # nothing was reserved (or it was released already): a tombstone or a repeat
         ctx.reply(InventoryReleased(order_id=cmd.order_id, units_released=0))
@@ -187,6 +243,25 @@ async def release(ctx: Context) -> None:
     await pg.fetch(_LOCK_STOCK, skus)  # the same lock order as a reservation
     await pg.fetchval(_GIVE_BACK, skus, quantities, ctx.now, cmd.order_id)
     ctx.reply(InventoryReleased(order_id=cmd.order_id, units_released=sum(quantities)))
+
+
+async def restock(ctx: Context) -> None:
+    """Put back what the order's reservation took, once. A re-send finds the reservation
+    RESTOCKED and answers the same count; an order whose reservation took nothing (unknown,
+    unavailable, backordered) or gave it back already (released) restocks 0 and writes
+    nothing."""
+    cmd = ctx.incoming.body
+    assert isinstance(cmd, RestockItems)
+    pg = await driver(ctx.conn)
+    row = await pg.fetchrow(_LOCK, cmd.order_id)
+    if row is None or row["status"] not in ("RESERVED", "RESTOCKED"):
+        ctx.reply(ItemsRestocked(order_id=cmd.order_id, units_restocked=0))
+        return
+    skus, quantities = _quantities((i["sku"], int(i["quantity"])) for i in _json(row["items"]))
+    if row["status"] == "RESERVED":
+        await pg.fetch(_LOCK_STOCK, skus)  # the same lock order as a reservation
+        await pg.fetchval(_RESTOCK, skus, quantities, ctx.now, cmd.order_id)
+    ctx.reply(ItemsRestocked(order_id=cmd.order_id, units_restocked=sum(quantities)))
 
 
 async def seed(conn: AsyncConnection, levels: dict[str, int], *, add: bool = False) -> None:
@@ -207,9 +282,12 @@ def definition(settings: Settings) -> ServiceDefinition:
     handlers: dict[str, Handler] = {
         ReserveInventory.TYPE: reserve,
         ReleaseInventory.TYPE: release,
+        RestockItems.TYPE: restock,
     }
-    # reservations that are settled (PENDING exists only inside a transaction); stock is kept
+    # reservations that are settled (PENDING exists only inside a transaction); stock is kept,
+    # and so are the OPEN backorders (they wait for stock)
     retained = (
         RetentionRule(reservations, "updated_at", "participant_retention_s", "status <> 'PENDING'"),
+        RetentionRule(backorders, "created_at", "participant_retention_s", "status = 'CANCELLED'"),
     )
     return ServiceDefinition("inventory", SCHEMA, metadata, handlers, retained=retained)

@@ -1,6 +1,9 @@
 """Notification service (choreographed): reacts to public order facts and records what it
 "sent". Facts carry ids and tokens only; the address book lookup would happen here, keyed by the
-customer token, which is why no personal data needs to travel on the bus."""
+customer token, which is why no personal data needs to travel on the bus.
+
+Every public order fact gets one email: OrderCompleted ``order_confirmed``, OrderCancelled
+``order_cancelled``, OrderBackordered ``order_backordered``, OrderReturned ``order_returned``."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from messaging.db import driver, qualified
 from messaging.retention import RetentionRule
 from messaging.service import ServiceDefinition
 from messaging.settings import Settings
-from schemas.order import OrderCancelled, OrderCompleted
+from schemas.order import OrderBackordered, OrderCancelled, OrderCompleted, OrderReturned
 
 SCHEMA = "notification"
 metadata = MetaData(schema=SCHEMA)
@@ -36,10 +39,19 @@ _NOTIFY = (
 )
 
 
+#: the email template of each public fact
+TEMPLATES: dict[str, str] = {
+    OrderCompleted.TYPE: "order_confirmed",
+    OrderCancelled.TYPE: "order_cancelled",
+    OrderBackordered.TYPE: "order_backordered",
+    OrderReturned.TYPE: "order_returned",
+}
+
+
 async def notify(ctx: Context) -> None:
     fact = ctx.incoming.body
-    assert isinstance(fact, OrderCompleted | OrderCancelled)
-    template = "order_confirmed" if isinstance(fact, OrderCompleted) else "order_cancelled"
+    assert isinstance(fact, OrderCompleted | OrderCancelled | OrderBackordered | OrderReturned)
+    template = TEMPLATES[fact.TYPE]
     pg = await driver(ctx.conn)
     await pg.execute(
         _NOTIFY,
@@ -53,6 +65,6 @@ async def notify(ctx: Context) -> None:
 
 
 def definition(settings: Settings) -> ServiceDefinition:
-    handlers: dict[str, Handler] = {OrderCompleted.TYPE: notify, OrderCancelled.TYPE: notify}
+    handlers: dict[str, Handler] = dict.fromkeys(TEMPLATES, notify)
     retained = (RetentionRule(notifications, "sent_at", "participant_retention_s"),)
     return ServiceDefinition("notification", SCHEMA, metadata, handlers, retained=retained)

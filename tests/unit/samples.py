@@ -7,19 +7,31 @@ from schemas.base import Message
 from schemas.checkout import StartCheckout
 from schemas.common import LineItem, ShippingAddress
 from schemas.inventory import (
+    InventoryBackordered,
     InventoryReleased,
     InventoryReserved,
     InventoryUnavailable,
+    ItemsRestocked,
     ReleaseInventory,
     ReserveInventory,
+    RestockItems,
 )
 from schemas.order import (
     CancelOrder,
+    CancelReturn,
     CompleteOrder,
+    CompleteReturn,
     CreateOrder,
+    MarkOrderBackordered,
+    MarkReturnPending,
+    OrderBackordered,
     OrderCancelled,
     OrderCompleted,
     OrderCreated,
+    OrderReturnCancelled,
+    OrderReturned,
+    OrderReturnPending,
+    OrderReturnRefused,
 )
 from schemas.payment import (
     AuthorizationVoided,
@@ -37,8 +49,13 @@ from schemas.payment import (
     VoidAuthorization,
 )
 from schemas.shipping import (
+    BookPickup,
+    CancelPickup,
     CancelShipment,
     CreateShipment,
+    PickupBooked,
+    PickupCancelled,
+    PickupFailed,
     ShipmentCancelled,
     ShipmentCreated,
     ShipmentFailed,
@@ -95,6 +112,24 @@ _ALL: tuple[Message, ...] = (
     ShipmentCreated(order_id=OID, tracking_number="TRK-1"),
     ShipmentFailed(order_id=OID, reason="carrier down"),
     ShipmentCancelled(order_id=OID, had_shipment=True),
+    # the returns saga and backorders
+    MarkReturnPending(order_id=OID),
+    CancelReturn(order_id=OID),
+    CompleteReturn(order_id=OID),
+    MarkOrderBackordered(order_id=OID),
+    OrderReturnPending(order_id=OID),
+    OrderReturnRefused(order_id=OID, reason="order not completed"),
+    OrderReturnCancelled(order_id=OID, had_return=True),
+    OrderReturned(order_id=OID, customer_id="cus_1", amount_minor=2500, currency="EUR"),
+    OrderBackordered(order_id=OID, customer_id="cus_1", amount_minor=2500, currency="EUR"),
+    RestockItems(order_id=OID),
+    InventoryBackordered(order_id=OID, skus=("SKU-1",)),
+    ItemsRestocked(order_id=OID, units_restocked=2),
+    BookPickup(order_id=OID),
+    CancelPickup(order_id=OID),
+    PickupBooked(order_id=OID, pickup_id="PU-1"),
+    PickupFailed(order_id=OID, reason="carrier cannot collect at this address"),
+    PickupCancelled(order_id=OID, had_pickup=True),
 )
 
 SAMPLES: dict[str, Message] = {m.TYPE: m for m in _ALL}

@@ -219,7 +219,12 @@ FACTS = sorted(t for t, m in REGISTRY.items() if m.KIND == "fact")
 
 
 def test_there_are_public_facts() -> None:
-    assert FACTS == ["order.OrderCancelled.v1", "order.OrderCompleted.v1"]
+    assert FACTS == [
+        "order.OrderBackordered.v1",
+        "order.OrderCancelled.v1",
+        "order.OrderCompleted.v1",
+        "order.OrderReturned.v1",
+    ]
 
 
 @pytest.mark.parametrize("type_name", FACTS)
