@@ -1,4 +1,11 @@
-"""Payment service: a simulated PSP with authorize, capture, void and refund, and a ledger.
+"""Payment service: a simulated PSP with authorize, capture, void, refund and credit notes, and a
+ledger.
+
+The compensation ladder of a payment: void an authorization; refund a capture; when the refund
+is refused, issue a credit note (store credit for the amount); when that is refused too, a human
+(the process manager's manual case). ``RefundOrder`` refunds a completed order (the returns saga):
+exactly what the ledger says was captured, through the same ledger row as ``RefundPayment``, so
+one order is never refunded twice whichever command asked first.
 
 Never a double charge: every money movement is a ledger entry unique per (order, kind), written in
 the same transaction as the payment's status, so no redelivery or re-sent command can capture or
@@ -11,6 +18,8 @@ Test payment tokens (documented in the README):
 ``tok_insufficient_funds``  authorization declined (``insufficient_funds``)
 ``tok_capture_fails``       authorizes, but the capture is refused
 ``tok_refund_fails``        authorizes and captures, but every refund is refused
+``tok_no_credit``           authorizes and captures, but every refund is refused and so is
+                            every credit note (``store credit not available``)
 anything else               approved
 ==========================  ================================================================
 """
@@ -42,7 +51,10 @@ from schemas.payment import (
     AuthorizationVoided,
     AuthorizePayment,
     CapturePayment,
+    CreditNoteIssued,
+    CreditNoteRefused,
     GetPaymentStatus,
+    IssueCreditNote,
     PaymentAuthorized,
     PaymentCaptured,
     PaymentCaptureFailed,
@@ -50,6 +62,7 @@ from schemas.payment import (
     PaymentRefunded,
     PaymentRefundFailed,
     PaymentStatusReported,
+    RefundOrder,
     RefundPayment,
     VoidAuthorization,
 )
@@ -58,7 +71,14 @@ SCHEMA = "payment"
 metadata = MetaData(schema=SCHEMA)
 
 DECLINING_TOKENS = {"tok_decline": "card_declined", "tok_insufficient_funds": "insufficient_funds"}
+#: tokens whose refunds the PSP refuses
+REFUND_REFUSING_TOKENS = frozenset({"tok_refund_fails", "tok_no_credit"})
+#: tokens whose orders get no store credit
+NO_CREDIT_TOKENS = frozenset({"tok_no_credit"})
 AUTH_NAMESPACE = uuid.UUID("3d3c1a52-8f58-4f0c-9a0e-0f4f3c6b2a11")
+CREDIT_NOTE_NAMESPACE = uuid.UUID("6a0f2c9e-1d47-4b8a-9e35-c2b7d04f8a63")
+#: a refund or credit note asked for a capture whose payment row retention removed already
+EXPIRED = "payment record expired"
 
 payments = Table(
     "payments",
@@ -68,7 +88,7 @@ payments = Table(
     Column("payment_token", Text, nullable=True),
     Column("amount_minor", BigInteger, nullable=False),
     Column("currency", Text, nullable=True),
-    #: AUTHORIZED, DECLINED, CAPTURED, VOIDED, REFUNDED
+    #: AUTHORIZED, DECLINED, CAPTURED, VOIDED, REFUNDED, CREDITED (a credit note was issued)
     Column("status", Text, nullable=False),
     Column("authorization_id", Text, nullable=True),
     Column("reason", Text, nullable=True),
@@ -81,7 +101,7 @@ ledger = Table(
     Column("id", BigInteger, Identity(always=True), primary_key=True),
     Column("order_id", Text, nullable=False),
     Column("saga_id", Uuid, nullable=False),
-    #: authorize | capture | void | refund
+    #: authorize | capture | void | refund | credit_note
     Column("kind", Text, nullable=False),
     Column("amount_minor", BigInteger, nullable=False),
     Column("idempotency_key", Text, nullable=True),
@@ -175,7 +195,7 @@ async def authorize(ctx: Context) -> None:
         row = await pg.fetchrow(_LOCK, cmd.order_id)
         assert row is not None  # payments are never deleted
     status = row["status"]
-    if status in ("AUTHORIZED", "CAPTURED", "REFUNDED"):
+    if status in ("AUTHORIZED", "CAPTURED", "REFUNDED", "CREDITED"):
         ctx.reply(
             PaymentAuthorized(
                 order_id=cmd.order_id,
@@ -244,7 +264,7 @@ async def void(ctx: Context) -> None:
         await _post(ctx, pg, cmd.order_id, "refund", amount, "REFUNDED")
         ctx.reply(AuthorizationVoided(order_id=cmd.order_id, had_authorization=True))
         return
-    if status == "REFUNDED":
+    if status in ("REFUNDED", "CREDITED"):
         ctx.reply(AuthorizationVoided(order_id=cmd.order_id, had_authorization=True))
         return
     if status == "AUTHORIZED":
@@ -271,9 +291,11 @@ async def refund(ctx: Context) -> None:
     pg = await driver(ctx.conn)
     row = await pg.fetchrow(_LOCK, cmd.order_id)
     status = row["status"] if row is not None else None
-    if row is not None and row["payment_token"] == "tok_refund_fails" and status == "CAPTURED":
-        ctx.reply(PaymentRefundFailed(order_id=cmd.order_id, reason="refund refused by PSP"))
-        return
+    if row is not None and status in ("CAPTURED", "CREDITED"):
+        refused = _refund_refused(row)
+        if refused is not None:
+            ctx.reply(PaymentRefundFailed(order_id=cmd.order_id, reason=refused))
+            return
     if row is not None and status == "CAPTURED":
         captured = await pg.fetchval(_MOVED, cmd.order_id, "capture")
         if captured is None:
@@ -291,6 +313,110 @@ async def refund(ctx: Context) -> None:
     # Refunded already (a re-send): what the ledger's refund gave back. Anything else: nothing.
     refunded = await pg.fetchval(_MOVED, cmd.order_id, "refund") if status == "REFUNDED" else 0
     ctx.reply(PaymentRefunded(order_id=cmd.order_id, amount_minor=refunded or 0))
+
+
+def _refund_refused(row: asyncpg.Record) -> str | None:
+    """Why a refund of a captured (or credited) payment is refused, or None."""
+    if row["payment_token"] in REFUND_REFUSING_TOKENS:
+        return "refund refused by PSP"
+    if row["status"] == "CREDITED":
+        # store credit was given instead: a refund as well would pay twice
+        return "credit note issued"
+    return None
+
+
+async def refund_order(ctx: Context) -> None:
+    """A completed order's return: refund exactly what the ledger says was captured. Never
+    voids (a completed order's payment was captured, or there is nothing to give back). Shares
+    the ledger's one ``refund`` row with ``RefundPayment``: an order refunded already, by either
+    command, is answered with what that refund gave back, and no money moves."""
+    cmd = ctx.incoming.body
+    assert isinstance(cmd, RefundOrder)
+    pg = await driver(ctx.conn)
+    row = await pg.fetchrow(_LOCK, cmd.order_id)
+    # the ledger outlives the payment's row (retention): it answers re-sends on its own
+    refunded = await pg.fetchval(_MOVED, cmd.order_id, "refund")
+    if refunded is not None:
+        ctx.reply(PaymentRefunded(order_id=cmd.order_id, amount_minor=refunded))
+        return
+    captured = await pg.fetchval(_MOVED, cmd.order_id, "capture")
+    if captured is None:
+        ctx.reply(PaymentRefundFailed(order_id=cmd.order_id, reason="nothing captured"))
+        return
+    if row is None:
+        ctx.reply(PaymentRefundFailed(order_id=cmd.order_id, reason=EXPIRED))
+        return
+    refused = _refund_refused(row)
+    if refused is not None:
+        ctx.reply(PaymentRefundFailed(order_id=cmd.order_id, reason=refused))
+        return
+    if row["status"] != "CAPTURED":
+        raise PermanentError(
+            f"payment of order {cmd.order_id} is {row['status']}, but the ledger holds a capture"
+            " and no refund"
+        )
+    await _post(ctx, pg, cmd.order_id, "refund", captured, "REFUNDED")
+    ctx.reply(PaymentRefunded(order_id=cmd.order_id, amount_minor=captured))
+
+
+def credit_note_id(order_id: str) -> str:
+    """Derived from the order (the ledger holds one credit note per order): the same id for
+    every re-send."""
+    return f"cn_{uuid.uuid5(CREDIT_NOTE_NAMESPACE, order_id).hex[:16]}"
+
+
+async def issue_credit_note(ctx: Context) -> None:
+    """Store credit for the amount, when the refund was refused: a ledger entry of kind
+    ``credit_note`` and status CREDITED. At most what was captured and not refunded; a re-send
+    is answered with the credit note issued (its id and the ledger's amount)."""
+    cmd = ctx.incoming.body
+    assert isinstance(cmd, IssueCreditNote)
+    pg = await driver(ctx.conn)
+    row = await pg.fetchrow(_LOCK, cmd.order_id)
+    issued = await pg.fetchval(_MOVED, cmd.order_id, "credit_note")
+    if issued is not None:
+        ctx.reply(
+            CreditNoteIssued(
+                order_id=cmd.order_id,
+                credit_note_id=credit_note_id(cmd.order_id),
+                amount_minor=issued,
+            )
+        )
+        return
+    refused = _credit_refused(row, cmd.amount_minor, await _uncredited(pg, cmd.order_id))
+    if refused is not None:
+        ctx.reply(CreditNoteRefused(order_id=cmd.order_id, reason=refused))
+        return
+    await _post(ctx, pg, cmd.order_id, "credit_note", cmd.amount_minor, "CREDITED")
+    ctx.reply(
+        CreditNoteIssued(
+            order_id=cmd.order_id,
+            credit_note_id=credit_note_id(cmd.order_id),
+            amount_minor=cmd.amount_minor,
+        )
+    )
+
+
+async def _uncredited(pg: asyncpg.Connection, order_id: str) -> int:
+    """What was captured and not refunded, by the ledger (0: nothing captured)."""
+    captured = await pg.fetchval(_MOVED, order_id, "capture") or 0
+    refunded = await pg.fetchval(_MOVED, order_id, "refund") or 0
+    return max(0, captured - refunded)
+
+
+def _credit_refused(row: asyncpg.Record | None, amount: int, available: int) -> str | None:
+    """Why a credit note of ``amount`` is refused, or None."""
+    if row is None and available > 0:
+        return EXPIRED
+    if row is None or row["status"] not in ("CAPTURED", "REFUNDED"):
+        return "nothing captured"
+    if row["payment_token"] in NO_CREDIT_TOKENS:
+        return "store credit not available"
+    if amount == 0:
+        return "nothing to credit"
+    if amount > available:
+        return "amount exceeds what was captured and not refunded"
+    return None
 
 
 async def status(ctx: Context) -> None:
@@ -325,6 +451,8 @@ def definition(settings: Settings) -> ServiceDefinition:
         CapturePayment.TYPE: capture,
         VoidAuthorization.TYPE: void,
         RefundPayment.TYPE: refund,
+        RefundOrder.TYPE: refund_order,
+        IssueCreditNote.TYPE: issue_credit_note,
         GetPaymentStatus.TYPE: status,
     }
     # settled payments (an AUTHORIZED one still holds money). The ledger is kept: it is the
@@ -334,7 +462,7 @@ def definition(settings: Settings) -> ServiceDefinition:
             payments,
             "updated_at",
             "participant_retention_s",
-            "status IN ('CAPTURED', 'VOIDED', 'REFUNDED', 'DECLINED')",
+            "status IN ('CAPTURED', 'VOIDED', 'REFUNDED', 'CREDITED', 'DECLINED')",
         ),
     )
     return ServiceDefinition("payment", SCHEMA, metadata, handlers, retained=retained)
