@@ -8,6 +8,10 @@ unknown outcome without booking twice.
 
 Test addresses (documented in the README): postal code ``00000`` is always rejected as
 undeliverable; postal code ``99999`` always gets "carrier unavailable" (retried, then failed).
+Pickups (a returned parcel collected at the shipping address): an address whose ``line1``
+starts with "No Pickup" (any case) is always refused, "carrier cannot collect at this address"
+(its shipment is booked as usual). A pickup is a booking like a shipment, under its own
+idempotency key, so ``lookup`` and ``cancel`` serve both.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from schemas.common import ShippingAddress
 UNDELIVERABLE_POSTAL_CODE = "00000"
 UNAVAILABLE_POSTAL_CODE = "99999"
 TRACKING_NAMESPACE = uuid.UUID("a4f2f0f5-0f0c-4a7e-8f7e-7c1c0f6d8e21")
+#: an address whose ``line1`` starts with this (case-insensitive) gets no pickup
+NO_PICKUP_PREFIX = "no pickup"
+NO_PICKUP_REASON = "carrier cannot collect at this address"
 
 
 class CarrierError(Exception):
@@ -181,6 +188,22 @@ class Carrier:
             if self.rng.random() < self.lose_response_rate:
                 raise CarrierResponseLost("carrier timed out after accepting the request")
             return tracking
+
+    async def book_pickup(self, key: str, order_id: str, address: ShippingAddress) -> str:
+        """Book the collection of a parcel at ``address``; the pickup id. Idempotent by
+        ``key``, like ``book`` (and as flaky)."""
+        self.calls += 1
+        async with self._call("book_pickup", key):
+            await self._latency()
+            if address.line1.casefold().startswith(NO_PICKUP_PREFIX):
+                raise CarrierRejected(NO_PICKUP_REASON)
+            if self.rng.random() < self.failure_rate:
+                raise CarrierUnavailable("carrier unavailable (503)")
+            pickup_id = "PU" + uuid.uuid5(TRACKING_NAMESPACE, key).hex[:12].upper()
+            await (await self.pool()).execute(self._book_sql, key, order_id, pickup_id)
+            if self.rng.random() < self.lose_response_rate:
+                raise CarrierResponseLost("carrier timed out after accepting the request")
+            return pickup_id
 
     async def lookup(self, key: str) -> str | None:
         async with self._call("lookup", key):

@@ -11,6 +11,15 @@ The carrier is called before the message's transaction, outside it (``TwoPhase``
 carrier delays its own shipment only, never the other deliveries that share a transaction with
 it. The transaction then locks the shipment row and records what the carrier said; a booking
 the row does not hold (a cancel that landed in between) is cancelled there.
+
+Pickups (the returns saga): BookPickup has the carrier collect the parcel at the address of the
+order's shipment (kept with a CREATED shipment in ``shipment_addresses``), in the same two
+phases as CreateShipment and under its own carrier key (one pickup per saga). No CREATED
+shipment: PickupFailed "no shipment for this order". An address whose ``line1`` starts with
+"No Pickup" (any case) is refused by the carrier: PickupFailed "carrier cannot collect at this
+address" (its shipment was booked as usual). CancelPickup cancels at the carrier and records
+the cancel; before its BookPickup it leaves a tombstone, so the late BookPickup books nothing
+(PickupFailed "cancelled before booking").
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from dataclasses import dataclass
 import asyncpg
 import structlog
 from sqlalchemy import Column, DateTime, MetaData, Table, Text, Uuid, bindparam, select
+from sqlalchemy.dialects.postgresql import JSONB
 
 from messaging.codec import Incoming
 from messaging.consumer import Context, Handler, Preparation, TwoPhase
@@ -38,10 +48,16 @@ from participants.shipping.carrier import (
     CarrierUnavailable,
     bookings_table,
 )
+from schemas.common import ShippingAddress
 from schemas.envelope import Envelope, HeaderNames
 from schemas.shipping import (
+    BookPickup,
+    CancelPickup,
     CancelShipment,
     CreateShipment,
+    PickupBooked,
+    PickupCancelled,
+    PickupFailed,
     ShipmentCancelled,
     ShipmentCreated,
     ShipmentFailed,
@@ -63,6 +79,29 @@ shipments = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 bookings = bookings_table(metadata)
+#: where a CREATED shipment was sent: the address a pickup collects from (personal data, kept
+#: as long as the shipment)
+shipment_addresses = Table(
+    "shipment_addresses",
+    metadata,
+    Column("order_id", Text, primary_key=True),
+    Column("address", JSONB, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+pickups = Table(
+    "pickups",
+    metadata,
+    #: one pickup per returns saga: a cancelled return's saga does not block the next one's
+    Column("order_id", Text, primary_key=True),
+    Column("saga_id", Uuid, primary_key=True),
+    #: BOOKED | FAILED | CANCELLED (a CANCELLED row with no pickup id is a tombstone)
+    Column("status", Text, nullable=False),
+    Column("pickup_id", Text, nullable=True),
+    Column("reason", Text, nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+NO_SHIPMENT = "no shipment for this order"
+CANCELLED_BEFORE_BOOKING = "cancelled before booking"
 
 
 #: carrier failures of this CreateShipment so far: set on the copy that goes round the delay
@@ -92,6 +131,43 @@ def _key(envelope: Envelope) -> str:
     return f"{envelope.saga_id}:shipment"
 
 
+def _pickup_key(envelope: Envelope) -> str:
+    """The carrier's key for a pickup: one per (returns) saga."""
+    return f"{envelope.saga_id}:pickup"
+
+
+_ADDRESSES = qualified(shipment_addresses)
+_KEEP_ADDRESS = (
+    f"INSERT INTO {_ADDRESSES} (order_id, address, updated_at) VALUES ($1, $2::jsonb, $3)"
+    " ON CONFLICT (order_id) DO NOTHING"
+)
+_PICKUPS = qualified(pickups)
+_LOCK_PICKUP = (
+    f"SELECT status, pickup_id, reason FROM {_PICKUPS} WHERE order_id = $1 AND saga_id = $2"
+    " FOR UPDATE"
+)
+_RECORD_PICKUP = (
+    f"INSERT INTO {_PICKUPS} (order_id, saga_id, status, pickup_id, reason, updated_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id, saga_id) DO UPDATE SET"
+    " status = EXCLUDED.status, pickup_id = EXCLUDED.pickup_id, reason = EXCLUDED.reason,"
+    " updated_at = EXCLUDED.updated_at"
+)
+#: as ``_FIRST``: the first answer for a pickup, if there is none yet
+_FIRST_PICKUP = (
+    f"INSERT INTO {_PICKUPS} (order_id, saga_id, status, pickup_id, reason, updated_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id, saga_id) DO NOTHING RETURNING 1"
+)
+_PICKUP_STATUS = select(pickups.c.status).where(
+    pickups.c.order_id == bindparam("order_id"), pickups.c.saga_id == bindparam("saga_id")
+)
+#: the address of the order's shipment, if it is booked (CREATED)
+_SHIPPED_TO = (
+    select(shipment_addresses.c.address)
+    .join(shipments, shipments.c.order_id == shipment_addresses.c.order_id)
+    .where(shipments.c.order_id == bindparam("order_id"), shipments.c.status == "CREATED")
+)
+
+
 def carrier_attempts(incoming: Incoming) -> int:
     """How many deliveries of this command the carrier failed already."""
     value = incoming.headers.get(CARRIER_ATTEMPTS, 0)
@@ -115,7 +191,8 @@ class Recorded:
 @dataclass(frozen=True)
 class Booked:
     """The carrier holds a booking for the saga's key (made now, or earlier by another
-    delivery: a lost answer resolved by ``lookup``)."""
+    delivery: a lost answer resolved by ``lookup``). For a pickup, ``tracking_number`` is the
+    pickup id."""
 
     tracking_number: str
 
@@ -134,7 +211,14 @@ class GaveUp:
     reason: str
 
 
+@dataclass(frozen=True)
+class NoShipment:
+    """BookPickup: the order has no CREATED shipment (so no address): the carrier was not
+    called."""
+
+
 Outcome = Recorded | Booked | Rejected | GaveUp
+PickupOutcome = Outcome | NoShipment
 
 _STATUS = select(shipments.c.status).where(shipments.c.order_id == bindparam("order_id"))
 
@@ -166,6 +250,11 @@ async def _record_first(
     return inserted is not None
 
 
+async def _keep_address(ctx: Context, pg: asyncpg.Connection, cmd: CreateShipment) -> None:
+    """Keep where a CREATED shipment goes, for a later pickup."""
+    await pg.execute(_KEEP_ADDRESS, cmd.order_id, cmd.shipping_address.model_dump_json(), ctx.now)
+
+
 def _answer(ctx: Context, order_id: str, row: asyncpg.Record) -> None:
     """Reply what the shipment row says."""
     if row["status"] == "CREATED":
@@ -175,6 +264,32 @@ def _answer(ctx: Context, order_id: str, row: asyncpg.Record) -> None:
         "cancelled before creation" if row["status"] == "CANCELLED" else "failed"
     )
     ctx.reply(ShipmentFailed(order_id=order_id, reason=reason))
+
+
+async def _record_pickup_first(
+    ctx: Context,
+    pg: asyncpg.Connection,
+    order_id: str,
+    status: str,
+    pickup_id: str | None,
+    reason: str | None,
+) -> bool:
+    """Write the saga's pickup row unless another transaction did (True: ours is the answer)."""
+    inserted = await pg.fetchval(
+        _FIRST_PICKUP, order_id, ctx.envelope.saga_id, status, pickup_id, reason, ctx.now
+    )
+    return inserted is not None
+
+
+def _answer_pickup(ctx: Context, order_id: str, row: asyncpg.Record) -> None:
+    """Reply what the pickup row says."""
+    if row["status"] == "BOOKED":
+        ctx.reply(PickupBooked(order_id=order_id, pickup_id=row["pickup_id"]))
+        return
+    reason = row["reason"] or (
+        CANCELLED_BEFORE_BOOKING if row["status"] == "CANCELLED" else "failed"
+    )
+    ctx.reply(PickupFailed(order_id=order_id, reason=reason))
 
 
 class _InFlight:
@@ -207,9 +322,22 @@ def make_handlers(carrier: Carrier, settings: Settings) -> dict[str, Handler]:
     ``prepare``, before the message's transaction and outside it, so that a slow carrier holds
     neither a database connection nor a transaction shared with other deliveries (the consumer
     batches deliveries that wait together into one transaction). ``apply`` locks the shipment
-    row, records what ``prepare`` found, and replies."""
+    row, records what ``prepare`` found, and replies. BookPickup and CancelPickup work the same
+    way on the pickup row."""
 
     in_flight = _InFlight()
+
+    def retry_or_give_up(p: Preparation, e: Exception) -> GaveUp:
+        """A carrier failure with nothing booked: a retry (raised), or the end of its budget."""
+        # only carrier failures count here, not the delivery's other retries
+        attempts = carrier_attempts(p.incoming) + 1
+        # Give up on the carrier's budget, or when this is the last delivery the consumer
+        # will make (other retries, a database restart, spent the rest): the process
+        # manager gets an answer either way, not a dead letter.
+        last_delivery = p.retries + 1 >= settings.max_attempts
+        if attempts < settings.shipping_max_attempts and not last_delivery:
+            raise TransientError(str(e), headers={CARRIER_ATTEMPTS: attempts}) from e
+        return GaveUp(f"carrier failed {attempts} times: {e}")
 
     async def prepare_create(p: Preparation) -> Outcome:
         key = _key(p.incoming.envelope)
@@ -245,15 +373,7 @@ def make_handlers(carrier: Carrier, settings: Settings) -> dict[str, Handler]:
             if tracking is not None:
                 log.info("carrier_outcome_resolved", tracking_number=tracking, error=str(e))
                 return Booked(tracking)
-            # only carrier failures count here, not the delivery's other retries
-            attempts = carrier_attempts(p.incoming) + 1
-            # Give up on the carrier's budget, or when this is the last delivery the consumer
-            # will make (other retries, a database restart, spent the rest): the process
-            # manager gets an answer either way, not a dead letter.
-            last_delivery = p.retries + 1 >= settings.max_attempts
-            if attempts < settings.shipping_max_attempts and not last_delivery:
-                raise TransientError(str(e), headers={CARRIER_ATTEMPTS: attempts}) from e
-            return GaveUp(f"carrier failed {attempts} times: {e}")
+            return retry_or_give_up(p, e)
 
     async def apply_create(ctx: Context) -> None:
         cmd = ctx.incoming.body
@@ -265,6 +385,7 @@ def make_handlers(carrier: Carrier, settings: Settings) -> dict[str, Handler]:
             match outcome:
                 case Booked(tracking_number=tracking):
                     if await _record_first(ctx, pg, cmd.order_id, "CREATED", tracking, None):
+                        await _keep_address(ctx, pg, cmd)
                         ctx.reply(ShipmentCreated(order_id=cmd.order_id, tracking_number=tracking))
                         return
                 case Rejected(reason=reason) | GaveUp(reason=reason):
@@ -288,6 +409,8 @@ def make_handlers(carrier: Carrier, settings: Settings) -> dict[str, Handler]:
             # call, not a booking; the common paths never get here.
             if await carrier.cancel(_key(ctx.envelope)):
                 log.info("carrier_booking_cancelled_late", status=row["status"])
+        if row["status"] == "CREATED":
+            await _keep_address(ctx, pg, cmd)  # a re-send: kept already (or before pickups)
         _answer(ctx, cmd.order_id, row)
 
     async def prepare_cancel(p: Preparation) -> bool:
@@ -324,9 +447,136 @@ def make_handlers(carrier: Carrier, settings: Settings) -> dict[str, Handler]:
             had = True
         ctx.reply(ShipmentCancelled(order_id=cmd.order_id, had_shipment=had))
 
+    # -- pickups (the returns saga) --------------------------------------------------------------
+
+    async def prepare_pickup(p: Preparation) -> PickupOutcome:
+        key = _pickup_key(p.incoming.envelope)
+        call = in_flight.start(key)  # before the first await: a cancel delivered after waits
+        try:
+            return await ask_carrier_pickup(p, key)
+        finally:
+            in_flight.finish(key, call)
+
+    async def ask_carrier_pickup(p: Preparation, key: str) -> PickupOutcome:
+        cmd = p.incoming.body
+        assert isinstance(cmd, BookPickup)
+        # short reads, no lock, as for a shipment: ``apply`` locks the pickup row
+        async with p.engine.connect() as conn:
+            params = {"order_id": cmd.order_id, "saga_id": p.incoming.envelope.saga_id}
+            status = (await conn.execute(_PICKUP_STATUS, params)).scalar_one_or_none()
+            shipped_to = (
+                None
+                if status is not None
+                else (
+                    await conn.execute(_SHIPPED_TO, {"order_id": cmd.order_id})
+                ).scalar_one_or_none()
+            )
+        if status is not None:
+            if status != "BOOKED":
+                # cancelled or failed: whatever another instance's call left at the carrier
+                # is cancelled (idempotent; nothing if there is no booking)
+                await carrier.cancel(key)
+            return Recorded()
+        if shipped_to is None:
+            return NoShipment()
+        address = ShippingAddress.model_validate(shipped_to)
+        pickup_id = await carrier.lookup(key)
+        if pickup_id is not None:
+            return Booked(pickup_id)
+        try:
+            return Booked(await carrier.book_pickup(key, cmd.order_id, address))
+        except CarrierRejected as e:
+            return Rejected(str(e))
+        except (CarrierUnavailable, CarrierResponseLost) as e:
+            pickup_id = await carrier.lookup(key)
+            if pickup_id is not None:
+                log.info("carrier_outcome_resolved", pickup_id=pickup_id, error=str(e))
+                return Booked(pickup_id)
+            return retry_or_give_up(p, e)
+
+    async def apply_pickup(ctx: Context) -> None:
+        cmd = ctx.incoming.body
+        assert isinstance(cmd, BookPickup)
+        outcome = ctx.prepared
+        pg = await driver(ctx.conn)
+        saga_id = ctx.envelope.saga_id
+        row = await pg.fetchrow(_LOCK_PICKUP, cmd.order_id, saga_id)
+        if row is None:
+            match outcome:
+                case Booked(tracking_number=pickup_id):
+                    if await _record_pickup_first(ctx, pg, cmd.order_id, "BOOKED", pickup_id, None):
+                        ctx.reply(PickupBooked(order_id=cmd.order_id, pickup_id=pickup_id))
+                        return
+                case Rejected(reason=reason) | GaveUp(reason=reason):
+                    if await _record_pickup_first(ctx, pg, cmd.order_id, "FAILED", None, reason):
+                        ctx.reply(PickupFailed(order_id=cmd.order_id, reason=reason))
+                        return
+                case NoShipment():
+                    if await _record_pickup_first(
+                        ctx, pg, cmd.order_id, "FAILED", None, NO_SHIPMENT
+                    ):
+                        ctx.reply(PickupFailed(order_id=cmd.order_id, reason=NO_SHIPMENT))
+                        return
+                case _:
+                    # prepare saw a row that is gone now (pruned), or did not run
+                    raise TransientError("the pickup row changed after prepare")
+            # another transaction answered first (it committed while we waited to insert)
+            row = await pg.fetchrow(_LOCK_PICKUP, cmd.order_id, saga_id)
+            assert row is not None
+        if isinstance(outcome, Booked) and row["status"] != "BOOKED":
+            # a CancelPickup (its tombstone) or another delivery's failure answered first: the
+            # booking must not stay (a carrier call in the transaction, in this race only)
+            if await carrier.cancel(_pickup_key(ctx.envelope)):
+                log.info("carrier_pickup_cancelled_late", status=row["status"])
+        _answer_pickup(ctx, cmd.order_id, row)
+
+    async def prepare_cancel_pickup(p: Preparation) -> bool:
+        """Cancel at the carrier whatever our row says, after a BookPickup of the same saga in
+        flight in this process (as ``prepare_cancel``)."""
+        key = _pickup_key(p.incoming.envelope)
+        await in_flight.settled(key)
+        return await carrier.cancel(key)
+
+    async def apply_cancel_pickup(ctx: Context) -> None:
+        cmd = ctx.incoming.body
+        assert isinstance(cmd, CancelPickup)
+        had = bool(ctx.prepared)
+        pg = await driver(ctx.conn)
+        saga_id = ctx.envelope.saga_id
+        row = await pg.fetchrow(_LOCK_PICKUP, cmd.order_id, saga_id)
+        if row is None:
+            if await _record_pickup_first(
+                ctx, pg, cmd.order_id, "CANCELLED", None, CANCELLED_BEFORE_BOOKING
+            ):
+                # a tombstone: the late BookPickup books nothing
+                ctx.reply(PickupCancelled(order_id=cmd.order_id, had_pickup=had))
+                return
+            # a BookPickup recorded first (it committed while we waited to insert)
+            row = await pg.fetchrow(_LOCK_PICKUP, cmd.order_id, saga_id)
+            assert row is not None
+        if row["status"] == "BOOKED":
+            if not had:
+                # booked after our prepare's cancel, recorded before us (a rare race)
+                await carrier.cancel(_pickup_key(ctx.envelope))
+            await pg.execute(
+                _RECORD_PICKUP,
+                cmd.order_id,
+                saga_id,
+                "CANCELLED",
+                row["pickup_id"],
+                "cancelled",
+                ctx.now,
+            )
+            had = True
+        elif row["status"] == "CANCELLED" and row["pickup_id"] is not None:
+            had = True  # a re-send: the pickup was booked, and this saga cancelled it
+        ctx.reply(PickupCancelled(order_id=cmd.order_id, had_pickup=had))
+
     return {
         CreateShipment.TYPE: TwoPhase(prepare_create, apply_create),
         CancelShipment.TYPE: TwoPhase(prepare_cancel, apply_cancel),
+        BookPickup.TYPE: TwoPhase(prepare_pickup, apply_pickup),
+        CancelPickup.TYPE: TwoPhase(prepare_cancel_pickup, apply_cancel_pickup),
     }
 
 
@@ -358,9 +608,12 @@ def definition(settings: Settings, *, rng: random.Random | None = None) -> Servi
         metadata,
         make_handlers(carrier, settings),
         background=(carrier_pool_owner(carrier),),
-        # shipments and the simulated carrier's bookings (its memory of idempotency keys)
+        # shipments, their addresses and pickups, and the simulated carrier's bookings (its
+        # memory of idempotency keys)
         retained=(
             RetentionRule(shipments, "updated_at", "participant_retention_s"),
+            RetentionRule(shipment_addresses, "updated_at", "participant_retention_s"),
+            RetentionRule(pickups, "updated_at", "participant_retention_s"),
             RetentionRule(bookings, "created_at", "participant_retention_s"),
         ),
     )
