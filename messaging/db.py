@@ -26,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from messaging.errors import SagabusError
+from messaging.errors import StartRefused
 from messaging.settings import Settings
 
 OUTBOX_CHANNEL = "sagabus_outbox"
@@ -133,7 +133,7 @@ def inbox_table(metadata: MetaData) -> Table:
     )
 
 
-class SchemaNotProvisioned(SagabusError):
+class SchemaNotProvisioned(StartRefused):
     """A table (or index, column, key) this version needs is missing, and the database role the
     service runs as may not create it: since ``sagabus provision`` a service's role uses its
     tables and owns nothing, so an upgrade that adds one is applied by the administrator. Raised

@@ -30,3 +30,9 @@ class ConcurrencyConflict(TransientError):
 class PermanentError(SagabusError):
     """Retrying cannot help (undecodable, schema-invalid, unknown type, invalid transition): the
     message goes straight to the dead-letter queue with this error as its reason."""
+
+
+class StartRefused(SagabusError):
+    """A service must not start as things are (a table it needs is missing, or its database holds
+    sagas it cannot run): it says why in one line and exits 1, instead of failing on every
+    delivery."""

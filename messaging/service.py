@@ -51,6 +51,10 @@ class ServiceDefinition:
     background: Sequence[Callable[[ServiceContext], Awaitable[None]]] = ()
     #: its own rows that expire (``messaging.retention``), pruned with its inbox and outbox
     retained: Sequence[RetentionRule] = ()
+    #: brings tables made by an earlier version up to date (idempotent; run by ``migrate``)
+    upgrade: Callable[[AsyncEngine], Awaitable[None]] | None = None
+    #: checked after migrating, before consuming: raises ``StartRefused`` to refuse to start
+    preflight: Callable[[AsyncEngine], Awaitable[None]] | None = None
     outbox: Table = field(init=False)
     inbox: Table = field(init=False)
     keys: Table = field(init=False)
@@ -84,6 +88,8 @@ async def migrate(definitions: Sequence[ServiceDefinition], engine: AsyncEngine)
     for d in definitions:
         await create_schema(engine, d.schema, d.metadata)
         await upgrade_inbox_key(engine, d.schema)
+        if d.upgrade is not None:
+            await d.upgrade(engine)
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,8 @@ class Runtime:
     async def start(self) -> None:
         for d in self.definitions:
             await migrate([d], self.engine_for(d.name))
+            if d.preflight is not None:
+                await d.preflight(self.engine_for(d.name))
         if self.collect_dead_letters:
             await create_schema(
                 self.engine_for(DEAD_LETTERS), deadletters.SCHEMA, deadletters.metadata

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     timeout_poll_s: float = Field(default=0.5, gt=0)
     #: a saga alive longer than this is moved to FAILED_NEEDS_MANUAL by the sweeper
     saga_ttl_s: float = Field(default=3600.0, gt=0)
+    #: the definition version new sagas start on, per saga type (``checkout=1``); a type not
+    #: named starts on its newest registered version. Sagas in flight keep theirs.
+    saga_versions: str = ""
     sweeper_interval_s: float = Field(default=30.0, gt=0)
 
     #: shipping: the simulated carrier

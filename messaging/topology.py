@@ -2,8 +2,9 @@
 
 Declaring is idempotent: running it twice (or from every service at start-up) changes nothing.
 
-- ``sagabus.commands`` (topic): targeted commands. ``checkout.start`` reaches the process
-  manager; ``<participant>.<Command>`` reaches that participant's queue.
+- ``sagabus.commands`` (topic): targeted commands. ``<saga>.start`` (``checkout.start``,
+  ``returns.start``) reaches the process manager; ``<participant>.<Command>`` reaches that
+  participant's queue.
 - ``sagabus.replies`` (topic): participants' reply facts for the process manager.
 - ``sagabus.facts`` (fanout): public facts for choreographed consumers.
 - ``sagabus.retry`` (topic): a consumer schedules a retry here with routing key
@@ -49,6 +50,7 @@ DEAD_LETTER_EXCHANGE = "sagabus.dlx"
 BROKER_DEAD_LETTER_EXCHANGE = "sagabus.dead-letter"
 #: where ``dlq replay`` republishes: key ``<queue>``, to that work queue
 REPLAY_EXCHANGE = "sagabus.replay"
+#: the checkout saga's start route (every saga type has its own: ``start_routing_key``)
 START_ROUTING_KEY = "checkout.start"
 
 EXCHANGES: dict[str, ExchangeType] = {
@@ -95,19 +97,41 @@ def _q(service: str, *bindings: tuple[str, str]) -> QueueSpec:
     return QueueSpec(service, f"sagabus.{service}", bindings)
 
 
+#: the services that own commands (each gets ``<service>.#`` on the commands exchange)
+PARTICIPANTS: tuple[str, ...] = ("order", "payment", "inventory", "shipping", "risk")
+
+
+def _saga_types() -> tuple[str, ...]:
+    """Every saga type, from its start command: a command owned by no participant
+    (``returns.StartReturn.v1`` starts ``returns``)."""
+    return tuple(
+        sorted(
+            {
+                t.split(".", 1)[0]
+                for t, m in REGISTRY.items()
+                if m.KIND == "command" and t.split(".", 1)[0] not in PARTICIPANTS
+            }
+        )
+    )
+
+
+#: saga types the process manager starts, each on its own route ``<saga>.start``
+SAGA_TYPES: tuple[str, ...] = _saga_types()
+
+
+def start_routing_key(saga_type: str) -> str:
+    return f"{saga_type}.start"
+
+
 QUEUES: dict[str, QueueSpec] = {
     q.service: q
     for q in (
         _q(
             "process-manager",
-            (COMMANDS_EXCHANGE, START_ROUTING_KEY),
+            *((COMMANDS_EXCHANGE, start_routing_key(saga)) for saga in SAGA_TYPES),
             (REPLIES_EXCHANGE, "#"),
         ),
-        _q("order", (COMMANDS_EXCHANGE, "order.#")),
-        _q("payment", (COMMANDS_EXCHANGE, "payment.#")),
-        _q("inventory", (COMMANDS_EXCHANGE, "inventory.#")),
-        _q("shipping", (COMMANDS_EXCHANGE, "shipping.#")),
-        _q("risk", (COMMANDS_EXCHANGE, "risk.#")),
+        *(_q(p, (COMMANDS_EXCHANGE, f"{p}.#")) for p in PARTICIPANTS),
         _q("notification", (FACTS_EXCHANGE, "")),
         _q("analytics", (FACTS_EXCHANGE, "")),
     )
@@ -177,9 +201,12 @@ def _accepted() -> dict[str, dict[str, tuple[Route, str]]]:
     pm = QUEUES["process-manager"].name
     for type_name, model in REGISTRY.items():
         owner = owner_of(type_name)
-        if model.KIND == "command" and owner == START_ROUTING_KEY.split(".")[0]:
-            # the public entry point: the saga's own start route
-            table[pm][type_name] = (Route(COMMANDS_EXCHANGE, START_ROUTING_KEY), ANY_SENDER)
+        if model.KIND == "command" and owner in SAGA_TYPES:
+            # a public entry point: the saga's own start route
+            table[pm][type_name] = (
+                Route(COMMANDS_EXCHANGE, start_routing_key(owner)),
+                ANY_SENDER,
+            )
         elif model.KIND == "command" and owner in QUEUES:
             table[QUEUES[owner].name][type_name] = (
                 Route(*command_route(owner, type_name)),
@@ -215,8 +242,11 @@ def publishes(principal: str) -> tuple[Route, ...]:
     return tuple(sorted(found, key=lambda r: (r.exchange, r.routing_key)))
 
 
+START_ROUTING_KEYS: frozenset[str] = frozenset(start_routing_key(s) for s in SAGA_TYPES)
+
+
 def is_start_route(exchange: str, routing_key: str) -> bool:
-    return (exchange, routing_key) == (COMMANDS_EXCHANGE, START_ROUTING_KEY)
+    return exchange == COMMANDS_EXCHANGE and routing_key in START_ROUTING_KEYS
 
 
 def work_queue_arguments(spec: QueueSpec, settings: Settings) -> dict[str, Any]:

@@ -30,8 +30,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from messaging.service import ServiceDefinition
-from process_manager.saga import TERMINAL, SagaStatus
-from schemas.checkout import StartCheckout, saga_id_for_order
+from process_manager.engine import saga_id_for
+from process_manager.store import LIVE_PHASES, definition_of
 
 REDACTED = "redacted"
 REDACTED_COUNTRY = "XX"
@@ -135,7 +135,7 @@ async def _exists(conn: AsyncConnection, table: str) -> bool:
 
 async def _order_ids(conn: AsyncConnection, customer: str) -> list[str]:
     sources = [
-        ("process_manager.sagas", "state->'checkout'->>'customer_id'"),
+        ("process_manager.sagas", "coalesce(state->'start', state->'checkout')->>'customer_id'"),
         ("orders.orders", "customer_id"),
         ("notification.notifications", "customer_token"),
     ]
@@ -304,30 +304,37 @@ async def _erase_order(
     saga = (
         await conn.execute(
             text(
-                "SELECT saga_id, status, state FROM process_manager.sagas"
-                " WHERE order_id = :o FOR UPDATE"
+                "SELECT saga_id, status, phase, definition_version, state"
+                " FROM process_manager.sagas WHERE order_id = :o ORDER BY started_at FOR UPDATE"
             ),
             {"o": order_id},
         )
         if await _exists(conn, "process_manager.sagas")
         else None
     )
-    row = saga.first() if saga is not None else None
-    saga_id = row.saga_id if row is not None else saga_id_for_order(order_id)
-    if row is not None and SagaStatus(row.status) not in TERMINAL:
+    rows = saga.all() if saga is not None else []
+    # every saga about the order (its checkout, its return): none may still need the data
+    running = [r for r in rows if r.phase in LIVE_PHASES and r.phase != "FAILED_NEEDS_MANUAL"]
+    if running:
         report.skipped.append(
-            {"order_id": order_id, "status": row.status, "why": "saga still running"}
+            {"order_id": order_id, "status": running[0].status, "why": "saga still running"}
         )
         report.found = True
         return False
-    found = row is not None
-    if row is not None:
+    saga_ids = [r.saga_id for r in rows] or [saga_id_for("checkout", order_id)]
+    found = bool(rows)
+    for row in rows:
         state = dict(row.state)
-        scrub.learn_checkout(state.get("checkout"))
-        checkout = scrub.json(state.get("checkout"))
-        StartCheckout.model_validate(checkout)  # the redacted saga still loads
-        if checkout != state.get("checkout"):
-            state["checkout"] = checkout
+        field = "start" if "start" in state else "checkout"
+        scrub.learn_checkout(state.get(field))
+    for row in rows:
+        state = dict(row.state)
+        field = "start" if "start" in state else "checkout"
+        redacted = scrub.json(state.get(field))
+        # the redacted saga still loads
+        definition_of(row.definition_version).start.model_validate(redacted)
+        if redacted != state.get(field):
+            state[field] = redacted
             await conn.execute(
                 text(
                     "UPDATE process_manager.sagas SET state = CAST(:s AS jsonb) WHERE saga_id = :i"
@@ -349,22 +356,23 @@ async def _erase_order(
             found = hit.first() is not None
     if not found:
         return False
-    by_saga = {"s": saga_id}
+    by_saga = {"s": saga_ids}
     by_order = {"o": order_id}
     for table, key, column, where, params in (
-        ("process_manager.sagas", "saga_id", "failure_reason", "saga_id = :s", by_saga),
-        ("process_manager.history", "id", "note", "saga_id = :s", by_saga),
-        ("process_manager.manual_cases", "saga_id", "reason", "saga_id = :s", by_saga),
+        ("process_manager.sagas", "saga_id", "failure_reason", "saga_id = ANY(:s)", by_saga),
+        ("process_manager.history", "id", "note", "saga_id = ANY(:s)", by_saga),
+        ("process_manager.manual_cases", "saga_id", "reason", "saga_id = ANY(:s)", by_saga),
         ("payment.payments", "order_id", "reason", "order_id = :o", by_order),
         ("shipping.shipments", "order_id", "reason", "order_id = :o", by_order),
         ("orders.orders", "order_id", "reason", "order_id = :o", by_order),
     ):
         await _scrub_text(conn, report, table, key, column, where, params, scrub)
-    await _erase_outboxes(conn, report, definitions, saga_id, scrub)
+    for saga_id in saga_ids:
+        await _erase_outboxes(conn, report, definitions, saga_id, scrub)
     await _erase_dead_letters(
         conn,
         report,
-        saga_ids=[saga_id],
+        saga_ids=saga_ids,
         needles=[order_id],
         owns=lambda body: isinstance(body, dict) and body.get("order_id") == order_id,
         scrub=scrub,

@@ -13,12 +13,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from messaging.topology import COMMANDS_EXCHANGE, START_ROUTING_KEY
 from process_manager import store
-from process_manager.saga import TERMINAL, SagaStatus
-from schemas.checkout import StartCheckout, saga_id_for_order
+from process_manager.engine import TERMINAL, Phase, saga_id_for
+from schemas.base import Message
 
 
 def start_message(
-    cmd: StartCheckout, *, message_id: uuid.UUID | None = None, traceparent: str | None = None
+    cmd: Message, *, message_id: uuid.UUID | None = None, traceparent: str | None = None
 ) -> aio_pika.Message:
     """What any AMQP client sends to start a saga (see the README's contract)."""
     headers: dict[str, Any] = {}
@@ -29,7 +29,7 @@ def start_message(
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         message_id=str(message_id or uuid.uuid4()),
-        type=StartCheckout.TYPE,
+        type=cmd.TYPE,
         timestamp=datetime.now(UTC),
         headers=headers,
     )
@@ -52,8 +52,10 @@ def _saga_json(row: Any) -> dict[str, Any]:
     return {
         "saga_id": str(row.saga_id),
         "order_id": row.order_id,
+        "saga_type": row.saga_type,
         "state": row.status,
-        "terminal": row.status in {s.value for s in TERMINAL},
+        "phase": row.phase,
+        "terminal": row.phase in {s.value for s in TERMINAL},
         "current_step": state.get("awaiting"),
         "attempt": state.get("attempt"),
         "seq": row.seq,
@@ -70,12 +72,14 @@ def _saga_json(row: Any) -> dict[str, Any]:
     }
 
 
-async def saga_status(engine: AsyncEngine, key: str) -> dict[str, Any] | None:
-    """Status by saga id or by order id."""
+async def saga_status(
+    engine: AsyncEngine, key: str, *, saga_type: str = "checkout"
+) -> dict[str, Any] | None:
+    """Status by saga id, or by business key (an order id) and saga type."""
     try:
         saga_id = uuid.UUID(key)
     except ValueError:
-        saga_id = saga_id_for_order(key)
+        saga_id = saga_id_for(saga_type, key)
     async with engine.connect() as conn:
         row = (
             await conn.execute(select(store.sagas).where(store.sagas.c.saga_id == saga_id))
@@ -91,7 +95,7 @@ async def saga_status(engine: AsyncEngine, key: str) -> dict[str, Any] | None:
         "COMPLETED": "completed",
         "COMPENSATED": "compensated",
         "FAILED_NEEDS_MANUAL": "needs_manual",
-    }.get(row.status)
+    }.get(row.phase)
     out["history"] = [
         {
             "at": e.at.isoformat(),
@@ -101,6 +105,8 @@ async def saga_status(engine: AsyncEngine, key: str) -> dict[str, Any] | None:
             "from": e.from_status,
             "to": e.to_status,
             "outcome": e.outcome,
+            "event": e.event,
+            "step": e.step,
             "note": e.note,
         }
         for e in events
@@ -116,11 +122,14 @@ async def list_sagas(
     stuck: bool = False,
     ttl_s: float = 3600.0,
     limit: int = 50,
+    saga_type: str | None = None,
 ) -> list[dict[str, Any]]:
     t = store.sagas
     stmt = select(t).order_by(t.c.updated_at.desc()).limit(limit)
     if state:
         stmt = stmt.where(t.c.status == state)
+    if saga_type:
+        stmt = stmt.where(t.c.saga_type == saga_type)
     if older_than is not None:
         stmt = stmt.where(t.c.updated_at < datetime.now(UTC) - older_than)
     if stuck:
@@ -128,9 +137,9 @@ async def list_sagas(
         # running), alive beyond its time-to-live, or stopped for a human (what the sweeper and
         # exhausted compensations leave behind).
         now = datetime.now(UTC)
-        live = t.c.status.not_in([s.value for s in TERMINAL])
+        live = t.c.phase.not_in([s.value for s in TERMINAL])
         stmt = stmt.where(
-            (t.c.status == SagaStatus.FAILED_NEEDS_MANUAL.value)
+            (t.c.phase == Phase.FAILED_NEEDS_MANUAL.value)
             | (live & (t.c.deadline_at < now - timedelta(seconds=5)))
             | (live & (t.c.started_at < now - timedelta(seconds=ttl_s)))
         )

@@ -23,33 +23,31 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from messaging import telemetry
 from messaging.consumer import Context
 from messaging.db import driver
-from messaging.errors import PermanentError
+from messaging.errors import PermanentError, StartRefused
 from messaging.metrics import metrics
 from messaging.outbox import OutgoingMessage
 from messaging.retention import RetentionRule
 from messaging.service import ServiceContext, ServiceDefinition
 from messaging.settings import Settings
 from messaging.topology import command_route
-from process_manager import store
-from process_manager.saga import (
-    FORWARD,
-    FORWARD_BY_NAME,
-    RECONCILE,
+from process_manager import definitions, store
+from process_manager.engine import (
     TERMINAL,
     Command,
     Decision,
+    Definition,
     Expire,
     Input,
     InvalidTransition,
+    Phase,
     Policy,
     Reply,
     SagaState,
-    SagaStatus,
     Start,
     Timeout,
     decide,
 )
-from schemas.checkout import StartCheckout
+from schemas.base import Message
 from schemas.envelope import Envelope
 from schemas.registry import REGISTRY
 
@@ -57,7 +55,8 @@ log = structlog.get_logger("sagabus.process_manager")
 
 SERVICE = "process-manager"
 #: statuses of the steps after the pivot (the sweeper leaves them alone)
-RETRIABLE_STATUSES = [s.status.value for s in FORWARD if s.kind == "retriable"]
+RETRIABLE_STATUSES = sorted({s for d in definitions.ALL for s in d.retriable_statuses})
+_TERMINAL_PHASES = [p.value for p in TERMINAL]
 _UNCLAIM = "DELETE FROM process_manager.inbox WHERE message_id = $1 AND message_type = $2"
 
 
@@ -101,15 +100,14 @@ def outgoing(
 
 
 _OUTCOME = {
-    SagaStatus.COMPLETED: "completed",
-    SagaStatus.COMPENSATED: "compensated",
-    SagaStatus.FAILED_NEEDS_MANUAL: "needs_manual",
+    Phase.COMPLETED: "completed",
+    Phase.COMPENSATED: "compensated",
+    Phase.FAILED_NEEDS_MANUAL: "needs_manual",
 }
 
 
-def _count(
-    decision: Decision, before_state: SagaState | None, now: datetime, policy: Policy
-) -> None:
+def _count(decision: Decision, before_state: SagaState | None, now: datetime) -> None:
+    """Metrics from the decision's event kind (never from its note)."""
     m = metrics().saga
     state = decision.state
     if decision.outcome == "rejected":
@@ -118,29 +116,24 @@ def _count(
     if decision.outcome == "ignored" or state is None:
         m.ignored.inc()
         return
-    before, after = decision.transition
-    if before is None:
+    if before_state is None:
         m.started.inc()
         return
-    if before_state is not None and before_state.awaiting and before_state.deadline:
+    timed_out = decision.event in ("resent", "timed_out", "reconcile_asked") and (
+        before_state.awaiting is not None and decision.step == before_state.awaiting
+    )
+    if before_state.awaiting and before_state.sent_at and not timed_out:
         settled = before_state.awaiting != state.awaiting or before_state.seq != state.seq
-        if settled and "timed out" not in decision.note:
-            spec_timeout = (
-                policy.step_timeout
-                if before_state.awaiting in FORWARD_BY_NAME
-                or before_state.awaiting == RECONCILE.name
-                else policy.compensation_timeout
-            )
-            sent_at = before_state.deadline - spec_timeout
+        if settled:
             m.step_latency.labels(before_state.awaiting).observe(
-                max(0.0, (now - sent_at).total_seconds())
+                max(0.0, (now - before_state.sent_at).total_seconds())
             )
-    if "timed out" in decision.note and before_state is not None and before_state.awaiting:
+    if timed_out and before_state.awaiting:
         m.timeouts.labels(before_state.awaiting).inc()
-    if after is SagaStatus.COMPENSATING and before is not SagaStatus.COMPENSATING:
+    if state.phase is Phase.COMPENSATING and before_state.phase is not Phase.COMPENSATING:
         m.compensations.inc()
-    if isinstance(after, SagaStatus) and after in _OUTCOME and before not in _OUTCOME:
-        outcome = _OUTCOME[after]
+    if state.phase in _OUTCOME and before_state.phase not in _OUTCOME:
+        outcome = _OUTCOME[state.phase]
         m.finished.labels(outcome).inc()
         if state.started_at is not None:
             m.duration.labels(outcome).observe(max(0.0, (now - state.started_at).total_seconds()))
@@ -173,85 +166,150 @@ def _observe(decision: Decision, state: SagaState) -> None:
     )
 
 
-def make_handlers(policy: Policy) -> dict[str, object]:
-    async def on_start(ctx: Context) -> None:
-        env = ctx.envelope
-        assert isinstance(ctx.incoming.body, StartCheckout)
-        decision = decide(
-            None,
-            Start(ctx.incoming.body, env.message_id),
-            now=ctx.now,
-            policy=policy,
-            nonce=secrets.token_hex(16),
+def _refusal(
+    d: Definition, body: Message, existing: store.Loaded | None, prerequisite: str | None
+) -> str | None:
+    """Why a start is refused before any saga runs (None: admitted)."""
+    key = d.business_key(body)
+    if existing is not None and d.once and existing.state.phase in TERMINAL:
+        if existing.state.status in d.end_statuses:
+            return f"{d.name} for {key} already ran: it ended {existing.state.status}"
+        return (
+            f"{d.name} for {key} already ran and ended {existing.state.status}; "
+            f"one {d.name} saga per key"
         )
-        assert decision.state is not None
-        state = decision.state
-        inserted = await store.insert_new(
-            ctx.conn,
-            state,
-            correlation_id=env.correlation_id,
-            traceparent=telemetry.inject().get("traceparent"),
-            now=ctx.now,
+    rule = d.requires
+    if existing is None and rule is not None and prerequisite not in rule.statuses:
+        return rule.refusal.format(
+            key=rule.key(body),
+            saga=rule.saga,
+            statuses="/".join(sorted(rule.statuses)),
+            found=prerequisite or "absent",
         )
-        if not inserted:
-            # A saga exists for this order: the body stored first runs. The same body again is
-            # a duplicate (noted, dropped); a different one is a conflict (noted, and
-            # dead-lettered after this transaction commits): never silently dropped.
-            existing = await store.load(ctx.conn, state.saga_id)
-            same = existing is not None and existing.state.checkout == ctx.incoming.body
-            note = (
-                "duplicate StartCheckout: saga exists for this order"
-                if same
-                else "conflict: a StartCheckout for this order with a different body; "
-                "the body stored first runs"
+    return None
+
+
+async def _prerequisite(conn: AsyncConnection, d: Definition, body: Message) -> str | None:
+    """The status of the saga ``d.requires`` names, or None when there is none."""
+    rule = d.requires
+    if rule is None:
+        return None
+    t = store.sagas
+    return (
+        await conn.execute(
+            select(t.c.status).where(
+                t.c.saga_type == rule.saga, t.c.business_key == rule.key(body)
             )
+        )
+    ).scalar()
+
+
+def make_handlers(policy: Policy, pins: dict[str, int] | None = None) -> dict[str, object]:
+    def starter(name: str) -> Any:
+        async def on_start(ctx: Context) -> None:
+            env = ctx.envelope
+            body = ctx.incoming.body
+            d = definitions.current(name, pins)
+            assert isinstance(body, d.start)
+            saga_id = d.saga_id(body)
+            existing = await store.load(ctx.conn, saga_id)
+            refused = _refusal(d, body, existing, await _prerequisite(ctx.conn, d, body))
+            if refused is not None:
+                await store.record(
+                    ctx.conn,
+                    saga_id,
+                    Decision(
+                        existing.state if existing else None,
+                        outcome="rejected",
+                        note=f"refused: {refused}",
+                        event="rejected",
+                    ),
+                    seq=existing.state.seq if existing else 0,
+                    message_id=env.message_id,
+                    message_type=env.type,
+                )
+                log.warning("saga_start_refused", saga_id=str(saga_id), reason=refused)
+                ctx.reject_after_commit(PermanentError(f"refused: {refused}"))
+                return
+            decision = decide(
+                d,
+                None,
+                Start(body, env.message_id),
+                now=ctx.now,
+                policy=policy,
+                nonce=secrets.token_hex(16),
+            )
+            assert decision.state is not None
+            state = decision.state
+            inserted = existing is None and await store.insert_new(
+                ctx.conn,
+                state,
+                correlation_id=env.correlation_id,
+                traceparent=telemetry.inject().get("traceparent"),
+                now=ctx.now,
+                business_key=d.business_key(body),
+            )
+            if not inserted:
+                # A saga exists for this key: the body stored first runs. The same body again
+                # is a duplicate (noted, dropped); a different one is a conflict (noted, and
+                # dead-lettered after this transaction commits): never silently dropped.
+                existing = existing or await store.load(ctx.conn, saga_id)
+                same = existing is not None and existing.state.start == body
+                start_name = type(body).__name__
+                note = (
+                    f"duplicate {start_name}: a {d.name} saga exists for this key"
+                    if same
+                    else f"conflict: a {start_name} for this key with a different body; "
+                    "the body stored first runs"
+                )
+                await store.record(
+                    ctx.conn,
+                    saga_id,
+                    Decision(
+                        existing.state if existing else None,
+                        outcome="ignored" if same else "rejected",
+                        note=note,
+                        event="ignored" if same else "rejected",
+                    ),
+                    seq=existing.state.seq if existing else 0,
+                    message_id=env.message_id,
+                    message_type=env.type,
+                )
+                key = d.business_key(body)
+                if same:
+                    log.info("saga_start_duplicate", saga_id=str(saga_id), business_key=key)
+                else:
+                    log.warning("saga_start_conflict", saga_id=str(saga_id), business_key=key)
+                    what = "order" if key == state.order_id else d.name
+                    ctx.reject_after_commit(
+                        PermanentError(
+                            f"conflict: {what} {key} already has a {d.name} saga started with a "
+                            "different body; the body stored first runs"
+                        )
+                    )
+                return
             await store.record(
                 ctx.conn,
                 state.saga_id,
-                Decision(
-                    existing.state if existing else None,
-                    outcome="ignored" if same else "rejected",
-                    note=note,
-                ),
-                seq=existing.state.seq if existing else 0,
+                decision,
+                seq=state.seq,
                 message_id=env.message_id,
                 message_type=env.type,
             )
-            if same:
-                log.info(
-                    "saga_start_duplicate", saga_id=str(state.saga_id), order_id=state.order_id
+            ctx.outgoing.extend(
+                outgoing(
+                    c,
+                    state,
+                    correlation_id=env.correlation_id,
+                    causation_id=env.message_id,
+                    now=ctx.now,
                 )
-            else:
-                log.warning(
-                    "saga_start_conflict", saga_id=str(state.saga_id), order_id=state.order_id
-                )
-                ctx.reject_after_commit(
-                    PermanentError(
-                        f"conflict: order {state.order_id} already has a saga started with a "
-                        "different body; the body stored first runs"
-                    )
-                )
-            return
-        await store.record(
-            ctx.conn,
-            state.saga_id,
-            decision,
-            seq=state.seq,
-            message_id=env.message_id,
-            message_type=env.type,
-        )
-        ctx.outgoing.extend(
-            outgoing(
-                c,
-                state,
-                correlation_id=env.correlation_id,
-                causation_id=env.message_id,
-                now=ctx.now,
+                for c in decision.commands
             )
-            for c in decision.commands
-        )
-        _observe(decision, state)
-        _count(decision, None, ctx.now, policy)
+            _observe(decision, state)
+            _count(decision, None, ctx.now)
+
+        return on_start
 
     async def on_reply(ctx: Context) -> None:
         env = ctx.envelope
@@ -260,6 +318,7 @@ def make_handlers(policy: Policy) -> dict[str, object]:
             raise PermanentError(f"{env.type} for unknown saga {env.saga_id}")
         try:
             decision = decide(
+                store.definition_of(loaded.state.ref),
                 loaded.state,
                 Reply(
                     ctx.incoming.body,
@@ -286,10 +345,11 @@ def make_handlers(policy: Policy) -> dict[str, object]:
             message_type=env.type,
             causation_id=env.message_id,
             now=ctx.now,
-            policy=policy,
         )
 
-    handlers: dict[str, object] = {StartCheckout.TYPE: on_start}
+    handlers: dict[str, object] = {
+        d.start.TYPE: starter(d.name) for d in (definitions.current(n) for n in definitions.NAMES)
+    }
     for type_name, model in REGISTRY.items():
         if model.KIND in ("reply", "fact"):
             handlers[type_name] = on_reply
@@ -306,7 +366,6 @@ async def _apply(
     message_type: str,
     causation_id: uuid.UUID | None,
     now: datetime,
-    policy: Policy,
 ) -> None:
     state = decision.state or loaded.state
     changed = decision.state is not None and decision.state != loaded.state
@@ -321,13 +380,14 @@ async def _apply(
             message_id=message_id,
             message_type=message_type,
         )
-        before = loaded.state.status
-        if state.status is SagaStatus.FAILED_NEEDS_MANUAL and before is not state.status:
+        before = loaded.state.phase
+        manual = Phase.FAILED_NEEDS_MANUAL
+        if state.phase is manual and before is not manual:
             await store.open_case(conn, state, now)
             log.warning(
                 "saga_needs_manual", saga_id=str(state.saga_id), reason=state.failure_reason
             )
-        elif before is SagaStatus.FAILED_NEEDS_MANUAL and state.status is not before:
+        elif before is manual and state.phase is not manual:
             await store.resolve_case(conn, state.saga_id, f"{decision.note} -> {state.status}", now)
     if not changed:
         await store.record(
@@ -343,7 +403,7 @@ async def _apply(
         for c in decision.commands
     )
     _observe(decision, state)
-    _count(decision, loaded.state, now, policy)
+    _count(decision, loaded.state, now)
 
 
 async def fire_due_timeouts(sctx: ServiceContext, policy: Policy, *, limit: int = 50) -> int:
@@ -355,7 +415,7 @@ async def fire_due_timeouts(sctx: ServiceContext, policy: Policy, *, limit: int 
         rows = (
             await conn.execute(
                 select(t.c.saga_id)
-                .where(t.c.deadline_at <= now, t.c.status.not_in([s.value for s in TERMINAL]))
+                .where(t.c.deadline_at <= now, t.c.phase.not_in(_TERMINAL_PHASES))
                 .order_by(t.c.deadline_at)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
@@ -381,6 +441,7 @@ async def fire_due_timeouts(sctx: ServiceContext, policy: Policy, *, limit: int 
                 },
             ):
                 decision = decide(
+                    store.definition_of(loaded.state.ref),
                     loaded.state,
                     Timeout(loaded.state.seq),
                     now=now,
@@ -396,7 +457,6 @@ async def fire_due_timeouts(sctx: ServiceContext, policy: Policy, *, limit: int 
                     message_type="sagabus.Timeout",
                     causation_id=None,
                     now=now,
-                    policy=policy,
                 )
             fired += 1
         written = await sctx.outbox.write(conn, out, notify=False)
@@ -419,7 +479,8 @@ async def sweep_expired(
                     t.c.started_at < now - ttl,
                     # past the pivot the retriable step is re-sent on its own schedule, and
                     # calls a human when that runs out: not the time-to-live's business
-                    t.c.status.not_in([s.value for s in TERMINAL] + RETRIABLE_STATUSES),
+                    t.c.phase.not_in(_TERMINAL_PHASES),
+                    t.c.status.not_in(RETRIABLE_STATUSES),
                 )
                 .order_by(t.c.started_at)
                 .limit(limit)
@@ -437,7 +498,12 @@ async def sweep_expired(
             assert loaded is not None
             reason = f"saga exceeded its time-to-live of {ttl} in {loaded.state.status}"
             decision = decide(
-                loaded.state, Expire(reason), now=now, policy=policy, nonce=secrets.token_hex(16)
+                store.definition_of(loaded.state.ref),
+                loaded.state,
+                Expire(reason),
+                now=now,
+                policy=policy,
+                nonce=secrets.token_hex(16),
             )
             await _apply(
                 conn,
@@ -448,7 +514,6 @@ async def sweep_expired(
                 message_type="sagabus.Expired",
                 causation_id=None,
                 now=now,
-                policy=policy,
             )
         await sctx.outbox.write(conn, out)
     if rows:
@@ -471,7 +536,14 @@ async def operator_action(
         loaded = await store.load(conn, saga_id, lock=True)
         if loaded is None:
             return None
-        decision = decide(loaded.state, action, now=now, policy=policy, nonce=secrets.token_hex(16))
+        decision = decide(
+            store.definition_of(loaded.state.ref),
+            loaded.state,
+            action,
+            now=now,
+            policy=policy,
+            nonce=secrets.token_hex(16),
+        )
         out: list[OutgoingMessage] = []
         await _apply(
             conn,
@@ -482,14 +554,39 @@ async def operator_action(
             message_type=f"operator.{type(action).__name__}",
             causation_id=None,
             now=now,
-            policy=policy,
         )
         await outbox.write(conn, out)
     return decision
 
 
+async def refuse_unknown_versions(engine: Any) -> None:
+    """Refuse to start when the database holds live sagas of a definition version this build
+    does not have: they could be neither continued nor compensated."""
+    async with engine.connect() as conn:
+        live = await store.live_by_definition(conn)
+    missing = {ref: n for ref, n in live.items() if not _registered(ref)}
+    if missing:
+        listed = ", ".join(f"{n} live saga(s) on {ref}" for ref, n in sorted(missing.items()))
+        raise StartRefused(
+            f"the database holds {listed}, a version this process manager does not have: "
+            "deploy a build that still registers it (process_manager/definitions) until they end"
+        )
+
+
+def _registered(ref: str) -> bool:
+    try:
+        definitions.get(*definitions.parse_ref(ref))
+    except (ValueError, LookupError):
+        return False
+    return True
+
+
 def definition(settings: Settings) -> ServiceDefinition:
     policy = policy_from(settings)
+    try:
+        pins = definitions.parse_pins(settings.saga_versions)
+    except (ValueError, LookupError) as e:
+        raise ValueError(f"SAGABUS_SAGA_VERSIONS: {e}") from None
     ttl = timedelta(seconds=settings.saga_ttl_s)
 
     async def timeouts(sctx: ServiceContext) -> None:
@@ -514,7 +611,7 @@ def definition(settings: Settings) -> ServiceDefinition:
             store.sagas,
             "updated_at",
             "saga_retention_s",
-            "status IN ('COMPLETED', 'COMPENSATED') OR (status = 'FAILED_NEEDS_MANUAL' AND NOT"
+            "phase IN ('COMPLETED', 'COMPENSATED') OR (phase = 'FAILED_NEEDS_MANUAL' AND NOT"
             " EXISTS (SELECT 1 FROM process_manager.manual_cases c WHERE c.saga_id ="
             " sagas.saga_id AND c.resolved_at IS NULL))",
         ),
@@ -538,7 +635,9 @@ def definition(settings: Settings) -> ServiceDefinition:
         name=SERVICE,
         schema=store.SCHEMA,
         metadata=store.metadata,
-        handlers=make_handlers(policy),  # type: ignore[arg-type]
+        handlers=make_handlers(policy, pins),  # type: ignore[arg-type]
         background=(timeouts, sweeper),
         retained=retained,
+        upgrade=store.upgrade,
+        preflight=refuse_unknown_versions,
     )

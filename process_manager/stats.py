@@ -24,19 +24,21 @@ SELECT status, count(*) AS n,
 FROM d GROUP BY status
 """
 
-# A step's latency: from the history row that dispatched it to the row that settled it.
+# A step's latency: from the history row that dispatched it to the row that settled it (the
+# history's structured event kinds, never its note text).
 _STEPS = """
 WITH h AS (
-  SELECT saga_id, at, note,
+  SELECT saga_id, at, event, step,
          lag(at) OVER (PARTITION BY saga_id ORDER BY id) AS prev_at
   FROM process_manager.history WHERE outcome = 'applied'
 )
-SELECT split_part(note, ' ', 1) AS step, count(*) AS n,
+SELECT step, count(*) AS n,
        percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM at - prev_at)) AS p50,
        percentile_cont(0.95) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM at - prev_at)) AS p95
 FROM h
-WHERE prev_at IS NOT NULL AND (note LIKE '% succeeded' OR note LIKE '% done'
-                               OR note LIKE '% failed:%')
+WHERE prev_at IS NOT NULL AND step IS NOT NULL
+  AND event IN ('step_succeeded', 'step_failed', 'branched', 'compensation_done',
+                'compensation_refused', 'reconciled')
 GROUP BY 1 ORDER BY 1
 """
 
@@ -52,11 +54,35 @@ async def collect(engine: AsyncEngine, settings: Settings) -> dict[str, Any]:
                 )
             ).all()
         }
-        out["sagas"] = {"total": sum(statuses.values()), "by_state": statuses}
-        done = statuses.get("COMPLETED", 0) + statuses.get("COMPENSATED", 0)
-        manual = statuses.get("FAILED_NEEDS_MANUAL", 0)
+        phases = {
+            r.phase: r.n
+            for r in (
+                await conn.execute(
+                    text("SELECT phase, count(*) AS n FROM process_manager.sagas GROUP BY phase")
+                )
+            ).all()
+        }
+        by_definition = {
+            r.definition_version: r.n
+            for r in (
+                await conn.execute(
+                    text(
+                        "SELECT definition_version, count(*) AS n FROM process_manager.sagas"
+                        " GROUP BY definition_version"
+                    )
+                )
+            ).all()
+        }
+        out["sagas"] = {
+            "total": sum(statuses.values()),
+            "by_state": statuses,
+            "by_phase": phases,
+            "by_definition": by_definition,
+        }
+        done = phases.get("COMPLETED", 0) + phases.get("COMPENSATED", 0)
+        manual = phases.get("FAILED_NEEDS_MANUAL", 0)
         out["compensation_rate"] = (
-            round(statuses.get("COMPENSATED", 0) / (done + manual), 4) if done + manual else None
+            round(phases.get("COMPENSATED", 0) / (done + manual), 4) if done + manual else None
         )
         out["time_to_finish_s"] = {
             r.status: {"n": r.n, "p50": _r(r.p50), "p95": _r(r.p95), "p99": _r(r.p99)}
@@ -92,7 +118,11 @@ async def collect(engine: AsyncEngine, settings: Settings) -> dict[str, Any]:
         }
         timeouts = (
             await conn.execute(
-                text("SELECT count(*) FROM process_manager.history WHERE note LIKE '%timed out%'")
+                text(
+                    "SELECT count(*) FROM process_manager.history"
+                    " WHERE event IN ('resent', 'timed_out', 'reconcile_asked')"
+                    " AND outcome = 'applied' AND message_type = 'sagabus.Timeout'"
+                )
             )
         ).scalar_one()
         out["timeouts"] = timeouts

@@ -30,8 +30,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from messaging.db import affected, driver
 from messaging.errors import ConcurrencyConflict, PermanentError
-from process_manager.saga import TERMINAL, Decision, SagaState, SagaStatus
-from schemas.checkout import StartCheckout
+from process_manager import definitions
+from process_manager.engine import TERMINAL, Decision, Definition, Phase, SagaState
 
 SCHEMA = "process_manager"
 metadata = MetaData(schema=SCHEMA)
@@ -40,10 +40,18 @@ sagas = Table(
     "sagas",
     metadata,
     Column("saga_id", Uuid, primary_key=True),
-    Column("order_id", Text, nullable=False, unique=True),
+    #: the saga's type and business key: one saga per (type, key)
+    Column("saga_type", Text, nullable=False),
+    Column("business_key", Text, nullable=False),
+    #: the order it concerns (every saga here does), for operators' searches
+    Column("order_id", Text, nullable=False),
+    #: what users see, from the definition (PENDING_PAYMENT, RETURNED ...)
     Column("status", Text, nullable=False),
+    #: where the engine is: RUNNING, COMPENSATING, COMPLETED, COMPENSATED, FAILED_NEEDS_MANUAL
+    Column("phase", Text, nullable=False),
     Column("seq", Integer, nullable=False),
     Column("version", Integer, nullable=False),
+    #: the definition it runs on for its whole life, as ``<type>.v<version>``
     Column("definition_version", Text, nullable=False),
     Column("state", JSONB, nullable=False),
     Column("correlation_id", Uuid, nullable=False),
@@ -55,6 +63,9 @@ sagas = Table(
     Column("finished_at", DateTime(timezone=True), nullable=True),
     Index("sagas_due", "deadline_at", postgresql_where=text("deadline_at IS NOT NULL")),
     Index("sagas_status", "status", "updated_at"),
+    Index("sagas_key", "saga_type", "business_key", unique=True),
+    Index("sagas_order", "order_id"),
+    Index("sagas_phase", "phase", "definition_version"),
 )
 
 history = Table(
@@ -70,6 +81,9 @@ history = Table(
     Column("to_status", Text, nullable=True),
     Column("outcome", Text, nullable=False),
     Column("note", Text, nullable=False),
+    #: what happened, as a kind (``step_succeeded``, ``timed_out`` ...), and the step
+    Column("event", Text, nullable=True),
+    Column("step", Text, nullable=True),
 )
 
 
@@ -95,8 +109,11 @@ class Loaded:
 
 def _dump(state: SagaState) -> dict[str, Any]:
     return {
-        "checkout": state.checkout.model_dump(mode="json"),
+        "start": state.start.model_dump(mode="json"),
         "completed": list(state.completed),
+        "route": list(state.route),
+        "path": state.path,
+        "sent_at": state.sent_at.isoformat() if state.sent_at else None,
         "awaiting": state.awaiting,
         "attempt": state.attempt,
         "compensation_plan": list(state.compensation_plan),
@@ -110,30 +127,45 @@ def _dump(state: SagaState) -> dict[str, Any]:
     }
 
 
+def definition_of(ref: str) -> Definition:
+    """The definition a stored saga runs on (``checkout.v1``)."""
+    return definitions.get(*definitions.parse_ref(ref))
+
+
 def _load(row: Any) -> SagaState:
     s = row.state
+    d = definition_of(row.definition_version)
+    # sagas saved before definitions as data kept their start body under "checkout"
+    start = d.start.model_validate(s["start"] if "start" in s else s["checkout"])
+    phase = Phase(row.phase) if getattr(row, "phase", None) else _phase_of(row.status)
+    sent_at = s.get("sent_at")
     return SagaState(
         saga_id=row.saga_id,
-        checkout=StartCheckout.model_validate(s["checkout"]),
-        status=SagaStatus(row.status),
+        saga_type=d.name,
+        version=d.version,
+        start=start,
+        status=row.status,
+        phase=phase,
         seq=row.seq,
         completed=tuple(s["completed"]),
+        route=tuple(s.get("route") or (x.name for x in d.steps)),
+        path=s.get("path") or "main",
         awaiting=s["awaiting"],
         attempt=s["attempt"],
         deadline=row.deadline_at,
+        sent_at=datetime.fromisoformat(sent_at) if sent_at else None,
         compensation_plan=tuple(s["compensation_plan"]),
         compensated=tuple(s["compensated"]),
         failure_reason=row.failure_reason,
         unknown_step=s.get("unknown_step"),
         reconciling=s.get("reconciling"),
         started_at=row.started_at,
-        definition_version=row.definition_version,
         tokens=tuple((int(seq), str(token)) for seq, token in s.get("tokens", ())),
         # sagas saved before the flag: compensating if it began (a plan, or steps undone)
         compensating=bool(
             s.get(
                 "compensating",
-                row.status in (SagaStatus.COMPENSATING, SagaStatus.COMPENSATED)
+                row.status in ("COMPENSATING", "COMPENSATED")
                 or s["compensation_plan"]
                 or s["compensated"],
             )
@@ -144,15 +176,24 @@ def _load(row: Any) -> SagaState:
     )
 
 
+def _phase_of(status: str) -> Phase:
+    """The phase of a saga stored before the phase column (checkout v1's statuses)."""
+    try:
+        return Phase(status)
+    except ValueError:
+        return Phase.RUNNING
+
+
 def _columns(state: SagaState, now: datetime) -> dict[str, Any]:
     return {
-        "status": state.status.value,
+        "status": state.status,
+        "phase": state.phase.value,
         "seq": state.seq,
         "state": _dump(state),
         "deadline_at": state.deadline,
         "failure_reason": state.failure_reason,
         "updated_at": now,
-        "finished_at": now if state.status in TERMINAL else None,
+        "finished_at": now if state.phase in TERMINAL else None,
     }
 
 
@@ -162,32 +203,34 @@ def _columns(state: SagaState, now: datetime) -> dict[str, Any]:
 _INSERT_NEW = (
     "INSERT INTO process_manager.sagas (saga_id, order_id, status, seq, version,"
     " definition_version, state, correlation_id, traceparent, deadline_at, failure_reason,"
-    " started_at, updated_at, finished_at)"
-    " VALUES ($1, $2, $3, $4, 1, $5, $6::jsonb, $7, $8, $9, $10, $11, $11, $12)"
+    " started_at, updated_at, finished_at, saga_type, business_key, phase)"
+    " VALUES ($1, $2, $3, $4, 1, $5, $6::jsonb, $7, $8, $9, $10, $11, $11, $12, $13, $14, $15)"
     " ON CONFLICT DO NOTHING"
 )
 _COLUMNS = (
-    "saga_id, status, seq, version, definition_version, state, correlation_id, traceparent,"
-    " deadline_at, failure_reason, started_at"
+    "saga_id, status, phase, seq, version, definition_version, state, correlation_id,"
+    " traceparent, deadline_at, failure_reason, started_at"
 )
 _LOAD = f"SELECT {_COLUMNS} FROM process_manager.sagas WHERE saga_id = $1"
 _LOAD_LOCKED = _LOAD + " FOR UPDATE"
 _SET = (
     "UPDATE process_manager.sagas SET version = $3, status = $4, seq = $5, state = $6::jsonb,"
-    " deadline_at = $7, failure_reason = $8, updated_at = $9, finished_at = $10"
+    " deadline_at = $7, failure_reason = $8, updated_at = $9, finished_at = $10, phase = $11"
     " WHERE saga_id = $1 AND version = $2"
 )
-_HISTORY_COLUMNS = "saga_id, seq, message_id, message_type, from_status, to_status, outcome, note"
+_HISTORY_COLUMNS = (
+    "saga_id, seq, message_id, message_type, from_status, to_status, outcome, note, event, step"
+)
 _RECORD = (
     f"INSERT INTO process_manager.history ({_HISTORY_COLUMNS})"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 )
 #: the state change and its history row in one round trip; no row when the version moved on
 _SAVE_AND_RECORD = (
     f"WITH saved AS ({_SET} RETURNING saga_id)"
     f" INSERT INTO process_manager.history ({_HISTORY_COLUMNS})"
-    " SELECT saga_id, $5, $11::uuid, $12::text, $13::text, $14::text, $15::text, $16::text"
-    " FROM saved"
+    " SELECT saga_id, $5, $12::uuid, $13::text, $14::text, $15::text, $16::text, $17::text,"
+    " $18::text, $19::text FROM saved"
 )
 
 
@@ -198,8 +241,9 @@ async def insert_new(
     correlation_id: uuid.UUID,
     traceparent: str | None,
     now: datetime,
+    business_key: str,
 ) -> bool:
-    """Insert a new saga; False if one exists for the id or the order already."""
+    """Insert a new saga; False if one exists for the id or its (type, key) already."""
     c = _columns(state, now)
     pg = await driver(conn)
     status = await pg.execute(
@@ -208,7 +252,7 @@ async def insert_new(
         state.order_id,
         c["status"],
         c["seq"],
-        state.definition_version,
+        state.ref,
         json.dumps(c["state"]),
         correlation_id,
         traceparent,
@@ -216,6 +260,9 @@ async def insert_new(
         c["failure_reason"],
         now,
         c["finished_at"],
+        state.saga_type,
+        business_key,
+        c["phase"],
     )
     return affected(status) == 1
 
@@ -227,7 +274,7 @@ async def load(conn: AsyncConnection, saga_id: uuid.UUID, *, lock: bool = False)
         return None
     try:
         state = _load(_Row(row))
-    except (ValidationError, KeyError, TypeError, ValueError) as e:
+    except (ValidationError, KeyError, TypeError, ValueError, LookupError) as e:
         raise UnloadableSaga(saga_id, e) from None
     return Loaded(state, row["version"], row["correlation_id"], row["traceparent"])
 
@@ -244,14 +291,15 @@ class UnloadableSaga(PermanentError):
 
 
 _QUARANTINE = (
-    "UPDATE process_manager.sagas SET status = 'FAILED_NEEDS_MANUAL', deadline_at = NULL,"
+    "UPDATE process_manager.sagas SET status = 'FAILED_NEEDS_MANUAL',"
+    " phase = 'FAILED_NEEDS_MANUAL', deadline_at = NULL,"
     " failure_reason = $2, updated_at = $3, finished_at = $3, version = version + 1"
     " WHERE saga_id = $1"
 )
 _QUARANTINE_HISTORY = (
     f"INSERT INTO process_manager.history ({_HISTORY_COLUMNS})"
     " SELECT saga_id, seq, NULL, 'sagabus.Quarantine', status, 'FAILED_NEEDS_MANUAL',"
-    " 'applied', $2 FROM process_manager.sagas WHERE saga_id = $1"
+    " 'applied', $2, 'needs_manual', NULL FROM process_manager.sagas WHERE saga_id = $1"
 )
 _QUARANTINE_CASE = (
     "INSERT INTO process_manager.manual_cases (saga_id, order_id, reason, opened_at)"
@@ -296,6 +344,8 @@ def _history(
         str(after) if after else None,
         decision.outcome,
         decision.note,
+        decision.event,
+        decision.step,
     )
 
 
@@ -325,6 +375,7 @@ async def save(
         c["failure_reason"],
         now,
         c["finished_at"],
+        c["phase"],
     )
     pg = await driver(conn)
     if decision is None:
@@ -378,3 +429,102 @@ async def resolve_case(
         .where(manual_cases.c.saga_id == saga_id, manual_cases.c.resolved_at.is_(None))
         .values(resolved_at=now, resolution=resolution)
     )
+
+
+# -- upgrades and the start check -----------------------------------------------------------
+
+_UPGRADE = (
+    # sagas stored before definitions as data: all checkout v1, keyed by their order
+    "ALTER TABLE process_manager.sagas ADD COLUMN IF NOT EXISTS saga_type text",
+    "ALTER TABLE process_manager.sagas ADD COLUMN IF NOT EXISTS business_key text",
+    "ALTER TABLE process_manager.sagas ADD COLUMN IF NOT EXISTS phase text",
+    "UPDATE process_manager.sagas SET saga_type = 'checkout' WHERE saga_type IS NULL",
+    "UPDATE process_manager.sagas SET business_key = order_id WHERE business_key IS NULL",
+    "UPDATE process_manager.sagas SET phase = CASE WHEN status IN ('COMPLETED', 'COMPENSATED',"
+    " 'FAILED_NEEDS_MANUAL', 'COMPENSATING') THEN status ELSE 'RUNNING' END WHERE phase IS NULL",
+    "ALTER TABLE process_manager.sagas ALTER COLUMN saga_type SET NOT NULL,"
+    " ALTER COLUMN business_key SET NOT NULL, ALTER COLUMN phase SET NOT NULL",
+    # one saga per order was the old key; now one per (type, key): a return shares its order
+    "ALTER TABLE process_manager.sagas DROP CONSTRAINT IF EXISTS sagas_order_id_key",
+    "CREATE UNIQUE INDEX IF NOT EXISTS sagas_key ON process_manager.sagas"
+    " (saga_type, business_key)",
+    "CREATE INDEX IF NOT EXISTS sagas_order ON process_manager.sagas (order_id)",
+    "CREATE INDEX IF NOT EXISTS sagas_phase ON process_manager.sagas (phase, definition_version)",
+    "ALTER TABLE process_manager.history ADD COLUMN IF NOT EXISTS event text",
+    "ALTER TABLE process_manager.history ADD COLUMN IF NOT EXISTS step text",
+)
+
+
+async def upgrade(engine: Any) -> None:
+    """Bring a process manager schema made before definitions as data up to date. Idempotent;
+    serialised like ``create_schema``; needs the schema's owner (``sagabus migrate`` or
+    ``sagabus provision`` as the administrator)."""
+    from sqlalchemy import exc
+
+    from messaging.db import SchemaNotProvisioned
+
+    async with engine.begin() as conn:
+        present = (
+            await conn.execute(
+                text(
+                    "SELECT count(*) FROM information_schema.columns WHERE table_schema ="
+                    " 'process_manager' AND table_name = 'sagas' AND column_name = 'phase'"
+                )
+            )
+        ).scalar()
+        event = (
+            await conn.execute(
+                text(
+                    "SELECT count(*) FROM information_schema.columns WHERE table_schema ="
+                    " 'process_manager' AND table_name = 'history' AND column_name = 'step'"
+                )
+            )
+        ).scalar()
+        if present and event:
+            return
+        await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('sagabus-migrate'))"))
+        try:
+            for statement in _UPGRADE:
+                await conn.execute(text(statement))
+        except exc.DBAPIError as e:
+            if "permission" not in str(e).lower() and "owner" not in str(e).lower():
+                raise
+            raise SchemaNotProvisioned(
+                "process_manager.sagas predates saga definitions (no phase column) and this role"
+                " may not change it: run `sagabus migrate` or `sagabus provision` as the"
+                " administrator"
+            ) from None
+
+
+#: phases in which a saga may still receive messages or be resumed
+LIVE_PHASES = ("RUNNING", "COMPENSATING", "FAILED_NEEDS_MANUAL")
+
+
+async def live_by_definition(conn: AsyncConnection) -> dict[str, int]:
+    """``checkout.v1`` -> number of sagas on it that are not finished for good."""
+    rows = (
+        await conn.execute(
+            text(
+                "SELECT definition_version, count(*) FROM process_manager.sagas"
+                " WHERE phase = ANY(:live) GROUP BY definition_version"
+            ),
+            {"live": list(LIVE_PHASES)},
+        )
+    ).all()
+    return {ref: n for ref, n in rows}
+
+
+async def count_by_definition(conn: AsyncConnection) -> dict[str, dict[str, int]]:
+    """``checkout.v1`` -> {phase: count}."""
+    rows = (
+        await conn.execute(
+            text(
+                "SELECT definition_version, phase, count(*) FROM process_manager.sagas"
+                " GROUP BY definition_version, phase"
+            )
+        )
+    ).all()
+    out: dict[str, dict[str, int]] = {}
+    for ref, phase, n in rows:
+        out.setdefault(ref, {})[phase] = n
+    return out

@@ -48,6 +48,14 @@ class StartCheckout(Message):
     )
     payment_token: Token
     shipping_address: ShippingAddress
+    allow_backorder: bool = Field(
+        default=False,
+        description=(
+            "When stock is short: false (the default) compensates the checkout; true records a "
+            "backorder instead, releases the card hold and ends the order BACKORDERED (checkout "
+            "v2 and later; a v1 saga ignores it)."
+        ),
+    )
 
     @field_validator("items")
     @classmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from schemas import checkout, inventory, order, payment, risk, shipping
+from schemas import checkout, inventory, order, payment, returns, risk, shipping
 from schemas.base import Message
 
 
@@ -12,7 +12,7 @@ class UnknownMessageType(LookupError):
 
 def _collect() -> dict[str, type[Message]]:
     found: dict[str, type[Message]] = {}
-    for module in (checkout, order, payment, inventory, shipping, risk):
+    for module in (checkout, returns, order, payment, inventory, shipping, risk):
         for value in vars(module).values():
             if isinstance(value, type) and issubclass(value, Message) and value.TYPE:
                 if value.TYPE in found and found[value.TYPE] is not value:

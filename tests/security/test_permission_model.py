@@ -1,4 +1,4 @@
-"""The permission model of ``process_manager/provision.py`` against the wire contract: every
+"""The permission model of ``messaging/provision/broker.py`` against the wire contract: every
 message a service sends is allowed for it, and for nobody who does not send it. (RabbitMQ's
 regexes are PCRE; these are plain enough that Python's ``re`` reads them the same way.)"""
 
@@ -11,15 +11,18 @@ from pathlib import Path
 import pytest
 
 from messaging import topology
-from process_manager import provision
-from process_manager.provision import GRANTS, NOTHING, PARTICIPANTS
-from schemas.checkout import StartCheckout
+from messaging.provision import broker as provision
+from messaging.provision.broker import GRANTS, NOTHING, PARTICIPANTS
 from schemas.registry import REGISTRY
 
 pytestmark = pytest.mark.unit
 
 REPLIES = sorted(t for t, m in REGISTRY.items() if m.KIND in ("reply", "fact"))
-COMMANDS = sorted(t for t, m in REGISTRY.items() if m.KIND == "command" and t != StartCheckout.TYPE)
+COMMANDS = sorted(
+    t
+    for t, m in REGISTRY.items()
+    if m.KIND == "command" and t.split(".")[0] not in topology.SAGA_TYPES
+)
 #: every queue in the topology
 QUEUES = [
     name for spec in topology.QUEUES.values() for name in (spec.name, spec.dlq, *spec.retry_queues)
@@ -47,7 +50,7 @@ def may_publish(principal: str, exchange: str, key: str) -> bool:
 
 
 def test_the_participants_are_the_services_that_take_commands() -> None:
-    assert sorted(PARTICIPANTS) == ["inventory", "order", "payment", "shipping"]
+    assert sorted(PARTICIPANTS) == ["inventory", "order", "payment", "risk", "shipping"]
 
 
 @pytest.mark.parametrize("type_name", REPLIES)
@@ -71,9 +74,15 @@ def test_process_manager_may_not_command_a_participant_that_does_not_exist() -> 
     assert not may_publish("process-manager", topology.COMMANDS_EXCHANGE, "orderx.Create")
 
 
-def test_only_clients_start_sagas() -> None:
-    exchange, key = topology.COMMANDS_EXCHANGE, topology.START_ROUTING_KEY
+@pytest.mark.parametrize("saga", topology.SAGA_TYPES)
+def test_only_clients_start_sagas(saga: str) -> None:
+    exchange, key = topology.COMMANDS_EXCHANGE, topology.start_routing_key(saga)
     assert {p for p in GRANTS if may_publish(p, exchange, key)} == {"client", "operator"}
+
+
+def test_every_saga_type_has_a_start_route() -> None:
+    assert topology.SAGA_TYPES == ("checkout", "returns")
+    assert topology.START_ROUTING_KEYS == {"checkout.start", "returns.start"}
 
 
 def test_only_order_publishes_facts() -> None:
