@@ -155,3 +155,16 @@ async def counts_by_status(engine: AsyncEngine, order_prefix: str | None = None)
         stmt = stmt.where(t.c.order_id.startswith(order_prefix))
     async with engine.connect() as conn:
         return {s: n for s, n in (await conn.execute(stmt)).all()}
+
+
+async def counts_by_phase(
+    engine: AsyncEngine, order_prefix: str | None = None, *, saga_type: str | None = None
+) -> dict[str, int]:
+    t = store.sagas
+    stmt = select(t.c.phase, func.count()).group_by(t.c.phase)
+    if order_prefix:
+        stmt = stmt.where(t.c.order_id.startswith(order_prefix))
+    if saga_type:
+        stmt = stmt.where(t.c.saga_type == saga_type)
+    async with engine.connect() as conn:
+        return {s: n for s, n in (await conn.execute(stmt)).all()}

@@ -52,6 +52,7 @@ from schemas.payment import (
     RefundPayment,
     VoidAuthorization,
 )
+from schemas.returns import StartReturn
 from schemas.risk import RiskApproved, RiskRejected, ScreenOrder
 from schemas.shipping import (
     BookPickup,
@@ -79,6 +80,7 @@ _ALL: tuple[Message, ...] = (
         payment_token="tok_visa",
         shipping_address=ADDRESS,
     ),
+    StartReturn(order_id=OID, reason="changed my mind"),
     CreateOrder(order_id=OID, customer_id="cus_1", amount_minor=2500, currency="EUR"),
     CompleteOrder(order_id=OID),
     CancelOrder(order_id=OID, reason="checkout_compensated"),
