@@ -14,12 +14,12 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from messaging.errors import PermanentError
-from schemas.base import Message
-from schemas.checkout import StartCheckout, saga_id_for_order
+from schemas.base import Message, saga_id_for
 from schemas.envelope import Envelope, HeaderNames
 from schemas.registry import UnknownMessageType, model_for
 
-#: message ids of StartCheckout commands sent without one are derived from the order id
+#: message ids of start commands sent without one are derived from the business key (a
+#: StartCheckout's from its order id alone, as before there were other sagas)
 START_NAMESPACE = uuid.UUID("0b7e51c4-54a3-4e61-9d3f-2b36f6b7b0a1")
 
 
@@ -111,17 +111,19 @@ def decode(
 
     headers = dict((delivery.headers or {}) if headers is None else headers)
     if start is None:
-        start = isinstance(body, StartCheckout)
+        start = bool(body.SAGA_KEY)
     if start:
-        if not isinstance(body, StartCheckout):
+        if not body.SAGA_KEY:
             raise PermanentError(f"{delivery.type} is not a start command")
         headers = {k: v for k, v in headers.items() if not k.startswith(HeaderNames.PREFIX)}
-        # The public entry point: only the type and body are required.
-        saga_id = saga_id_for_order(body.order_id)
+        # A public entry point: only the type and body are required.
+        key = str(getattr(body, body.SAGA_KEY))
+        saga_id = saga_id_for(body.saga_type, key)
+        derived = key if body.saga_type == "checkout" else f"{body.TYPE}:{key}"
         message_id = (
             _uuid(delivery.message_id, "message_id")
             if delivery.message_id
-            else uuid.uuid5(START_NAMESPACE, body.order_id)
+            else uuid.uuid5(START_NAMESPACE, derived)
         )
     else:
         if not delivery.message_id:

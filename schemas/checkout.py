@@ -7,7 +7,8 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
-from schemas.base import Message
+from schemas.base import SAGA_NAMESPACE as SAGA_NAMESPACE
+from schemas.base import Message, saga_id_for
 from schemas.common import (
     MAX_TOTAL_MINOR,
     Currency,
@@ -17,13 +18,10 @@ from schemas.common import (
     Token,
 )
 
-#: Namespace for saga ids derived from order ids. Never change it: it keys every saga.
-SAGA_NAMESPACE = uuid.UUID("6f1f3c2e-3f0e-4a53-9d0c-5a8b2d4c7e10")
-
 
 def saga_id_for_order(order_id: str) -> uuid.UUID:
     """The saga id of an order's checkout: one order, one saga, whoever sends the start."""
-    return uuid.uuid5(SAGA_NAMESPACE, f"checkout:{order_id}")
+    return saga_id_for("checkout", order_id)
 
 
 class StartCheckout(Message):
@@ -33,6 +31,7 @@ class StartCheckout(Message):
 
     TYPE: ClassVar[str] = "checkout.StartCheckout.v1"
     KIND: ClassVar[str] = "command"
+    SAGA_KEY: ClassVar[str] = "order_id"
 
     order_id: OrderId
     customer_id: Token

@@ -15,6 +15,7 @@ class StartReturn(Message):
 
     TYPE: ClassVar[str] = "returns.StartReturn.v1"
     KIND: ClassVar[str] = "command"
+    SAGA_KEY: ClassVar[str] = "order_id"
 
     order_id: OrderId
     reason: Reason | None = None

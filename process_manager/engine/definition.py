@@ -27,18 +27,12 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import Any, Literal
 
+from schemas.base import SAGA_NAMESPACE as SAGA_NAMESPACE
 from schemas.base import Message
+from schemas.base import saga_id_for as saga_id_for
 
 StepKind = Literal["compensatable", "pivot", "retriable"]
 
-#: Namespace of saga ids derived from (saga type, business key). Never change it: it keys every
-#: saga (the checkout's ids, ``uuid5(ns, "checkout:<order_id>")``, predate the engine).
-SAGA_NAMESPACE = uuid.UUID("6f1f3c2e-3f0e-4a53-9d0c-5a8b2d4c7e10")
-
-
-def saga_id_for(saga_type: str, business_key: str) -> uuid.UUID:
-    """One business key, one saga of each type, whoever sends the start."""
-    return uuid.uuid5(SAGA_NAMESPACE, f"{saga_type}:{business_key}")
 
 
 @dataclass(frozen=True)
@@ -296,6 +290,8 @@ def _validate(d: Definition) -> None:
         fail("a definition needs an identifier name and a version >= 1")
     if not d.steps:
         fail("a definition needs at least one step")
+    if not d.start.SAGA_KEY or d.start.TYPE.split(".", 1)[0] != d.name:
+        fail(f"its start {d.start.__name__} must be a '{d.name}.' type naming its SAGA_KEY")
     names = [s.name for s in (*d.forward_steps, *d.compensations, *d.queries)]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
