@@ -1,18 +1,20 @@
-"""Builders for the saga unit tests: one checkout, one policy, one clock, real wire models.
+"""Builders for the table-driven checkout v1 tests: one checkout, one policy, one clock, real
+wire models, all from ``process_manager.testing``.
 
 Everything here is deterministic: reply message ids are derived from what they answer, so a
-failing example always replays the same way.
+failing example always replays the same way. Scenario tests use ``SagaHarness`` directly; these
+helpers decide one input at a time on explicit states, for tables and properties.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
-from process_manager.saga import (
-    FORWARD,
+from process_manager.definitions import checkout
+from process_manager.engine import (
     Decision,
+    Definition,
     Input,
     Policy,
     Reply,
@@ -22,24 +24,15 @@ from process_manager.saga import (
     reply_token,
     start,
 )
+from process_manager.testing import HARNESS_EPOCH, sample_checkout, sample_reply
 from schemas.base import Message
 from schemas.checkout import StartCheckout, saga_id_for_order
-from schemas.common import LineItem, ShippingAddress
-from schemas.inventory import InventoryReleased, InventoryReserved, InventoryUnavailable
-from schemas.order import OrderCancelled, OrderCompleted, OrderCreated
-from schemas.payment import (
-    AuthorizationVoided,
-    PaymentAuthorized,
-    PaymentCaptured,
-    PaymentCaptureFailed,
-    PaymentDeclined,
-    PaymentRefunded,
-    PaymentRefundFailed,
-    PaymentStatusReported,
-)
-from schemas.shipping import ShipmentCancelled, ShipmentCreated, ShipmentFailed
+from schemas.payment import PaymentStatusReported
 
-NOW = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
+#: the definition these tests pin: checkout v1 keeps the old saga's semantics exactly
+V1: Definition = checkout.V1
+
+NOW = HARNESS_EPOCH
 LATER = NOW + timedelta(minutes=5)
 
 #: distinct values for every bound, so a test that mixes them up fails
@@ -50,85 +43,48 @@ POLICY = Policy(
     max_compensation_attempts=4,
 )
 
-ADDRESS = ShippingAddress(line1="1 Test Street", city="Utrecht", postal_code="3511AA", country="NL")
-
-CHECKOUT = StartCheckout(
-    order_id="ord-1",
-    customer_id="cus_1",
-    currency="EUR",
-    items=(
-        LineItem(sku="SKU-1", quantity=2, unit_price_minor=1500),
-        LineItem(sku="SKU-2", quantity=1, unit_price_minor=500),
-    ),
-    payment_token="tok_visa",
-    shipping_address=ADDRESS,
-)
+CHECKOUT = sample_checkout()
 AMOUNT = 3500
 START_ID = uuid.UUID("00000000-0000-4000-8000-000000000001")
 REPLY_NS = uuid.UUID("00000000-0000-4000-8000-0000000000ff")
 
+FORWARD = V1.steps
 FORWARD_NAMES: tuple[str, ...] = tuple(s.name for s in FORWARD)
-
-_SUCCESS: dict[str, Callable[[StartCheckout], Message]] = {
-    # forward steps
-    "order": lambda c: OrderCreated(order_id=c.order_id),
-    "authorization": lambda c: PaymentAuthorized(
-        order_id=c.order_id, authorization_id="auth_1", amount_minor=c.amount_minor
-    ),
-    "inventory": lambda c: InventoryReserved(order_id=c.order_id, reservation_id="res-1"),
-    "shipment": lambda c: ShipmentCreated(order_id=c.order_id, tracking_number="TRK-1"),
-    "capture": lambda c: PaymentCaptured(
-        order_id=c.order_id, authorization_id="auth_1", amount_minor=c.amount_minor
-    ),
-    "completion": lambda c: OrderCompleted(
-        order_id=c.order_id,
-        customer_id=c.customer_id,
-        amount_minor=c.amount_minor,
-        currency=c.currency,
-        duration_ms=1234,
-    ),
-    # compensations
-    "cancel_order": lambda c: OrderCancelled(
-        order_id=c.order_id,
-        customer_id=c.customer_id,
-        amount_minor=c.amount_minor,
-        currency=c.currency,
-        duration_ms=2345,
-        reason="checkout_compensated",
-    ),
-    "void_authorization": lambda c: AuthorizationVoided(
-        order_id=c.order_id, had_authorization=True
-    ),
-    "release_inventory": lambda c: InventoryReleased(order_id=c.order_id, units_released=3),
-    # the status query after a payment step's timeouts: "nothing happened"
-    "payment_status": lambda c: PaymentStatusReported(order_id=c.order_id, status="none"),
-    "cancel_shipment": lambda c: ShipmentCancelled(order_id=c.order_id, had_shipment=True),
-    "refund_payment": lambda c: PaymentRefunded(order_id=c.order_id, amount_minor=c.amount_minor),
+COMPENSATIONS: tuple[str, ...] = tuple(c.name for c in V1.compensations)
+#: compensation -> the forward step it undoes
+COMPENSATION_OF: dict[str, str] = {
+    s.compensation: s.name for s in FORWARD if s.compensation is not None
 }
-
-_FAILURE: dict[str, Callable[[StartCheckout], Message]] = {
-    # the status query's other answer: "it did happen" (captured counts for both payment steps)
-    "payment_status": lambda c: PaymentStatusReported(order_id=c.order_id, status="captured"),
-    "authorization": lambda c: PaymentDeclined(order_id=c.order_id, reason="card declined"),
-    "inventory": lambda c: InventoryUnavailable(order_id=c.order_id, skus=("SKU-1",)),
-    "shipment": lambda c: ShipmentFailed(order_id=c.order_id, reason="carrier down"),
-    "capture": lambda c: PaymentCaptureFailed(order_id=c.order_id, reason="expired"),
-    "refund_payment": lambda c: PaymentRefundFailed(order_id=c.order_id, reason="card closed"),
-}
-
-STEPS_WITH_FAILURE: tuple[str, ...] = tuple(_FAILURE)
+#: forward steps whose unknown outcome a status query establishes
+RECONCILED: frozenset[str] = frozenset(s.name for s in FORWARD if s.reconcile is not None)
 
 
-def success_body(step: str, checkout: StartCheckout = CHECKOUT) -> Message:
-    return _SUCCESS[step](checkout)
+def _status(status: str) -> Message:
+    return PaymentStatusReported(order_id=CHECKOUT.order_id, status=status)  # type: ignore[arg-type]
 
 
-def failure_body(step: str, checkout: StartCheckout = CHECKOUT) -> Message:
-    return _FAILURE[step](checkout)
+def success_body(step: str, checkout_: StartCheckout = CHECKOUT) -> Message:
+    if step == "payment_status":
+        return _status("none")  # the status query's "nothing happened"
+    return sample_reply(V1.step(step).success[0], checkout_)
+
+
+def failure_body(step: str, checkout_: StartCheckout = CHECKOUT) -> Message:
+    if step == "payment_status":
+        return _status("captured")  # "it did happen" (captured counts for both payment steps)
+    spec = V1.step(step)
+    if not spec.failure:
+        raise KeyError(f"{step} cannot fail")
+    return sample_reply(spec.failure[0], checkout_)
 
 
 def has_failure(step: str) -> bool:
-    return step in _FAILURE
+    return step == "payment_status" or bool(V1.step(step).failure)
+
+
+STEPS_WITH_FAILURE: tuple[str, ...] = tuple(
+    s for s in (*FORWARD_NAMES, *COMPENSATIONS, "payment_status") if has_failure(s)
+)
 
 
 def reply(step: str, fence: int, *, ok: bool = True, copy: int = 0) -> Reply:
@@ -145,12 +101,12 @@ def reply(step: str, fence: int, *, ok: bool = True, copy: int = 0) -> Reply:
     )
 
 
-def started(checkout: StartCheckout = CHECKOUT, *, policy: Policy = POLICY) -> Decision:
-    return start(Start(checkout, START_ID), now=NOW, policy=policy)
+def started(checkout_: StartCheckout = CHECKOUT, *, policy: Policy = POLICY) -> Decision:
+    return start(V1, Start(checkout_, START_ID), now=NOW, policy=policy)
 
 
 def step(state: SagaState | None, message: Input, *, now: datetime = NOW) -> Decision:
-    return decide(state, message, now=now, policy=POLICY)
+    return decide(V1, state, message, now=now, policy=POLICY)
 
 
 def answer(state: SagaState, *, ok: bool = True, now: datetime = NOW) -> Decision:

@@ -9,22 +9,21 @@ from datetime import timedelta
 
 import pytest
 
-from process_manager import saga
-from process_manager.saga import (
-    COMPENSATION_OF,
-    FORWARD,
-    RECONCILED,
+from process_manager.engine import (
+    COMMAND_NAMESPACE,
     Command,
     Decision,
+    Definition,
+    DefinitionError,
     Expire,
     ForceCompensate,
     Input,
     InvalidTransition,
+    Phase,
     Policy,
     Reply,
     Resume,
     SagaState,
-    SagaStatus,
     Start,
     Timeout,
     command_id,
@@ -56,11 +55,15 @@ from schemas.shipping import CancelShipment, CreateShipment, ShipmentCreated
 from tests.unit.sagakit import (
     AMOUNT,
     CHECKOUT,
+    COMPENSATION_OF,
+    FORWARD,
     FORWARD_NAMES,
     LATER,
     NOW,
     POLICY,
+    RECONCILED,
     START_ID,
+    V1,
     all_forward_done,
     answer,
     awaiting,
@@ -76,7 +79,6 @@ pytestmark = pytest.mark.unit
 
 SAGA_ID = saga_id_for_order(CHECKOUT.order_id)
 
-S = SagaStatus
 Maker = Callable[[], SagaState]
 
 
@@ -129,11 +131,11 @@ def test_definition_is_the_six_forward_steps_in_order() -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "terminal"),
-    [(s, s in {S.COMPLETED, S.COMPENSATED, S.FAILED_NEEDS_MANUAL}) for s in SagaStatus],
+    ("phase", "terminal"),
+    [(p, p.value in {"COMPLETED", "COMPENSATED", "FAILED_NEEDS_MANUAL"}) for p in Phase],
 )
-def test_terminal_statuses(status: SagaStatus, terminal: bool) -> None:
-    assert status.terminal is terminal
+def test_terminal_phases(phase: Phase, terminal: bool) -> None:
+    assert phase.terminal is terminal
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,16 +148,17 @@ def test_start_creates_the_saga_and_sends_create_order() -> None:
     cmd = only(d)
 
     assert d.outcome == "applied"
-    assert d.transition == (None, S.PENDING_ORDER)
+    assert d.transition == (None, "PENDING_ORDER")
     assert state.saga_id == SAGA_ID
-    assert state.checkout == CHECKOUT
+    assert state.start == CHECKOUT
     assert state.order_id == "ord-1"
-    assert state.status is S.PENDING_ORDER
+    assert state.status == "PENDING_ORDER"
     assert (state.seq, state.attempt, state.awaiting) == (1, 1, "order")
     assert state.completed == ()
     assert state.started_at == NOW
     assert state.deadline == NOW + POLICY.step_timeout
-    assert state.definition_version == saga.DEFINITION_VERSION
+    assert (state.saga_type, state.version, state.ref) == ("checkout", 1, "checkout.v1")
+    assert state.phase is Phase.RUNNING
 
     assert cmd == Command(
         message_id=command_id(SAGA_ID, "order", 1, 1),
@@ -174,7 +177,7 @@ def test_start_creates_the_saga_and_sends_create_order() -> None:
 
 def test_decide_start_without_state_is_start() -> None:
     msg = Start(CHECKOUT, START_ID)
-    assert decide(None, msg, now=NOW, policy=POLICY) == start(msg, now=NOW, policy=POLICY)
+    assert decide(V1, None, msg, now=NOW, policy=POLICY) == start(V1, msg, now=NOW, policy=POLICY)
 
 
 @pytest.mark.parametrize(
@@ -187,7 +190,7 @@ def test_decide_start_without_state_is_start() -> None:
 def test_duplicate_start_is_ignored(make_state: Maker) -> None:
     state = make_state()
     d = step(state, Start(CHECKOUT, uuid.uuid4()), now=LATER)
-    assert_ignored(state, d, "duplicate StartCheckout")
+    assert_ignored(state, d, "duplicate start")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,13 +200,13 @@ HAPPY = [
     # awaited step, status while awaited, participant, command body
     (
         "order",
-        S.PENDING_ORDER,
+        "PENDING_ORDER",
         "order",
         CreateOrder(order_id="ord-1", customer_id="cus_1", amount_minor=AMOUNT, currency="EUR"),
     ),
     (
         "authorization",
-        S.PENDING_PAYMENT,
+        "PENDING_PAYMENT",
         "payment",
         AuthorizePayment(
             order_id="ord-1", amount_minor=AMOUNT, currency="EUR", payment_token="tok_visa"
@@ -211,13 +214,13 @@ HAPPY = [
     ),
     (
         "inventory",
-        S.PENDING_INVENTORY,
+        "PENDING_INVENTORY",
         "inventory",
         ReserveInventory(order_id="ord-1", items=CHECKOUT.items),
     ),
     (
         "shipment",
-        S.PENDING_SHIPMENT,
+        "PENDING_SHIPMENT",
         "shipping",
         CreateShipment(
             order_id="ord-1", items=CHECKOUT.items, shipping_address=CHECKOUT.shipping_address
@@ -225,11 +228,11 @@ HAPPY = [
     ),
     (
         "capture",
-        S.PENDING_CAPTURE,
+        "PENDING_CAPTURE",
         "payment",
         CapturePayment(order_id="ord-1", amount_minor=AMOUNT, currency="EUR"),
     ),
-    ("completion", S.COMPLETING, "order", CompleteOrder(order_id="ord-1")),
+    ("completion", "COMPLETING", "order", CompleteOrder(order_id="ord-1")),
 ]
 
 
@@ -258,8 +261,8 @@ def test_happy_path_walks_all_six_steps_to_completed() -> None:
 
     final = state_of(d)
     assert d.commands == ()
-    assert d.transition == (S.COMPLETING, S.COMPLETED)
-    assert final.status is S.COMPLETED
+    assert d.transition == ("COMPLETING", "COMPLETED")
+    assert final.status == "COMPLETED"
     assert final.completed == FORWARD_NAMES
     assert final.awaiting is None
     assert final.deadline is None
@@ -272,7 +275,7 @@ def test_happy_path_walks_all_six_steps_to_completed() -> None:
 
 @pytest.mark.parametrize(("name", "status", "participant", "body"), HAPPY[:-1])
 def test_each_success_reports_the_transition(
-    name: str, status: SagaStatus, participant: str, body: Message
+    name: str, status: str, participant: str, body: Message
 ) -> None:
     state = awaiting(name)
     d = answer(state)
@@ -307,8 +310,8 @@ def test_business_failure_compensates_completed_steps_in_reverse(
     first = only(d)
 
     assert d.outcome == "applied"
-    assert d.transition == (state.status, S.COMPENSATING)
-    assert comp.status is S.COMPENSATING
+    assert d.transition == (state.status, "COMPENSATING")
+    assert comp.status == "COMPENSATING"
     assert comp.completed == state.completed  # the failed step is not completed
     assert comp.seq == state.seq + 1
     assert comp.deadline == NOW + POLICY.compensation_timeout
@@ -330,11 +333,11 @@ def test_business_failure_compensates_completed_steps_in_reverse(
         comp = state_of(d)
 
     assert bodies == expected
-    assert comp.status is S.COMPENSATED
-    assert comp.compensated == compensation_plan(state.completed)
+    assert comp.status == "COMPENSATED"
+    assert comp.compensated == compensation_plan(V1, state.completed)
     assert len(comp.compensated) == len(expected)
     assert comp.awaiting is None and comp.deadline is None
-    assert d.transition == (S.COMPENSATING, S.COMPENSATED)
+    assert d.transition == ("COMPENSATING", "COMPENSATED")
 
 
 def test_compensation_commands_carry_the_checkout() -> None:
@@ -407,7 +410,7 @@ PLANS = [
 def test_compensation_plan(
     completed: tuple[str, ...], unknown: str | None, plan: tuple[str, ...]
 ) -> None:
-    assert compensation_plan(completed, unknown) == plan
+    assert compensation_plan(V1, completed, unknown) == plan
 
 
 def test_payment_ladder_refunds_after_capture_and_never_voids() -> None:
@@ -425,7 +428,7 @@ def test_payment_ladder_refunds_after_capture_and_never_voids() -> None:
         "cancel_order",
     ]
     assert "void_authorization" not in final.compensated
-    assert final.status is S.COMPENSATED
+    assert final.status == "COMPENSATED"
 
 
 def test_refund_failure_needs_a_human() -> None:
@@ -435,8 +438,8 @@ def test_refund_failure_needs_a_human() -> None:
     final = state_of(d)
     assert d.outcome == "applied"
     assert d.commands == ()
-    assert d.transition == (S.COMPENSATING, S.FAILED_NEEDS_MANUAL)
-    assert final.status is S.FAILED_NEEDS_MANUAL
+    assert d.transition == ("COMPENSATING", "FAILED_NEEDS_MANUAL")
+    assert final.status == "FAILED_NEEDS_MANUAL"
     assert final.awaiting is None and final.deadline is None
     assert final.compensated == ()
     assert final.failure_reason == (
@@ -487,14 +490,14 @@ def test_replies_that_do_not_match_are_ignored(msg: Reply, note: str) -> None:
     state = _pending_inventory()
     d = step(state, msg, now=LATER)
     assert_ignored(state, d, note)
-    assert d.transition == (S.PENDING_INVENTORY, S.PENDING_INVENTORY)
+    assert d.transition == ("PENDING_INVENTORY", "PENDING_INVENTORY")
 
 
 def test_duplicate_reply_is_ignored() -> None:
     state = awaiting("shipment")
     first = reply("shipment", state.seq)
     after = state_of(step(state, first))
-    assert after.status is S.PENDING_CAPTURE
+    assert after.status == "PENDING_CAPTURE"
     d = step(after, first)
     assert_ignored(after, d, "stale fence")
 
@@ -518,7 +521,7 @@ def test_reply_on_a_terminal_saga_is_ignored() -> None:
 )
 def test_message_for_a_saga_that_does_not_exist_is_invalid(msg: Input) -> None:
     with pytest.raises(InvalidTransition, match="for a saga that does not exist"):
-        decide(None, msg, now=NOW, policy=POLICY)
+        decide(V1, None, msg, now=NOW, policy=POLICY)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,7 +564,7 @@ def test_reply_to_an_earlier_attempt_is_accepted() -> None:
     state, _ = timed_out(state, 2)
     assert state.attempt == 3
     d = step(state, reply("shipment", state.seq))
-    assert state_of(d).status is S.PENDING_CAPTURE
+    assert state_of(d).status == "PENDING_CAPTURE"
 
 
 EXHAUSTED = [
@@ -594,13 +597,13 @@ def test_exhausted_timeouts_compensate_including_the_unknown_step(
         state = state_of(d)
         seq = state.seq
         state, _ = timed_out(state, POLICY.max_step_attempts - 1)
-        reason = f"{name} timed out and so did the payment status query"
+        reason = f"{name} timed out and so did the status query"
     d = step(state, Timeout(seq), now=LATER)
     comp = state_of(d)
     cmd = only(d)
     assert d.note == reason
     assert comp.failure_reason == reason
-    assert comp.status is S.COMPENSATING
+    assert comp.status == "COMPENSATING"
     assert comp.completed == state.completed
     assert comp.seq == seq + 1
     assert comp.attempt == 1
@@ -610,14 +613,14 @@ def test_exhausted_timeouts_compensate_including_the_unknown_step(
     final, sent = drain_compensations(comp)
     assert (cmd.step, *sent) == plan
     assert final.compensated == plan
-    assert final.status is S.COMPENSATED
+    assert final.status == "COMPENSATED"
 
 
 def test_policy_with_one_attempt_compensates_on_the_first_timeout() -> None:
     policy = Policy(max_step_attempts=1)
     state = state_of(started(policy=policy))
-    d = decide(state, Timeout(state.seq), now=NOW, policy=policy)
-    assert state_of(d).status is S.COMPENSATING
+    d = decide(V1, state, Timeout(state.seq), now=NOW, policy=policy)
+    assert state_of(d).status == "COMPENSATING"
     assert only(d).step == "cancel_order"
 
 
@@ -638,7 +641,7 @@ def test_stale_timeout_is_ignored(delta: int) -> None:
 )
 def test_timeout_on_a_terminal_saga_is_ignored(make_state: Maker) -> None:
     state = make_state()
-    assert state.status.terminal
+    assert state.phase.terminal
     d = step(state, Timeout(state.seq), now=LATER)
     assert_ignored(state, d, "stale timeout")
 
@@ -664,12 +667,12 @@ def test_compensation_timeouts_resend_then_need_a_human() -> None:
         assert (cmd.attempt, cmd.fence, comp.seq) == (attempt, seq, seq)
         assert cmd.idempotency_key == idempotency_key(SAGA_ID, "cancel_order")
         assert comp.deadline == LATER + POLICY.compensation_timeout
-        assert comp.status is S.COMPENSATING
+        assert comp.status == "COMPENSATING"
 
     d = step(comp, Timeout(seq), now=LATER)
     final = state_of(d)
     assert d.commands == ()
-    assert final.status is S.FAILED_NEEDS_MANUAL
+    assert final.status == "FAILED_NEEDS_MANUAL"
     assert final.awaiting is None and final.deadline is None
     assert final.failure_reason == (
         "authorization failed: PaymentDeclined (card declined); "
@@ -681,7 +684,7 @@ def test_compensation_attempts_are_bounded_separately_from_forward_attempts() ->
     assert POLICY.max_compensation_attempts != POLICY.max_step_attempts
     comp = state_of(answer(awaiting("authorization"), ok=False))
     comp, _ = timed_out(comp, POLICY.max_step_attempts)
-    assert comp.status is S.COMPENSATING  # still re-sending: the compensation limit is higher
+    assert comp.status == "COMPENSATING"  # still re-sending: the compensation limit is higher
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,7 +696,7 @@ def _shipment_given_up() -> tuple[SagaState, int]:
     state = awaiting("shipment")
     fence = state.seq
     state, _ = timed_out(state, POLICY.max_step_attempts)
-    assert state.status is S.COMPENSATING
+    assert state.status == "COMPENSATING"
     return state, fence
 
 
@@ -711,7 +714,7 @@ def test_late_success_while_compensating_is_undone_and_does_not_revive() -> None
     )
     assert cmd == Command(
         message_id=uuid.uuid5(
-            saga.COMMAND_NAMESPACE, f"{SAGA_ID}:late:cancel_shipment:{late.message_id}"
+            COMMAND_NAMESPACE, f"{SAGA_ID}:late:cancel_shipment:{late.message_id}"
         ),
         participant="shipping",
         step="cancel_shipment",
@@ -728,11 +731,11 @@ def test_late_success_while_compensating_is_undone_and_does_not_revive() -> None
 def test_late_success_after_compensated_is_undone_and_stays_compensated() -> None:
     state, fence = _shipment_given_up()
     final, _ = drain_compensations(state)
-    assert final.status is S.COMPENSATED
+    assert final.status == "COMPENSATED"
     d = step(final, reply("shipment", fence), now=LATER)
     assert d.outcome == "ignored"
     assert d.state == final
-    assert d.transition == (S.COMPENSATED, S.COMPENSATED)
+    assert d.transition == ("COMPENSATED", "COMPENSATED")
     assert type(only(d).body) is CancelShipment
 
 
@@ -742,7 +745,7 @@ def test_late_success_after_needs_manual_is_undone() -> None:
     state = state_of(step(state, ForceCompensate("stuck")))
     assert state.awaiting == "refund_payment"
     manual = state_of(answer(state, ok=False))
-    assert manual.status is S.FAILED_NEEDS_MANUAL
+    assert manual.status == "FAILED_NEEDS_MANUAL"
     d = step(manual, reply("capture", fence))
     assert d.state == manual
     assert type(only(d).body) is RefundPayment
@@ -802,12 +805,12 @@ def test_force_compensate_from_every_forward_step(name: str, plan: tuple[str, ..
     assert d.outcome == "applied"
     assert d.note == "operator: customer called"
     assert comp.failure_reason == "operator: customer called"
-    assert comp.status is S.COMPENSATING
+    assert comp.status == "COMPENSATING"
     assert comp.seq == state.seq + 1
     assert (only(d).step, *comp.compensation_plan) == plan
     final, sent = drain_compensations(comp)
     assert (only(d).step, *sent) == plan
-    assert final.status is S.COMPENSATED
+    assert final.status == "COMPENSATED"
 
 
 def test_forward_reply_after_force_compensate_is_late() -> None:
@@ -878,17 +881,17 @@ def test_resume_of_a_finished_saga_is_ignored(make_state: Maker) -> None:
 def test_resume_after_refund_failure_retries_the_refund_then_the_rest() -> None:
     state = state_of(step(awaiting("completion"), ForceCompensate("customer cancelled")))
     manual = state_of(answer(state, ok=False))
-    assert manual.status is S.FAILED_NEEDS_MANUAL
+    assert manual.status == "FAILED_NEEDS_MANUAL"
 
     d = step(manual, Resume(), now=LATER)
     resumed = state_of(d)
     assert d.note == "operator resumed compensation"
-    assert d.transition == (S.FAILED_NEEDS_MANUAL, S.COMPENSATING)
+    assert d.transition == ("FAILED_NEEDS_MANUAL", "COMPENSATING")
     assert only(d).step == "refund_payment"
     assert resumed.seq == manual.seq + 1
     final, sent = drain_compensations(resumed)
     assert sent == ["cancel_shipment", "release_inventory", "cancel_order"]
-    assert final.status is S.COMPENSATED
+    assert final.status == "COMPENSATED"
 
 
 def test_resume_after_compensation_timeouts_skips_what_is_already_compensated() -> None:
@@ -897,7 +900,7 @@ def test_resume_after_compensation_timeouts_skips_what_is_already_compensated() 
     comp = state_of(answer(comp))
     assert comp.awaiting == "release_inventory"
     manual, _ = timed_out(comp, POLICY.max_compensation_attempts)
-    assert manual.status is S.FAILED_NEEDS_MANUAL
+    assert manual.status == "FAILED_NEEDS_MANUAL"
 
     d = step(manual, Resume(), now=LATER)
     final, sent = drain_compensations(state_of(d))
@@ -908,7 +911,7 @@ def test_resume_after_compensation_timeouts_skips_what_is_already_compensated() 
         "void_authorization",
         "cancel_order",
     )
-    assert final.status is S.COMPENSATED
+    assert final.status == "COMPENSATED"
 
 
 def test_resume_keeps_the_unknown_steps_compensation() -> None:
@@ -919,7 +922,7 @@ def test_resume_keeps_the_unknown_steps_compensation() -> None:
     state, d = timed_out(state, POLICY.max_step_attempts)  # the query times out too
     assert only(d).step == "void_authorization"  # authorization outcome unknown: void it
     manual, _ = timed_out(state_of(d), POLICY.max_compensation_attempts)
-    assert manual.status is S.FAILED_NEEDS_MANUAL and manual.compensating
+    assert manual.status == "FAILED_NEEDS_MANUAL" and manual.compensating
 
     d = step(manual, Resume(), now=LATER)
     assert only(d).step == "void_authorization"
@@ -929,9 +932,9 @@ def test_resume_keeps_the_unknown_shipment_cancellation() -> None:
     state, _ = _shipment_given_up()
     assert state.awaiting == "cancel_shipment"
     manual, _ = timed_out(state, POLICY.max_compensation_attempts)
-    assert manual.status is S.FAILED_NEEDS_MANUAL
+    assert manual.status == "FAILED_NEEDS_MANUAL"
     final, _ = drain_compensations(state_of(step(manual, Resume())))
-    assert final.status is S.COMPENSATED
+    assert final.status == "COMPENSATED"
     assert "cancel_shipment" in final.compensated
 
 
@@ -950,8 +953,8 @@ def test_expire_stops_a_live_saga_for_a_human(name: str) -> None:
     d = step(state, Expire("alive for 2 days"), now=LATER)
     final = state_of(d)
     assert d.commands == ()
-    assert d.transition == (state.status, S.FAILED_NEEDS_MANUAL)
-    assert final.status is S.FAILED_NEEDS_MANUAL
+    assert d.transition == (state.status, "FAILED_NEEDS_MANUAL")
+    assert final.status == "FAILED_NEEDS_MANUAL"
     assert final.awaiting is None and final.deadline is None
     assert final.failure_reason == "alive for 2 days"
 
@@ -980,8 +983,8 @@ DETERMINISM_CASES = [
 def test_deciding_twice_gives_identical_commands(
     make_state: Callable[[], SagaState | None], msg: Input
 ) -> None:
-    a = decide(make_state(), msg, now=LATER, policy=POLICY)
-    b = decide(make_state(), msg, now=LATER, policy=POLICY)
+    a = decide(V1, make_state(), msg, now=LATER, policy=POLICY)
+    b = decide(V1, make_state(), msg, now=LATER, policy=POLICY)
     assert a == b
     assert a.commands, "every case here emits a command"
     for cmd in a.commands:
@@ -991,7 +994,7 @@ def test_deciding_twice_gives_identical_commands(
 def test_command_ids_depend_on_the_saga_step_fence_and_attempt() -> None:
     base = command_id(SAGA_ID, "order", 1, 1)
     # in the process manager's own namespace, not the saga id (which anyone can compute)
-    assert base == uuid.uuid5(saga.COMMAND_NAMESPACE, f"{SAGA_ID}:1:order:1")
+    assert base == uuid.uuid5(COMMAND_NAMESPACE, f"{SAGA_ID}:1:order:1")
     others = {
         command_id(SAGA_ID, "order", 1, 2),
         command_id(SAGA_ID, "order", 2, 1),
@@ -1014,7 +1017,7 @@ def test_two_runs_of_the_same_story_emit_the_same_ids() -> None:
         d = answer(state, ok=False)  # shipment fails
         ids += [c.message_id for c in d.commands]
         final, _ = drain_compensations(state_of(d))
-        assert final.status is S.COMPENSATED
+        assert final.status == "COMPENSATED"
         return ids
 
     first = story()
@@ -1105,7 +1108,7 @@ def test_payment_status_that_shows_nothing_happened_compensates_without_the_unkn
     state = _asking_status(name)
     d = step(state, _status_reply(state, status))
     comp = state_of(d)
-    assert comp.status is S.COMPENSATING
+    assert comp.status == "COMPENSATING"
     assert comp.unknown_step is None
     assert (only(d).step, *comp.compensation_plan) == plan
     assert status in (comp.failure_reason or "")
@@ -1183,12 +1186,12 @@ def test_every_dispatch_gets_its_own_token_and_a_re_send_keeps_it() -> None:
 
 def test_the_nonce_makes_tokens_unpredictable() -> None:
     msg = Start(CHECKOUT, START_ID)
-    a = decide(None, msg, now=NOW, policy=POLICY, nonce="a" * 32)
-    b = decide(None, msg, now=NOW, policy=POLICY, nonce="b" * 32)
+    a = decide(V1, None, msg, now=NOW, policy=POLICY, nonce="a" * 32)
+    b = decide(V1, None, msg, now=NOW, policy=POLICY, nonce="b" * 32)
     assert only(a).reply_token != only(b).reply_token
     assert only(a).message_id == only(b).message_id  # ids stay derived and stable
     # and the token is deterministic for a given nonce: deciding twice decides the same
-    assert decide(None, msg, now=NOW, policy=POLICY, nonce="a" * 32) == a
+    assert decide(V1, None, msg, now=NOW, policy=POLICY, nonce="a" * 32) == a
 
 
 def test_a_saga_started_before_tokens_existed_accepts_its_tokenless_replies() -> None:
@@ -1210,11 +1213,24 @@ def test_a_saga_started_before_tokens_existed_accepts_its_tokenless_replies() ->
 def test_the_definition_declares_one_pivot_then_only_retriable_steps() -> None:
     kinds = [s.kind for s in FORWARD]
     assert kinds == ["compensatable"] * 4 + ["pivot", "retriable"]
-    assert saga.PIVOT == "capture"
-    with pytest.raises(ValueError):
-        saga._check_kinds((FORWARD[5], FORWARD[0]))  # retriable before compensatable
-    with pytest.raises(ValueError):
-        saga._check_kinds((FORWARD[0], FORWARD[5]))  # retriable without a pivot
+    assert V1.pivot == "capture"
+
+    def kinds_only(*steps: object) -> Definition:
+        return Definition(
+            name="checkout",
+            version=99,
+            start=V1.start,
+            business_key=V1.business_key,
+            steps=steps,  # type: ignore[arg-type]
+            compensations=V1.compensations,
+            queries=V1.queries,
+        )
+
+    with pytest.raises(DefinitionError, match="compensatable, then the pivot, then retriable"):
+        kinds_only(FORWARD[5], FORWARD[4], FORWARD[0])  # retriable before compensatable
+    with pytest.raises(DefinitionError, match="without a pivot"):
+        kinds_only(FORWARD[0], FORWARD[5])  # retriable without a pivot
+    assert issubclass(DefinitionError, ValueError)
 
 
 def test_a_late_completion_is_re_sent_with_backoff_and_never_compensated() -> None:
@@ -1231,14 +1247,14 @@ def test_a_late_completion_is_re_sent_with_backoff_and_never_compensated() -> No
         assert cmd.idempotency_key == idempotency_key(SAGA_ID, "completion")
         assert cmd.reply_token == state.token_for(state.seq)
         state = state_of(d)
-        assert state.status is S.COMPLETING
+        assert state.status == "COMPLETING"
     # the waits double from the step timeout up to the cap
     assert waits[:3] == [POLICY.step_timeout, 2 * POLICY.step_timeout, 4 * POLICY.step_timeout]
     assert max(waits) == POLICY.retriable_max_delay
     d = step(state, Timeout(state.seq), now=sent_at)
     manual = state_of(d)
     assert d.commands == ()
-    assert manual.status is S.FAILED_NEEDS_MANUAL
+    assert manual.status == "FAILED_NEEDS_MANUAL"
     assert "not compensated" in (manual.failure_reason or "")
     assert manual.compensation_plan == () and not manual.compensating
 
@@ -1246,10 +1262,10 @@ def test_a_late_completion_is_re_sent_with_backoff_and_never_compensated() -> No
 def test_the_late_completion_after_a_human_was_called_still_completes() -> None:
     state = awaiting("completion")
     state, _ = timed_out(state, POLICY.max_retriable_attempts)
-    assert state.status is S.FAILED_NEEDS_MANUAL and state.stalled == "completion"
+    assert state.status == "FAILED_NEEDS_MANUAL" and state.stalled == "completion"
     d = answer_stalled(state)
     assert d.outcome == "applied" and d.commands == ()
-    assert d.transition == (S.FAILED_NEEDS_MANUAL, S.COMPLETED)
+    assert d.transition == ("FAILED_NEEDS_MANUAL", "COMPLETED")
     assert state_of(d).completed == FORWARD_NAMES
 
 
@@ -1263,25 +1279,25 @@ def test_resume_past_the_pivot_sends_the_remaining_step_again() -> None:
     d = step(state, Resume(), now=LATER)
     cmd = only(d)
     resumed = state_of(d)
-    assert d.transition == (S.FAILED_NEEDS_MANUAL, S.COMPLETING)
+    assert d.transition == ("FAILED_NEEDS_MANUAL", "COMPLETING")
     assert (cmd.step, cmd.fence) == ("completion", state.seq + 1)
     assert cmd.idempotency_key == idempotency_key(SAGA_ID, "completion")
     assert resumed.failure_reason is None and resumed.stalled is None
-    assert state_of(answer(resumed)).status is S.COMPLETED
+    assert state_of(answer(resumed)).status == "COMPLETED"
 
 
 def test_a_compensation_reply_just_after_the_saga_needs_a_human_is_applied() -> None:
     comp = state_of(answer(awaiting("inventory"), ok=False))
     assert comp.awaiting == "void_authorization"
     manual, _ = timed_out(comp, POLICY.max_compensation_attempts)
-    assert manual.status is S.FAILED_NEEDS_MANUAL and manual.stalled == "void_authorization"
+    assert manual.status == "FAILED_NEEDS_MANUAL" and manual.stalled == "void_authorization"
     d = answer_stalled(manual)
     after = state_of(d)
     assert d.outcome == "applied"
     assert after.compensated == ("void_authorization",)
-    assert only(d).step == "cancel_order" and after.status is S.COMPENSATING
+    assert only(d).step == "cancel_order" and after.status == "COMPENSATING"
     final, _ = drain_compensations(after)
-    assert final.status is S.COMPENSATED
+    assert final.status == "COMPENSATED"
 
 
 def test_a_stale_reply_does_not_wake_a_saga_that_needs_a_human() -> None:
@@ -1294,7 +1310,7 @@ def test_a_stale_reply_does_not_wake_a_saga_that_needs_a_human() -> None:
 def test_the_pivot_failing_compensates_what_came_before_it() -> None:
     d = answer(awaiting("capture"), ok=False)
     comp = state_of(d)
-    assert comp.status is S.COMPENSATING
+    assert comp.status == "COMPENSATING"
     assert (only(d).step, *comp.compensation_plan) == (
         "cancel_shipment",
         "release_inventory",
@@ -1333,31 +1349,31 @@ def test_an_unanswered_capture_status_query_calls_a_human_and_refunds_nothing() 
     state = _asking_capture_status()
     manual, d = timed_out(state, POLICY.max_step_attempts)
     assert d.commands == ()
-    assert manual.status is S.FAILED_NEEDS_MANUAL and not manual.compensating
+    assert manual.status == "FAILED_NEEDS_MANUAL" and not manual.compensating
     assert "not compensated" in (manual.failure_reason or "")
     # the late answer still counts: captured, so the saga goes on to completion
     d = step(manual, _status(manual, "captured"))
-    assert only(d).step == "completion" and state_of(d).status is S.COMPLETING
+    assert only(d).step == "completion" and state_of(d).status == "COMPLETING"
 
 
 def test_the_capture_status_not_captured_after_a_human_was_called_compensates() -> None:
     manual, _ = timed_out(_asking_capture_status(), POLICY.max_step_attempts)
     d = step(manual, _status(manual, "authorized"))
     comp = state_of(d)
-    assert comp.status is S.COMPENSATING
+    assert comp.status == "COMPENSATING"
     assert "refund_payment" not in (only(d).step, *comp.compensation_plan)
 
 
 def test_a_refunded_capture_calls_a_human_instead_of_completing() -> None:
     state = _asking_capture_status()
     d = step(state, _status(state, "refunded"))
-    assert d.commands == () and state_of(d).status is S.FAILED_NEEDS_MANUAL
+    assert d.commands == () and state_of(d).status == "FAILED_NEEDS_MANUAL"
 
 
 def test_expire_at_the_capture_then_a_late_capture_goes_on_and_refunds_nothing() -> None:
     state = awaiting("capture")
     manual = state_of(step(state, Expire("ttl")))
-    assert manual.status is S.FAILED_NEEDS_MANUAL and manual.stalled == "capture"
+    assert manual.status == "FAILED_NEEDS_MANUAL" and manual.stalled == "capture"
     d = step(manual, reply("capture", manual.seq))
     assert only(d).step == "completion"
     assert "capture" in state_of(d).completed
@@ -1368,7 +1384,7 @@ def test_resume_of_a_saga_stopped_at_the_capture_asks_the_payment_first() -> Non
     d = step(manual, Resume(), now=LATER)
     assert only(d).step == "payment_status"
     asking = state_of(d)
-    assert asking.reconciling == "capture" and asking.status is S.PENDING_CAPTURE
+    assert asking.reconciling == "capture" and asking.status == "PENDING_CAPTURE"
     d = step(asking, _status(asking, "captured"))
     assert only(d).step == "completion"
 
@@ -1391,7 +1407,7 @@ def test_expire_past_the_pivot_lets_the_re_sends_go_on() -> None:
 def test_a_late_success_on_a_saga_stopped_for_a_human_undoes_nothing() -> None:
     state = awaiting("authorization")
     manual = state_of(step(state, Expire("ttl")))
-    assert manual.status is S.FAILED_NEEDS_MANUAL and not manual.compensating
+    assert manual.status == "FAILED_NEEDS_MANUAL" and not manual.compensating
     d = step(manual, reply("authorization", state.seq))
     assert d.commands == () and d.state == manual  # the human decides: resume asks payment
 

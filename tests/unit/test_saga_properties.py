@@ -9,21 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from process_manager.saga import (
-    COMPENSATION_OF,
-    COMPENSATIONS,
-    FORWARD,
-    FORWARD_BY_NAME,
-    PIVOT,
-    RECONCILE,
+from process_manager.engine import (
     Command,
     Decision,
     Expire,
     Input,
+    Phase,
     Reply,
     Resume,
     SagaState,
-    SagaStatus,
     Timeout,
     command_id,
     compensation_plan,
@@ -32,9 +26,13 @@ from process_manager.saga import (
     past_pivot,
 )
 from tests.unit.sagakit import (
+    COMPENSATION_OF,
+    COMPENSATIONS,
+    FORWARD,
     FORWARD_NAMES,
     NOW,
     POLICY,
+    V1,
     has_failure,
     reply,
     started,
@@ -42,7 +40,9 @@ from tests.unit.sagakit import (
 
 pytestmark = pytest.mark.unit
 
-S = SagaStatus
+FORWARD_BY_NAME = {s.name: s for s in FORWARD}
+PIVOT = V1.pivot
+RECONCILE_QUERY = "payment_status"
 FORWARD_STATUS = {s.name: s.status for s in FORWARD}
 ALL_STEPS = (*FORWARD_NAMES, *COMPENSATIONS)
 #: more steps than any run needs: 6 forward + 5 compensations, each re-sent a few times
@@ -95,7 +95,7 @@ def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
     new = d.state
 
     # pure and deterministic
-    assert decide(prev, msg, now=NOW, policy=POLICY) == d
+    assert decide(V1, prev, msg, now=NOW, policy=POLICY) == d
 
     # money goes back (a refund, a void) only from a saga that is undoing its work: never from
     # one moving forward, nor from one stopped for a human that has not begun compensating
@@ -106,10 +106,10 @@ def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
     # past the point of no return (the capture) a saga only moves forward: no interleaving of
     # replies, duplicates, stale replies and timeouts refunds, voids or undoes anything (only an
     # operator's ForceCompensate may, and the driver never sends one)
-    if past_pivot(prev):
+    if past_pivot(V1, prev):
         assert not any(c.step in COMPENSATIONS for c in d.commands), d
         assert d.state is not None
-        assert d.state.status not in (S.COMPENSATING, S.COMPENSATED), d
+        assert d.state.status not in ("COMPENSATING", "COMPENSATED"), d
         assert not d.state.compensating
     assert d.transition == (prev.status, new.status)
 
@@ -120,14 +120,20 @@ def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
     # compensated steps only grow
     assert new.compensated[: len(prev.compensated)] == prev.compensated
 
+    # the phase and the status users see agree (v1 ends with the engine's own names)
+    if new.phase is Phase.RUNNING:
+        assert new.status in V1.running_statuses
+    else:
+        assert new.status == new.phase.value
+
     # a live saga always waits for something, with a deadline; a finished one for nothing
-    if new.status.terminal:
+    if new.phase.terminal:
         assert new.awaiting is None and new.deadline is None
     else:
         assert new.awaiting is not None and new.deadline is not None
 
-    if prev.status.terminal and (
-        prev.status is not S.FAILED_NEEDS_MANUAL
+    if prev.phase.terminal and (
+        prev.status != "FAILED_NEEDS_MANUAL"
         or not (
             isinstance(msg, Resume)
             or (isinstance(msg, Reply) and prev.stalled is not None and msg.fence == prev.seq)
@@ -158,7 +164,7 @@ def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
             late_step is not None
             and FORWARD_BY_NAME[late_step].compensation is not None
             and late_step not in prev.completed
-            and prev.status in (S.COMPENSATING, S.COMPENSATED, S.FAILED_NEEDS_MANUAL)
+            and prev.status in ("COMPENSATING", "COMPENSATED", "FAILED_NEEDS_MANUAL")
         )
         assert [c.step for c in d.commands] == (
             [FORWARD_BY_NAME[late_step].compensation] if must_undo and late_step else []
@@ -168,7 +174,7 @@ def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
             late = COMPENSATION_OF[c.step]
             assert type(msg.body) in FORWARD_BY_NAME[late].success
             assert late not in prev.completed
-            assert prev.status in (S.COMPENSATING, S.COMPENSATED, S.FAILED_NEEDS_MANUAL)
+            assert prev.status in ("COMPENSATING", "COMPENSATED", "FAILED_NEEDS_MANUAL")
             assert (c.attempt, c.fence) == (1, msg.fence)
             assert c.idempotency_key == idempotency_key(prev.saga_id, c.step)
         return
@@ -190,7 +196,7 @@ def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
             assert new.status is prev.status
             assert new.reconciling in ("authorization", "capture")
         else:
-            assert new.status is S.COMPENSATING
+            assert new.status == "COMPENSATING"
         limit = (
             POLICY.max_retriable_attempts
             if c.step in FORWARD_BY_NAME and FORWARD_BY_NAME[c.step].kind == "retriable"
@@ -201,8 +207,8 @@ def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
         assert world.sends.get((c.step, c.fence), 0) < limit
 
     # compensation begins: the plan is the reverse of the completed steps (+ the unknown one)
-    if new.status is S.COMPENSATING and prev.status is not S.COMPENSATING:
-        assert not prev.status.terminal
+    if new.status == "COMPENSATING" and prev.status != "COMPENSATING":
+        assert not prev.phase.terminal
         assert world.plan is None
         (first,) = d.commands
         plan = (first.step, *new.compensation_plan)
@@ -211,11 +217,11 @@ def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
             if isinstance(msg, Timeout)
             else None
         )
-        assert plan == compensation_plan(new.completed, unknown)
+        assert plan == compensation_plan(V1, new.completed, unknown)
         undone = [_index_undone(s) for s in plan]
         assert undone == sorted(undone, reverse=True), "compensations not in reverse order"
         assert len(set(undone)) == len(undone)
-        needed = set(compensation_plan(new.completed, new.unknown_step))
+        needed = set(compensation_plan(V1, new.completed, new.unknown_step))
         assert needed <= set(plan)
         if "capture" in new.completed:  # payment ladder
             assert "refund_payment" in plan and "void_authorization" not in plan
@@ -231,31 +237,31 @@ def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
             else:
                 assert c.step == world.compensations_sent[-1]
 
-    if new.status is S.COMPLETED:
+    if new.status == "COMPLETED":
         assert new.completed == FORWARD_NAMES
         assert world.plan is None
         assert new.compensated == ()
         # forward steps, and the status query that settled a payment step's unknown outcome:
         # never a compensation
         assert all(
-            c.step in FORWARD_BY_NAME or c.step == RECONCILE.name
+            c.step in FORWARD_BY_NAME or c.step == RECONCILE_QUERY
             for c in (*world.sent, *d.commands)
         )
 
-    if new.status is S.COMPENSATED:
+    if new.status == "COMPENSATED":
         assert world.plan is not None
         assert new.compensated == world.plan
-        assert set(compensation_plan(new.completed, new.unknown_step)) <= set(new.compensated)
+        assert set(compensation_plan(V1, new.completed, new.unknown_step)) <= set(new.compensated)
         if "capture" in new.completed:
             assert "void_authorization" not in new.compensated
             assert "refund_payment" in new.compensated
 
-    if new.status is S.FAILED_NEEDS_MANUAL:
+    if new.status == "FAILED_NEEDS_MANUAL":
         # a human is called while undoing, after the point of no return, or when whether it
         # was passed is unknown (the capture's status query unanswered): never otherwise
         assert (
-            prev.status is S.COMPENSATING
-            or past_pivot(prev)
+            prev.status == "COMPENSATING"
+            or past_pivot(V1, prev)
             or (prev.awaiting == "payment_status" and prev.reconciling == PIVOT)
         ), (prev, msg)
         assert new.failure_reason
@@ -263,7 +269,7 @@ def check(world: World, prev: SagaState, msg: Input, d: Decision) -> None:
 
 def apply(world: World, msg: Input) -> Decision:
     prev = world.state
-    d = decide(prev, msg, now=NOW, policy=POLICY)
+    d = decide(V1, prev, msg, now=NOW, policy=POLICY)
     check(world, prev, msg, d)
     world.record(d)
     if isinstance(msg, Reply):
@@ -321,7 +327,7 @@ def choose(data: st.DataObject, world: World, action: str) -> Input | None:
 def drain(world: World) -> None:
     """Keep delivering correct successful replies: the saga must finish, in bounded steps."""
     for _ in range(DRAIN_BOUND):
-        if world.state.status.terminal:
+        if world.state.phase.terminal:
             return
         assert world.state.awaiting is not None
         world.copies += 1
@@ -338,7 +344,7 @@ def test_invariants_hold_over_any_interleaving(data: st.DataObject, actions: lis
         if msg is not None:
             apply(world, msg)
     drain(world)
-    assert world.state.status in (S.COMPLETED, S.COMPENSATED, S.FAILED_NEEDS_MANUAL)
+    assert world.state.status in ("COMPLETED", "COMPENSATED", "FAILED_NEEDS_MANUAL")
     # once terminal, nothing in the driver's repertoire moves it
     final = world.state
     for action in ACTIONS:
@@ -358,7 +364,7 @@ def test_noise_never_changes_a_successful_checkout(data: st.DataObject, actions:
     the saga completes and sends exactly the commands of the clean run."""
     clean = begin()
     drain(clean)
-    assert clean.state.status is S.COMPLETED
+    assert clean.state.status == "COMPLETED"
 
     world = begin()
     for action in actions:
@@ -366,7 +372,7 @@ def test_noise_never_changes_a_successful_checkout(data: st.DataObject, actions:
         if msg is not None:
             apply(world, msg)
     drain(world)
-    assert world.state.status is S.COMPLETED
+    assert world.state.status == "COMPLETED"
     assert world.sent == clean.sent
     assert world.state.completed == FORWARD_NAMES
 
@@ -390,21 +396,21 @@ def test_any_failure_point_ends_compensated_in_reverse_order(
         apply(world, Timeout(world.state.seq))
     if business_failure and has_failure(failing):
         apply(world, reply(failing, world.state.seq, ok=False))
-        expected = compensation_plan(done)
+        expected = compensation_plan(V1, done)
     elif failing == PIVOT:
         # the pivot's outcome stays unknown (its status query unanswered too): a human is
         # called, and nothing is compensated (it may have captured)
-        while not world.state.status.terminal:
+        while not world.state.phase.terminal:
             apply(world, Timeout(world.state.seq))
-        assert world.state.status is S.FAILED_NEEDS_MANUAL
+        assert world.state.status == "FAILED_NEEDS_MANUAL"
         assert not any(c.step in COMPENSATIONS for c in world.sent)
         return
     else:
-        while world.state.status is not S.COMPENSATING:
+        while world.state.status != "COMPENSATING":
             apply(world, Timeout(world.state.seq))
-        expected = compensation_plan(done, failing)
+        expected = compensation_plan(V1, done, failing)
     drain(world)
-    assert world.state.status is S.COMPENSATED
+    assert world.state.status == "COMPENSATED"
     assert world.state.compensated == expected
     assert [c.step for c in world.sent if c.step in COMPENSATIONS and c.attempt == 1] == list(
         expected
@@ -424,22 +430,22 @@ def test_past_the_pivot_nothing_is_ever_undone(data: st.DataObject, actions: lis
     timeouts (as many as the retriable limit and more): the saga completes or calls a human,
     and no compensation (refund, void, release, cancel) is ever sent."""
     world = begin()
-    while not past_pivot(world.state):
+    while not past_pivot(V1, world.state):
         apply(world, reply(world.state.awaiting or "", world.state.seq))
     assert PIVOT == "capture" and world.state.awaiting == "completion"
     for action in actions:
         msg = choose(data, world, action)
         if msg is not None:
             apply(world, msg)
-    if not world.state.status.terminal:
+    if not world.state.phase.terminal:
         drain(world)
-    assert world.state.status in (S.COMPLETED, S.FAILED_NEEDS_MANUAL)
+    assert world.state.status in ("COMPLETED", "FAILED_NEEDS_MANUAL")
     assert not any(c.step in COMPENSATIONS for c in world.sent)
-    if world.state.status is S.FAILED_NEEDS_MANUAL:
+    if world.state.status == "FAILED_NEEDS_MANUAL":
         # the late answer still finishes it (and the operator's case with it)
         world.copies += 1
         apply(world, reply("completion", world.state.seq, copy=world.copies))
-        assert world.state.status is S.COMPLETED
+        assert world.state.status == "COMPLETED"
 
 
 @settings(max_examples=300, deadline=None)
@@ -458,14 +464,14 @@ def test_expiry_and_resume_never_give_money_back_unless_compensating(
         if msg is None:
             continue
         prev = world.state
-        d = decide(prev, msg, now=NOW, policy=POLICY)
-        assert decide(prev, msg, now=NOW, policy=POLICY) == d  # pure
+        d = decide(V1, prev, msg, now=NOW, policy=POLICY)
+        assert decide(V1, prev, msg, now=NOW, policy=POLICY) == d  # pure
         assert d.state is not None
         for c in d.commands:
             if c.step in ("refund_payment", "void_authorization"):
                 assert d.state.compensating or prev.compensating, (prev, msg, d)
             assert not (captured_known and c.step == "refund_payment"), (prev, msg, d)
-        captured_known = captured_known or past_pivot(d.state)
+        captured_known = captured_known or past_pivot(V1, d.state)
         world.record(d)
         if isinstance(msg, Reply):
             world.delivered.append(msg)
