@@ -23,6 +23,13 @@ from datetime import UTC, datetime
 
 import aio_pika
 
+from benchmarks.bench import (
+    _with_database,
+    _with_vhost,
+    create_vhost,
+    delete_vhost,
+    drop_database,
+)
 from messaging import telemetry, topology
 from messaging.codec import encode
 from messaging.db import ensure_database, make_engine
@@ -30,13 +37,6 @@ from messaging.service import Runtime
 from messaging.settings import Settings
 from participants.notification import service as notification
 from participants.order import service as order
-from process_manager.bench import (
-    _with_database,
-    _with_vhost,
-    create_vhost,
-    delete_vhost,
-    drop_database,
-)
 from schemas.base import Message
 from schemas.envelope import Envelope
 from schemas.order import CreateOrder, OrderCompleted

@@ -1,27 +1,48 @@
-"""Every deployable service by name: the one place that wires the definitions together."""
+"""Every deployable service by name: the one place that wires the definitions together.
+
+The services are those of the topology (``messaging.topology.SERVICES``), each found by its
+name: the process manager in ``process_manager.service``, a participant ``<name>`` in
+``participants.<name>.service`` (``-`` spelt ``_``). Each module has ``definition(settings)``;
+a participant's also names its schema ``SCHEMA``. A new service is one entry in the topology and
+one package, and nothing here changes.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from types import ModuleType
 
 from messaging.service import ServiceDefinition
 from messaging.settings import Settings
-from participants.analytics import service as analytics
-from participants.inventory import service as inventory
-from participants.notification import service as notification
-from participants.order import service as order
-from participants.payment import service as payment
-from participants.shipping import service as shipping
-from process_manager import service as process_manager
+from messaging.topology import SERVICES
+
+PROCESS_MANAGER = "process-manager"
+
+
+def module_name(service: str) -> str:
+    """The module that defines ``service``."""
+    if service == PROCESS_MANAGER:
+        return "process_manager.service"
+    return f"participants.{service.replace('-', '_')}.service"
+
+
+def module(service: str) -> ModuleType:
+    return importlib.import_module(module_name(service))
+
+
+def schema(service: str) -> str:
+    """The one database schema ``service`` keeps its tables in."""
+    if service == PROCESS_MANAGER:
+        from process_manager import store
+
+        return store.SCHEMA
+    found: str = module(service).SCHEMA
+    return found
+
 
 FACTORIES: dict[str, Callable[[Settings], ServiceDefinition]] = {
-    "process-manager": process_manager.definition,
-    "order": order.definition,
-    "payment": payment.definition,
-    "inventory": inventory.definition,
-    "shipping": shipping.definition,
-    "notification": notification.definition,
-    "analytics": analytics.definition,
+    name: module(name).definition for name in SERVICES
 }
 
 

@@ -16,6 +16,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -23,7 +24,10 @@ from rich.console import Console
 from rich.table import Table
 
 from messaging.db import SchemaNotProvisioned
+from messaging.management import ManagementError
+from messaging.service import DEAD_LETTERS
 from messaging.settings import Settings
+from messaging.topology import SERVICES
 
 T = TypeVar("T")
 
@@ -156,17 +160,8 @@ def migrate() -> None:
     run_async(go)
 
 
-SERVICE_CHOICES = [
-    "all",
-    "process-manager",
-    "order",
-    "payment",
-    "inventory",
-    "shipping",
-    "notification",
-    "analytics",
-    "dead-letters",
-]
+#: ``all``, every service of the topology, and the dead-letter collector
+SERVICE_CHOICES = ["all", *SERVICES, DEAD_LETTERS]
 
 
 @cli.command()
@@ -969,8 +964,13 @@ def demo(sagas: int, seed: int | None, verbose: bool, single_user: bool, admin_u
     Each service runs as its own broker user and database role (provisioned afresh, with
     new passwords, every run) unless --single-user."""
     from messaging import telemetry
+    from messaging.management import Management
     from process_manager.demo import run_demo
 
+    try:
+        Management(admin_url)
+    except ValueError as e:
+        raise click.UsageError(f"--admin-url {e}") from None
     s = settings()
     telemetry.configure_logging(
         "console" if verbose else s.log_format, s.log_level if verbose else "error"
@@ -984,12 +984,120 @@ def demo(sagas: int, seed: int | None, verbose: bool, single_user: bool, admin_u
         sys.exit(EXIT_FAILED)
 
 
+@cli.command()
+@click.option("--sagas", type=click.IntRange(1, 10_000_000), default=2000, show_default=True)
+@click.option(
+    "--window",
+    type=click.IntRange(1, 100_000),
+    default=200,
+    show_default=True,
+    help="At most this many sagas in flight.",
+)
+@click.option("--pm-instances", type=click.IntRange(1, 2), default=1, show_default=True)
+@click.option(
+    "--warmup",
+    type=click.IntRange(0, 1_000_000),
+    default=None,
+    help="Sagas run before measuring (default: a tenth of --sagas, at most 500).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--skip-floor", is_flag=True, help="Measure sagabus only.")
+@click.option(
+    "--peers/--no-peers",
+    default=None,
+    help="Also run the peer saga engines of benchmarks.peers (default: when it imports).",
+)
+@click.option(
+    "--peer-sagas",
+    type=click.IntRange(1, 1_000_000),
+    default=None,
+    help="Sagas each peer runs (default: --sagas); a slow peer can be measured on fewer.",
+)
+@click.option(
+    "--sample-s",
+    type=click.FloatRange(0.05, 3600),
+    default=None,
+    help="RSS sampling interval (default: 1 s, or 5 s from 20,000 sagas).",
+)
+@click.option(
+    "--log-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep each process's stderr here (default: discarded).",
+)
+@click.option("--keep", is_flag=True, help="Keep the bench database and vhosts.")
+def bench(
+    sagas: int,
+    window: int,
+    pm_instances: int,
+    warmup: int | None,
+    as_json: bool,
+    skip_floor: bool,
+    peers: bool | None,
+    peer_sagas: int | None,
+    sample_s: float | None,
+    log_dir: Path | None,
+    keep: bool,
+) -> None:
+    """Throughput, latency, CPU and memory of N successful sagas, against the floor."""
+    import secrets
+
+    from benchmarks import bench as b
+
+    base = settings()
+    with_peers = b.resolve_peers(peers)
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    opts = b.Options(
+        sagas=sagas,
+        window=window,
+        pm_instances=pm_instances,
+        warmup=warmup if warmup is not None else min(500, sagas // 10),
+        peers=with_peers,
+        sample_s=sample_s or (5.0 if sagas >= 20_000 else 1.0),
+        log_dir=log_dir,
+        keep=keep,
+    )
+    run = secrets.token_hex(3)
+    machine = b.Machine()
+    facts = b.machine_facts()
+
+    def progress(line: str) -> None:
+        if not as_json:
+            click.echo(line, err=True)
+
+    try:
+        result = run_async(
+            lambda: b.run(
+                base,
+                opts,
+                run=run,
+                machine=machine,
+                facts=facts,
+                skip_floor=skip_floor,
+                peer_sagas=peer_sagas,
+                progress=progress,
+            )
+        )
+    except asyncio.CancelledError:
+        click.echo(f"sagabus bench {run}: interrupted; its processes and scratch removed", err=True)
+        raise SystemExit(143) from None
+    if as_json:
+        click.echo(json.dumps(result, default=str))
+    else:
+        b.print_human(result)
+    if not b.succeeded(result):
+        raise Failed(
+            f"{result['sagabus']['completed']}/{sagas} sagas COMPLETED "
+            f"({result['sagabus'].get('failures')})"
+        )
+
+
 def _register_commands() -> None:
     """Commands that live in their own modules."""
-    from process_manager import bench, provision
+    from messaging.provision import broker
 
-    cli.add_command(provision.command)
-    cli.add_command(bench.command)
+    cli.add_command(broker.command)
 
 
 _register_commands()
@@ -1010,6 +1118,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("sagabus: aborted", err=True)
         sys.exit(130)
+    except ManagementError as e:
+        # the broker's management API (provisioning for `demo`), in one line
+        click.echo(f"sagabus: error: {e}", err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
         msg = e.format_message().replace("\n", " ")
         if isinstance(e, click.UsageError) and e.ctx is not None and e.ctx.command_path:

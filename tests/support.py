@@ -4,15 +4,11 @@ into queues, dead-letter queues and tables."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 import shutil
 import subprocess
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -23,6 +19,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from sqlalchemy import Table, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from messaging.management import LOCAL_ADMIN_URL, Management, ManagementError
 from messaging.service import Runtime
 from process_manager import ops
 from schemas.checkout import StartCheckout
@@ -242,12 +239,7 @@ async def paused(runtime: Runtime, service: str) -> AsyncIterator[None]:
 
 
 def mgmt_json(path: str) -> Any:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:15672/api/{path}",
-        headers={"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()},
-    )
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+    return Management(LOCAL_ADMIN_URL).call("GET", path)
 
 
 def vhost_path(vhost: str) -> str:
@@ -263,34 +255,15 @@ def env_for(amqp_url: str, database_url: str, base: Mapping[str, str]) -> dict[s
 # -- RabbitMQ vhosts -------------------------------------------------------------------------
 
 
-def _mgmt(method: str, path: str, body: dict[str, Any] | None = None) -> int:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:15672/api/{path}",
-        method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={
-            "Authorization": "Basic " + base64.b64encode(b"guest:guest").decode(),
-            "content-type": "application/json",
-        },
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as e:
-        return int(e.code)
-
-
 def _ctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
 def create_vhost(name: str) -> None:
-    q = urllib.parse.quote(name, safe="")
     try:
-        if _mgmt("PUT", f"vhosts/{q}", {}) in (201, 204):
-            _mgmt("PUT", f"permissions/{q}/guest", {"configure": ".*", "write": ".*", "read": ".*"})
-            return
-    except OSError:
+        Management(LOCAL_ADMIN_URL).create_vhost(name, user="guest")
+        return
+    except ManagementError:
         pass
     if shutil.which("rabbitmqctl") is None:
         raise RuntimeError("cannot create a RabbitMQ vhost: no management API and no rabbitmqctl")
@@ -299,11 +272,10 @@ def create_vhost(name: str) -> None:
 
 
 def delete_vhost(name: str) -> None:
-    q = urllib.parse.quote(name, safe="")
     try:
-        if _mgmt("DELETE", f"vhosts/{q}") in (204, 404):
-            return
-    except OSError:
+        Management(LOCAL_ADMIN_URL).delete_vhost(name)
+        return
+    except ManagementError:
         pass
     _ctl("delete_vhost", name)
 

@@ -22,9 +22,11 @@ import pytest_asyncio
 
 from messaging import deadletters, topology
 from messaging.db import create_schema, ensure_database, make_engine
+from messaging.management import Management
+from messaging.provision import principals
 from messaging.service import migrate
 from messaging.settings import Settings
-from process_manager import bootstrap, principals, provision
+from process_manager import bootstrap
 from tests import support
 from tests.chaos.harness import restore_infrastructure
 from tests.conftest import PG_ADMIN, _isolated_settings
@@ -75,7 +77,7 @@ def role_prefix(run: str) -> str:
 
 def delete_users(prefix: str) -> list[str]:
     """Every broker user whose name starts with ``prefix`` (users are not per vhost)."""
-    mgmt = provision.Management(ADMIN_URL)
+    mgmt = Management(ADMIN_URL)
     deleted = []
     for user in mgmt.call("GET", "users") or []:
         if user["name"].startswith(prefix):

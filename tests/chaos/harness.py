@@ -28,6 +28,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from messaging import topology
+from messaging.service import DEAD_LETTERS
 from participants.shipping.carrier import UNAVAILABLE_POSTAL_CODE, UNDELIVERABLE_POSTAL_CODE
 from process_manager.demo import Scenario
 from schemas.checkout import StartCheckout, saga_id_for_order
@@ -35,16 +36,8 @@ from schemas.common import LineItem, ShippingAddress
 from schemas.envelope import HeaderNames
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = (
-    "process-manager",
-    "order",
-    "payment",
-    "inventory",
-    "shipping",
-    "notification",
-    "analytics",
-    "dead-letters",
-)
+#: every service of the topology, and the dead-letter collector: one OS process each
+SERVICES = (*topology.SERVICES, DEAD_LETTERS)
 TAP_QUEUE = "chaos.tap"
 COPY_HEADER = "x-chaos-copy"
 POISON_HEADER = "x-chaos-poison"

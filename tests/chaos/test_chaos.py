@@ -43,9 +43,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from messaging import topology
 from messaging.db import make_engine
+from messaging.provision.principals import Principals
 from messaging.settings import Settings
 from participants.inventory import service as inventory
-from process_manager.principals import Principals
+from process_manager import bootstrap
 from process_manager.saga import FORWARD, TERMINAL
 from tests.chaos import conftest as chaos_conftest
 from tests.chaos import invariants
@@ -103,15 +104,7 @@ MUST_RESEND = {**STEPS_OF, "order": ("completion",)}
 STALL_MAX_S = 6 * STEP_TIMEOUT_S
 #: the saga states from which the next message to the order service is the completion
 BEFORE_COMPLETION = ("PENDING_SHIPMENT", "PENDING_CAPTURE", "COMPLETING")
-OUTBOX_SCHEMAS = (
-    "process_manager",
-    "orders",
-    "payment",
-    "inventory",
-    "shipping",
-    "notification",
-    "analytics",
-)
+OUTBOX_SCHEMAS = tuple(bootstrap.schema(s) for s in topology.SERVICES)
 
 
 def service_envs(who: Principals) -> dict[str, dict[str, str]]:
@@ -256,7 +249,7 @@ class Run:
 
 
 def fault_schedule(rng: random.Random) -> list[Fault]:
-    participants = ["order", "payment", "inventory", "shipping", "notification", "analytics"]
+    participants = [s for s in topology.SERVICES if s != bootstrap.PROCESS_MANAGER]
     rng.shuffle(participants)
     kills = [Fault("kill", p, rng.uniform(0.5, 2.5)) for p in [*participants, "dead-letters"]]
     faults = [Fault("kill", "process-manager", rng.uniform(0.5, 2.5)), *kills]

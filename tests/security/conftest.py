@@ -24,9 +24,11 @@ from click.testing import CliRunner
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from messaging.db import ensure_database, make_engine
+from messaging.management import Management
+from messaging.provision import broker as provision
 from messaging.service import Runtime
 from messaging.settings import Settings
-from process_manager import bootstrap, provision
+from process_manager import bootstrap
 from tests import support
 
 PG_ADMIN = os.environ.get("SAGABUS_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -56,7 +58,7 @@ def run_provision(*args: str) -> dict[str, Any]:
 
 
 def delete_users(prefix: str) -> None:
-    mgmt = provision.Management(ADMIN_URL)
+    mgmt = Management(ADMIN_URL)
     for user in mgmt.call("GET", "users") or []:
         if user["name"].startswith(prefix):
             mgmt.call(

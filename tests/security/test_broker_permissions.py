@@ -18,7 +18,8 @@ import pika.exceptions
 import pytest
 
 from messaging import topology
-from process_manager import provision
+from messaging.management import Management
+from messaging.provision import broker as provision
 from tests import support
 from tests.security.conftest import ADMIN_URL, Provisioned, run_provision
 
@@ -266,7 +267,7 @@ def test_no_principal_can_declare_bind_or_delete(channel_as: Any, principal: str
 
 
 def test_provision_again_changes_nothing(provisioned: Provisioned, channel_as: Any) -> None:
-    mgmt = provision.Management(ADMIN_URL)
+    mgmt = Management(ADMIN_URL)
     v = support.vhost_path(provisioned.vhost)
 
     def state() -> tuple[Any, ...]:

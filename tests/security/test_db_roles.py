@@ -30,11 +30,13 @@ from sqlalchemy.pool import NullPool
 
 from messaging import deadletters, topology
 from messaging.db import SchemaNotProvisioned, check_pool_budget, create_schema, make_engine
+from messaging.provision import broker as provision
+from messaging.provision import database as provision_db
 from messaging.service import Runtime, migrate, unreachable
 from messaging.settings import Settings
 from participants.inventory import service as inventory
 from participants.payment import service as payment
-from process_manager import bootstrap, provision, provision_db
+from process_manager import bootstrap
 from process_manager.erase import erase
 from schemas.envelope import HeaderNames
 from schemas.payment import AuthorizePayment, PaymentAuthorized

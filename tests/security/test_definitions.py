@@ -23,8 +23,10 @@ import pytest
 from click.testing import CliRunner
 
 from messaging import topology
+from messaging.management import Management
+from messaging.provision import broker as provision
+from messaging.provision import database as provision_db
 from messaging.settings import Settings
-from process_manager import provision, provision_db
 from tests import support
 from tests.security.conftest import ADMIN_URL, AMQP_BASE, delete_users
 
@@ -82,9 +84,7 @@ async def test_definitions_topology_is_what_topology_declare_declares(
     support.create_vhost(vhost)
     settings = Settings(amqp_url=_amqp(vhost))
     await topology.declare_all(settings)
-    exported = provision.Management(ADMIN_URL).call(
-        "GET", f"definitions/{support.vhost_path(vhost)}"
-    )
+    exported = Management(ADMIN_URL).call("GET", f"definitions/{support.vhost_path(vhost)}")
     assert _objects(provision.topology_definitions(settings, vhost)) == _objects(exported)
 
 
@@ -117,7 +117,7 @@ def test_a_broker_loading_the_definitions_enforces_them(
     assert set(passwords) == {f"{prefix}{p}" for p in provision.GRANTS}
 
     # what a node does with load_definitions at boot, through the management API
-    provision.Management(ADMIN_URL).call("POST", "definitions", doc)
+    Management(ADMIN_URL).call("POST", "definitions", doc)
 
     def connect(user: str, password: str) -> pika.BlockingConnection:
         return pika.BlockingConnection(pika.URLParameters(_amqp(vhost, user, password)))

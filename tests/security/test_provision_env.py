@@ -18,7 +18,7 @@ import pika.exceptions
 import pytest
 from click.testing import CliRunner, Result
 
-from process_manager import provision
+from messaging.provision import broker as provision
 from tests import support
 from tests.security.conftest import ADMIN_URL, AMQP_BASE, delete_users
 

@@ -16,7 +16,7 @@ delivery that caused it, which is the order sagabus keeps too (there: commit, ac
 publishes with confirms). Each role runs as its own process, like the services in ``sagabus
 bench``, so the CPU of each can be measured:
 
-    python -m process_manager.bench_floor pm --amqp-url amqp://guest:guest@127.0.0.1/vhost
+    python -m benchmarks.floor pm --amqp-url amqp://guest:guest@127.0.0.1/vhost
 
 The process manager writes one line per finished saga to stdout, ``D <saga id> <latency ms>``
 (latency: start taken to completion reply taken, by the wall clock, so that with two process
@@ -54,7 +54,9 @@ FACT_AFTER = "order.CompleteOrder.v1"
 #: headers the floor's messages carry instead of state: the step awaited, when the saga began
 STEP_INDEX = "bench-step-index"
 STARTED = "bench-started"
-ROLES = ("pm", "order", "payment", "inventory", "shipping", "notification", "analytics")
+#: the process manager's role, then every other service of the topology: those whose queue takes
+#: facts only read them, and a participant with no step here consumes nothing
+ROLES = ("pm", *(s for s in topology.SERVICES if s != "process-manager"))
 
 
 def _message(
@@ -92,6 +94,11 @@ class Role:
         self.settings = settings
         self.exchanges: dict[str, AbstractExchange] = {}
         self.done: list[str] = []
+        queue = topology.QUEUES["process-manager" if role == "pm" else role]
+        #: a queue bound only to the facts exchange (notification, analytics)
+        self.facts_only = role != "pm" and all(
+            exchange == topology.FACTS_EXCHANGE for exchange, _ in queue.bindings
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         connection = await aio_pika.connect_robust(self.settings.amqp_url)
@@ -134,7 +141,7 @@ class Role:
         type_ = delivery.type or ""
         if self.role == "pm":
             await self.pm(delivery, type_, saga_id)
-        elif self.role in ("notification", "analytics"):
+        elif self.facts_only:
             json.loads(delivery.body)
         else:
             await self.participant(delivery, type_, saga_id)
@@ -208,7 +215,7 @@ class Role:
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] not in ROLES:
-        sys.exit(f"usage: python -m process_manager.bench_floor {{{'|'.join(ROLES)}}}")
+        sys.exit(f"usage: python -m benchmarks.floor {{{'|'.join(ROLES)}}}")
     settings = Settings()
 
     async def go() -> None:

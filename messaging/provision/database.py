@@ -65,16 +65,11 @@ from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from messaging import deadletters
+from messaging import deadletters, topology
 from messaging.db import create_schema, ensure_database, upgrade_inbox_key
+from messaging.service import DEAD_LETTERS
 from messaging.settings import Settings
-from participants.analytics import service as analytics
-from participants.inventory import service as inventory
-from participants.notification import service as notification
-from participants.order import service as order
-from participants.payment import service as payment
-from participants.shipping import service as shipping
-from process_manager import store
+from process_manager import bootstrap, store
 
 DEFAULT_ROLE_PREFIX = "sagabus_"
 OPERATOR = "operator"
@@ -89,26 +84,23 @@ SERVICE_TABLE_PRIVILEGES = "SELECT, INSERT, UPDATE, DELETE"
 
 # -- the model ---------------------------------------------------------------------------------
 
-#: principal -> the one schema its role owns (the names the services' code uses)
+#: principal -> the one schema its role owns (the names the services' code uses): every service
+#: of the topology, found by name (``process_manager.bootstrap``), and the dead-letter collector
 SCHEMAS: dict[str, str] = {
-    "process-manager": store.SCHEMA,
-    "order": order.SCHEMA,
-    "payment": payment.SCHEMA,
-    "inventory": inventory.SCHEMA,
-    "shipping": shipping.SCHEMA,
-    "notification": notification.SCHEMA,
-    "analytics": analytics.SCHEMA,
-    "dead-letters": deadletters.SCHEMA,
+    **{service: bootstrap.schema(service) for service in topology.SERVICES},
+    DEAD_LETTERS: deadletters.SCHEMA,
 }
+#: the participants' schemas (every service's but the process manager's)
+_PARTICIPANT_SCHEMAS = tuple(
+    schema for p, schema in SCHEMAS.items() if p not in (bootstrap.PROCESS_MANAGER, DEAD_LETTERS)
+)
 
 
 def service_metadata(principal: str, settings: Settings | None = None) -> MetaData:
     """Every table the principal's code creates in its schema (a service's definition adds its
     outbox and inbox to its tables)."""
-    if principal == "dead-letters":
+    if principal == DEAD_LETTERS:
         return deadletters.metadata
-    from process_manager import bootstrap
-
     return bootstrap.FACTORIES[principal](settings or Settings()).metadata
 
 
@@ -128,24 +120,15 @@ OPERATOR_WRITES: dict[tuple[str, str], tuple[str, ...]] = {
     # `erase` rewrites bodies and headers
     (deadletters.SCHEMA, "dead_letters"): ("UPDATE",),
     # `inventory seed` (an upsert)
-    (inventory.SCHEMA, "stock"): ("INSERT", "UPDATE"),
+    (SCHEMAS["inventory"], "stock"): ("INSERT", "UPDATE"),
     # `erase` (process_manager/erase.py): the personal columns, free-text reasons, and the
     # bodies of the services' outboxes
-    (order.SCHEMA, "orders"): ("UPDATE (customer_id, reason)",),
-    (payment.SCHEMA, "payments"): ("UPDATE (payment_token, reason)",),
-    (notification.SCHEMA, "notifications"): ("UPDATE (customer_token)",),
-    (shipping.SCHEMA, "shipments"): ("UPDATE (reason)",),
-    **{
-        (schema, "outbox"): ("UPDATE (body, headers)",)
-        for schema in (
-            order.SCHEMA,
-            payment.SCHEMA,
-            inventory.SCHEMA,
-            shipping.SCHEMA,
-            notification.SCHEMA,
-            analytics.SCHEMA,
-        )
-    },
+    (SCHEMAS["order"], "orders"): ("UPDATE (customer_id, reason)",),
+    (SCHEMAS["payment"], "payments"): ("UPDATE (payment_token, reason)",),
+    (SCHEMAS["notification"], "notifications"): ("UPDATE (customer_token)",),
+    (SCHEMAS["shipping"], "shipments"): ("UPDATE (reason)",),
+    # every participant's outbox, a new participant's too
+    **{(schema, "outbox"): ("UPDATE (body, headers)",) for schema in _PARTICIPANT_SCHEMAS},
 }
 
 PRINCIPALS: tuple[str, ...] = (*SCHEMAS, OPERATOR)

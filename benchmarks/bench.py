@@ -3,10 +3,10 @@
 One run does, against the machine's real RabbitMQ and PostgreSQL:
 
 1. **sagabus**: a fresh database ``sagabus_bench_<id>`` and vhost ``sagabus-bench-<id>``; every
-   service as its own OS process (``python -m process_manager.cli run <service>``, the process
+   service as its own OS process (``python -m cli run <service>``, the process
    manager once or twice); S successful checkouts with at most W in flight; every saga must end
    ``COMPLETED``.
-2. **floor** (``process_manager.bench_floor``): the same hops, fan-out, persistent messages,
+2. **floor** (``benchmarks.floor``): the same hops, fan-out, persistent messages,
    quorum queues, confirms and acks with no database, outbox, inbox or state, in the same process
    layout, in a vhost of its own.
 
@@ -16,26 +16,24 @@ the start to the moment it took the completion, CPU per saga of each service pro
 of the broker (``beam.smp``) and of PostgreSQL (every ``postgres`` process), and the resident
 memory of each process sampled over the run. ``ratio`` is sagabus / floor in sagas per second.
 The database and vhosts are removed at the end (``--keep`` keeps them).
+
+``run`` is the whole measurement; ``sagabus bench`` (``cli.bench``) parses its options and
+prints its result, and this module never imports the command line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 import os
 import platform
-import secrets
 import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -46,10 +44,14 @@ from typing import Any
 import aio_pika
 import click
 
+from messaging.management import Management, ManagementError
 from messaging.settings import Settings
+from messaging.topology import SERVICES
 
 TERMINAL = ("COMPLETED", "COMPENSATED", "FAILED_NEEDS_MANUAL")
-PARTICIPANTS = ("order", "payment", "inventory", "shipping", "notification", "analytics")
+PROCESS_MANAGER = "process-manager"
+#: every service of the topology but the process manager, each run as its own process
+PARTICIPANTS = tuple(s for s in SERVICES if s != PROCESS_MANAGER)
 #: SKUs the benchmark spreads its orders over, so they do not all queue on one stock row
 SKUS = 64
 
@@ -57,26 +59,11 @@ SKUS = 64
 # -- broker and database set-up ---------------------------------------------------------------
 
 
-def _mgmt_base(amqp_url: str) -> tuple[str, str]:
-    parts = urllib.parse.urlsplit(amqp_url)
-    host = parts.hostname or "127.0.0.1"
+def _mgmt(amqp_url: str) -> Management:
+    """The management API of the broker of ``amqp_url``, as its user; the port from
+    ``SAGABUS_BENCH_MGMT_PORT`` (default 15672)."""
     port = int(os.environ.get("SAGABUS_BENCH_MGMT_PORT", "15672"))
-    auth = f"{urllib.parse.unquote(parts.username or 'guest')}:"
-    auth += urllib.parse.unquote(parts.password or "guest")
-    return f"http://{host}:{port}/api", "Basic " + base64.b64encode(auth.encode()).decode()
-
-
-def _mgmt(amqp_url: str, method: str, path: str, body: Any = None) -> Any:
-    base, auth = _mgmt_base(amqp_url)
-    req = urllib.request.Request(
-        f"{base}/{path}",
-        method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"Authorization": auth, "content-type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=10) as r:
-        raw = r.read()
-        return json.loads(raw) if raw else None
+    return Management.for_amqp_url(amqp_url, port=port)
 
 
 def _with_vhost(amqp_url: str, vhost: str) -> str:
@@ -90,29 +77,20 @@ def _with_database(database_url: str, name: str) -> str:
 
 
 def create_vhost(amqp_url: str, vhost: str) -> None:
-    q = urllib.parse.quote(vhost, safe="")
-    user = urllib.parse.unquote(urllib.parse.urlsplit(amqp_url).username or "guest")
-    _mgmt(amqp_url, "PUT", f"vhosts/{q}", {})
-    _mgmt(
-        amqp_url,
-        "PUT",
-        f"permissions/{q}/{urllib.parse.quote(user, safe='')}",
-        {"configure": ".*", "write": ".*", "read": ".*"},
-    )
+    _mgmt(amqp_url).create_vhost(vhost)
 
 
 def delete_vhost(amqp_url: str, vhost: str) -> None:
-    with contextlib.suppress(urllib.error.HTTPError, OSError):
-        _mgmt(amqp_url, "DELETE", f"vhosts/{urllib.parse.quote(vhost, safe='')}")
+    with contextlib.suppress(ManagementError):
+        _mgmt(amqp_url).delete_vhost(vhost)
 
 
 def consumers(amqp_url: str, vhost: str, queue: str) -> int:
-    q = urllib.parse.quote(vhost, safe="")
     try:
-        info = _mgmt(amqp_url, "GET", f"queues/{q}/{urllib.parse.quote(queue, safe='')}")
-    except (urllib.error.HTTPError, OSError):
+        info = _mgmt(amqp_url).queue(vhost, queue)
+    except ManagementError:
         return 0
-    return int(info.get("consumers") or 0)
+    return int((info or {}).get("consumers") or 0)
 
 
 async def drop_database(settings: Settings, name: str) -> None:
@@ -521,17 +499,17 @@ def _env(base: Settings, amqp_url: str, database_url: str) -> dict[str, str]:
 
 
 def _run_argv(*services: str) -> list[str]:
-    return [sys.executable, "-m", "process_manager.cli", "run", *services]
+    return [sys.executable, "-m", "cli", "run", *services]
 
 
 def _floor_argv(role: str) -> list[str]:
-    return [sys.executable, "-m", "process_manager.bench_floor", role]
+    return [sys.executable, "-m", "benchmarks.floor", role]
 
 
 def _expected_consumers(pm_instances: int) -> dict[str, int]:
     from messaging.topology import QUEUES
 
-    expected = {QUEUES["process-manager"].name: pm_instances}
+    expected = {QUEUES[PROCESS_MANAGER].name: pm_instances}
     expected.update({QUEUES[p].name: 1 for p in PARTICIPANTS})
     return expected
 
@@ -556,14 +534,15 @@ async def run_sagabus(base: Settings, opts: Options, run: str, machine: Machine)
     try:
         await ensure_database(settings)
         engine = make_engine(settings)
-        await migrate(bootstrap.definitions(settings), engine)
+        definitions = bootstrap.definitions(settings)
+        await migrate(definitions, engine)
         async with engine.begin() as conn:
             await inventory.seed(
                 conn,
                 {f"BENCH-{run}-{k:02d}": opts.sagas + opts.warmup for k in range(SKUS)},
             )
         services = [
-            Service(f"process-manager-{i + 1}", _run_argv("process-manager"))
+            Service(f"{PROCESS_MANAGER}-{i + 1}", _run_argv(PROCESS_MANAGER))
             for i in range(opts.pm_instances)
         ]
         services += [Service(p, _run_argv(p)) for p in PARTICIPANTS]
@@ -629,9 +608,9 @@ async def run_sagabus(base: Settings, opts: Options, run: str, machine: Machine)
         deadline = time.monotonic() + 10
         while True:
             unsent = 0
-            for schema in ("process_manager", "orders", "payment", "inventory", "shipping"):
+            for d in definitions:
                 found = await poller.fetch(
-                    f"SELECT count(*) AS n FROM {schema}.outbox WHERE sent_at IS NULL"
+                    f"SELECT count(*) AS n FROM {d.schema}.outbox WHERE sent_at IS NULL"
                 )
                 unsent += int(found[0]["n"])
             if not unsent or time.monotonic() > deadline:
@@ -746,7 +725,7 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
-def _print_human(result: dict[str, Any]) -> None:
+def print_human(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -792,7 +771,7 @@ def _print_human(result: dict[str, Any]) -> None:
             )
 
 
-def _resolve_peers(peers: bool | None) -> bool:
+def resolve_peers(peers: bool | None) -> bool:
     """Peers (other saga engines, ``benchmarks.peers``) run when asked, or by default when that
     package imports (it lives beside sagabus in a source checkout, not in the wheel)."""
     if peers is not None:
@@ -823,141 +802,64 @@ async def run_peers(sagas: int, window: int) -> list[dict[str, Any]]:
     return results
 
 
-@click.command("bench")
-@click.option("--sagas", type=click.IntRange(1, 10_000_000), default=2000, show_default=True)
-@click.option(
-    "--window",
-    type=click.IntRange(1, 100_000),
-    default=200,
-    show_default=True,
-    help="At most this many sagas in flight.",
-)
-@click.option("--pm-instances", type=click.IntRange(1, 2), default=1, show_default=True)
-@click.option(
-    "--warmup",
-    type=click.IntRange(0, 1_000_000),
-    default=None,
-    help="Sagas run before measuring (default: a tenth of --sagas, at most 500).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--skip-floor", is_flag=True, help="Measure sagabus only.")
-@click.option(
-    "--peers/--no-peers",
-    default=None,
-    help="Also run the peer saga engines of benchmarks.peers (default: when it imports).",
-)
-@click.option(
-    "--peer-sagas",
-    type=click.IntRange(1, 1_000_000),
-    default=None,
-    help="Sagas each peer runs (default: --sagas); a slow peer can be measured on fewer.",
-)
-@click.option(
-    "--sample-s",
-    type=click.FloatRange(0.05, 3600),
-    default=None,
-    help="RSS sampling interval (default: 1 s, or 5 s from 20,000 sagas).",
-)
-@click.option(
-    "--log-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Keep each process's stderr here (default: discarded).",
-)
-@click.option("--keep", is_flag=True, help="Keep the bench database and vhosts.")
-def command(
-    sagas: int,
-    window: int,
-    pm_instances: int,
-    warmup: int | None,
-    as_json: bool,
+async def run(
+    base: Settings,
+    opts: Options,
+    *,
+    run: str,
+    machine: Machine,
+    facts: dict[str, Any],
     skip_floor: bool,
-    peers: bool | None,
     peer_sagas: int | None,
-    sample_s: float | None,
-    log_dir: Path | None,
-    keep: bool,
-) -> None:
-    """Throughput, latency, CPU and memory of N successful sagas, against the floor."""
-    from process_manager.cli import run_async, settings
-
-    base = settings()
-    with_peers = _resolve_peers(peers)
-    if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-    opts = Options(
-        sagas=sagas,
-        window=window,
-        pm_instances=pm_instances,
-        warmup=warmup if warmup is not None else min(500, sagas // 10),
-        peers=with_peers,
-        sample_s=sample_s or (5.0 if sagas >= 20_000 else 1.0),
-        log_dir=log_dir,
-        keep=keep,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """One whole bench run: sagabus, then the floor (unless ``skip_floor``), then the peers
+    (if ``opts.peers``). ``progress`` hears a line as each phase begins."""
+    # SIGTERM (a CI job cancelled, `timeout`) cancels the run, so that its clean-up still
+    # stops the service processes and removes the bench database and vhosts
+    this = asyncio.current_task()
+    assert this is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, this.cancel)
+    say = progress or (lambda _: None)
+    result: dict[str, Any] = {
+        "run": run,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "sagas": opts.sagas,
+        "window": opts.window,
+        "warmup": opts.warmup,
+        "pm_instances": opts.pm_instances,
+        "peers": opts.peers,
+        "prefetch": base.prefetch,
+        "machine": facts,
+    }
+    say(f"sagabus bench {run}: sagabus phase ({opts.sagas} sagas)...")
+    s = await run_sagabus(base, opts, run, machine)
+    result["sagabus"] = s.summary()
+    result["sagabus_rss_timeline_mb"] = s.timeline()
+    result.update(
+        sagas_per_s=result["sagabus"]["sagas_per_s"],
+        p50_ms=result["sagabus"]["p50_ms"],
+        p95_ms=result["sagabus"]["p95_ms"],
+        p99_ms=result["sagabus"]["p99_ms"],
     )
-    run = secrets.token_hex(3)
-    machine = Machine()
-    facts = machine_facts()
-
-    async def go() -> dict[str, Any]:
-        # SIGTERM (a CI job cancelled, `timeout`) cancels the run, so that its clean-up still
-        # stops the service processes and removes the bench database and vhosts
-        this = asyncio.current_task()
-        assert this is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, this.cancel)
-        result: dict[str, Any] = {
-            "run": run,
-            "at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "sagas": sagas,
-            "window": window,
-            "warmup": opts.warmup,
-            "pm_instances": pm_instances,
-            "peers": with_peers,
-            "prefetch": base.prefetch,
-            "machine": facts,
-        }
-        if not as_json:
-            click.echo(f"sagabus bench {run}: sagabus phase ({sagas} sagas)...", err=True)
-        s = await run_sagabus(base, opts, run, machine)
-        result["sagabus"] = s.summary()
-        result["sagabus_rss_timeline_mb"] = s.timeline()
-        result.update(
-            sagas_per_s=result["sagabus"]["sagas_per_s"],
-            p50_ms=result["sagabus"]["p50_ms"],
-            p95_ms=result["sagabus"]["p95_ms"],
-            p99_ms=result["sagabus"]["p99_ms"],
+    if not skip_floor:
+        say(f"sagabus bench {run}: floor phase ({opts.sagas} sagas)...")
+        f = await run_floor(base, opts, run, machine)
+        result["floor"] = f.summary()
+        result["floor_sagas_per_s"] = result["floor"]["sagas_per_s"]
+        result["ratio"] = (
+            round(result["sagas_per_s"] / result["floor_sagas_per_s"], 3)
+            if result["floor_sagas_per_s"]
+            else None
         )
-        if not skip_floor:
-            if not as_json:
-                click.echo(f"sagabus bench {run}: floor phase ({sagas} sagas)...", err=True)
-            f = await run_floor(base, opts, run, machine)
-            result["floor"] = f.summary()
-            result["floor_sagas_per_s"] = result["floor"]["sagas_per_s"]
-            result["ratio"] = (
-                round(result["sagas_per_s"] / result["floor_sagas_per_s"], 3)
-                if result["floor_sagas_per_s"]
-                else None
-            )
-        if with_peers:
-            if not as_json:
-                click.echo(f"sagabus bench {run}: peers...", err=True)
-            result["peers"] = await run_peers(peer_sagas or sagas, window)
-        return result
+    if opts.peers:
+        say(f"sagabus bench {run}: peers...")
+        result["peers"] = await run_peers(peer_sagas or opts.sagas, opts.window)
+    return result
 
-    try:
-        result = run_async(go)
-    except asyncio.CancelledError:
-        click.echo(f"sagabus bench {run}: interrupted; its processes and scratch removed", err=True)
-        raise SystemExit(143) from None
-    ok = result["sagabus"]["completed"] == sagas and not result["sagabus"].get("failures")
-    if as_json:
-        click.echo(json.dumps(result, default=str))
-    else:
-        _print_human(result)
-    if not ok:
-        from process_manager.cli import Failed
 
-        raise Failed(
-            f"{result['sagabus']['completed']}/{sagas} sagas COMPLETED "
-            f"({result['sagabus'].get('failures')})"
-        )
+def succeeded(result: dict[str, Any]) -> bool:
+    """Every measured saga COMPLETED, and nothing failed on the way."""
+    return result["sagabus"]["completed"] == result["sagas"] and not result["sagabus"].get(
+        "failures"
+    )
