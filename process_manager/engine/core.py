@@ -86,6 +86,9 @@ class SagaState:
     compensation_plan: tuple[str, ...] = ()
     #: compensations that finished (a fallback that settled counts for the rung it replaced)
     compensated: tuple[str, ...] = ()
+    #: compensations that were refused and replaced by their fallback (never sent again: the
+    #: next rung may already have paid)
+    refused: tuple[str, ...] = ()
     failure_reason: str | None = None
     #: a forward step whose outcome was unknown when compensation began (its effect may exist)
     unknown_step: str | None = None
@@ -587,7 +590,11 @@ def _on_reply(run: _Run, state: SagaState, reply: Reply) -> Decision:
     if awaited.fallback is not None:
         # the next rung of the ladder, before anyone is paged
         fallback = awaited.fallback
-        state = replace(state, compensation_plan=(fallback, *state.compensation_plan))
+        state = replace(
+            state,
+            compensation_plan=(fallback, *state.compensation_plan),
+            refused=(*state.refused, awaited.name),
+        )
         state, cmds = _next_compensation(run, state)
         return Decision(
             state,
@@ -597,6 +604,16 @@ def _on_reply(run: _Run, state: SagaState, reply: Reply) -> Decision:
             step=awaited.name,
         )
     return _needs_manual(run, state, reason)
+
+
+def _lowest_rung(d: Definition, name: str, refused: tuple[str, ...]) -> str:
+    """The rung of ``name``'s ladder to try: below every rung already refused."""
+    while name in refused:
+        nxt = d.step(name).fallback
+        if nxt is None:
+            return name
+        name = nxt
+    return name
 
 
 def _rungs(d: Definition, name: str, state: SagaState) -> tuple[str, ...]:
@@ -862,7 +879,9 @@ def _on_resume(run: _Run, state: SagaState) -> Decision:
         # An operator fixed the cause: retry compensating from where it stopped.
         state = replace(state, stalled=None, compensating=True)
         plan = compensation_plan(d, state.completed, state.unknown_step)
-        remaining = tuple(s for s in plan if s not in state.compensated)
+        remaining = tuple(
+            _lowest_rung(d, s, state.refused) for s in plan if s not in state.compensated
+        )
         state = replace(state, compensation_plan=remaining)
         state, cmds = _next_compensation(run, state)
         return Decision(

@@ -153,6 +153,21 @@ def test_v2_a_refused_credit_note_calls_a_human() -> None:
     saga.expect_never_sent("shipping.CancelShipment.v1")
 
 
+def test_v2_resume_after_an_unanswered_credit_note_never_goes_back_to_the_refund() -> None:
+    """The refund was refused and the credit note's outcome is unknown: an operator's resume
+    asks for the credit note again (same idempotency key), never the refund as well."""
+    saga = _v2_refund_refused()
+    saga.advance(hours=3)  # every send of the credit note unanswered
+    saga.expect_status("FAILED_NEEDS_MANUAL", Phase.FAILED_NEEDS_MANUAL)
+    refunds = len([c for c in saga.sent if c.body.TYPE == "payment.RefundPayment.v1"])
+    saga.resume()
+    saga.expect_sent("payment.IssueCreditNote.v1")
+    saga.answer()  # CreditNoteIssued
+    saga.finish()
+    saga.expect_status("COMPENSATED", Phase.COMPENSATED)
+    assert len([c for c in saga.sent if c.body.TYPE == "payment.RefundPayment.v1"]) == refunds
+
+
 def test_v1_has_no_credit_note_a_refused_refund_calls_a_human() -> None:
     saga = SagaHarness(checkout.V1)
     saga.start()
