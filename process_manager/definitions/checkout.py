@@ -114,7 +114,8 @@ AUTHORIZATION = Step(
     compensation="void_authorization",
     status="PENDING_PAYMENT",
     reconcile=Reconcile(
-        "payment_status", happened=frozenset({"authorized", "captured", "refunded"})
+        "payment_status",
+        happened=frozenset({"authorized", "captured", "refunded", "credited"}),
     ),
 )
 INVENTORY = Step(
@@ -148,9 +149,12 @@ CAPTURE = Step(
     status="PENDING_CAPTURE",
     kind="pivot",
     supersedes=("void_authorization",),
-    # "refunded": captured, then undone outside this saga: neither complete nor refund again
+    # "refunded" or "credited": captured, then undone outside this saga: neither complete nor
+    # refund again
     reconcile=Reconcile(
-        "payment_status", happened=frozenset({"captured"}), needs_human=frozenset({"refunded"})
+        "payment_status",
+        happened=frozenset({"captured"}),
+        needs_human=frozenset({"refunded", "credited"}),
     ),
 )
 COMPLETION = Step(
