@@ -24,7 +24,7 @@ services:
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy messaging process_manager schemas participants
+	$(BIN)/mypy messaging process_manager schemas participants cli
 
 schemas: setup
 	$(BIN)/python -m schemas.jsonschema

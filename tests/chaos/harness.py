@@ -80,7 +80,7 @@ def _die_with_parent() -> None:
 
 
 class ServiceProcess:
-    """``python -m process_manager.cli run <name>``; stderr (JSON logs) goes to one file per
+    """``python -m cli run <name>``; stderr (JSON logs) goes to one file per
     incarnation, so a killed process's last words stay readable."""
 
     def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
@@ -104,7 +104,7 @@ class ServiceProcess:
         self._close_log()
         self._log = open(self.log_path(self.incarnation), "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "process_manager.cli", "run", self.name],
+            [sys.executable, "-m", "cli", "run", self.name],
             cwd=ROOT,
             env=self.env,
             stdin=subprocess.DEVNULL,

@@ -462,7 +462,7 @@ async def sagabus(who: Principals, *args: str) -> Any:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "process_manager.cli",
+        "cli",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

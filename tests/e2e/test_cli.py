@@ -38,7 +38,7 @@ class Result:
 
 def _entry_point() -> list[str]:
     script = Path(sys.executable).with_name("sagabus")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "process_manager.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
 
 
 async def sagabus(*args: str, amqp_url: str, database_url: str) -> Result:

@@ -129,7 +129,7 @@ async def traced(
     log_path = tmp_path_factory.mktemp("otel") / "services.jsonl"
     log_file = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "process_manager.cli", "run", "all"],
+        [sys.executable, "-m", "cli", "run", "all"],
         env={**env, "SAGABUS_METRICS_PORT": str(port)},
         stdout=subprocess.DEVNULL,
         stderr=log_file,
@@ -354,7 +354,7 @@ async def test_replayed_dead_letter_gets_a_new_span_linked_to_the_original(
     row = await wait_for(stored, timeout=60, what="dead letter collected")
     assert row["trace_id"] == trace_id
     out = subprocess.run(
-        [sys.executable, "-m", "process_manager.cli", "dlq", "replay", row["id"]],
+        [sys.executable, "-m", "cli", "dlq", "replay", row["id"]],
         env={**traced.env, "OTEL_SERVICE_NAME": "sagabus-cli"},
         capture_output=True,
         text=True,
@@ -413,7 +413,7 @@ async def test_metrics_endpoint_and_stats_report_the_sagas(traced: Traced) -> No
     assert any(k.startswith('sagabus_outbox_unsent{service="process-manager"}') for k in values)
 
     out = subprocess.run(
-        [sys.executable, "-m", "process_manager.cli", "stats", "--json"],
+        [sys.executable, "-m", "cli", "stats", "--json"],
         env=traced.env,
         capture_output=True,
         text=True,

@@ -74,7 +74,7 @@ async def test_permanent_error_is_stored_with_its_reason(
     assert full["headers"]["sagabus-failed-at"]
     # The CLI shows the same record as JSON.
     out = subprocess.run(
-        [sys.executable, "-m", "process_manager.cli", "dlq", "show", row["id"], "--json"],
+        [sys.executable, "-m", "cli", "dlq", "show", row["id"], "--json"],
         env=_env(ops_settings),
         capture_output=True,
         text=True,
@@ -157,7 +157,7 @@ async def test_group_replayed_after_fix_applies_each_effect_once_even_if_killed_
         [
             sys.executable,
             "-m",
-            "process_manager.cli",
+            "cli",
             "dlq",
             "replay",
             "--group",
@@ -182,7 +182,7 @@ async def test_group_replayed_after_fix_applies_each_effect_once_even_if_killed_
 
     # Run it again to completion; then replay one message a second time on purpose.
     out = subprocess.run(
-        [sys.executable, "-m", "process_manager.cli", "dlq", "replay", "--group", group, "--json"],
+        [sys.executable, "-m", "cli", "dlq", "replay", "--group", group, "--json"],
         env=env,
         capture_output=True,
         text=True,
@@ -286,7 +286,7 @@ async def test_purge_archives_and_the_cli_filters_and_refuses_without_yes(
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "process_manager.cli", "dlq", *args],
+            [sys.executable, "-m", "cli", "dlq", *args],
             env=env,
             capture_output=True,
             text=True,
@@ -325,7 +325,7 @@ async def test_purge_archives_and_the_cli_filters_and_refuses_without_yes(
 
 def _dlq_cli(s: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "process_manager.cli", "dlq", *args],
+        [sys.executable, "-m", "cli", "dlq", *args],
         env=_env(s),
         capture_output=True,
         text=True,

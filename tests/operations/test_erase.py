@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 def _erase(s: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "process_manager.cli", "erase", *args],
+        [sys.executable, "-m", "cli", "erase", *args],
         env=env_for(s.amqp_url, s.database_url, os.environ),
         capture_output=True,
         text=True,

@@ -23,6 +23,7 @@ import pytest_asyncio
 from click.testing import CliRunner
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cli.provision import provision as provision_command
 from messaging.db import ensure_database, make_engine
 from messaging.management import Management
 from messaging.provision import broker as provision
@@ -51,7 +52,7 @@ class Provisioned:
 
 
 def run_provision(*args: str) -> dict[str, Any]:
-    result = CliRunner().invoke(provision.command, [*args, "--json"], catch_exceptions=False)
+    result = CliRunner().invoke(provision_command, [*args, "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     output: dict[str, Any] = json.loads(result.output)
     return output

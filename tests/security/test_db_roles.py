@@ -28,6 +28,7 @@ from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from cli.provision import provision as provision_command
 from messaging import deadletters, topology
 from messaging.db import SchemaNotProvisioned, check_pool_budget, create_schema, make_engine
 from messaging.provision import broker as provision
@@ -886,7 +887,7 @@ def run_private(coro: Any) -> Any:
 
 def run_cli(*args: str) -> dict[str, Any]:
     result = CliRunner(env=CLI_ENV).invoke(
-        provision.command, [*args, "--json"], catch_exceptions=False
+        provision_command, [*args, "--json"], catch_exceptions=False
     )
     assert result.exit_code == 0, result.output
     output: dict[str, Any] = json.loads(result.output)
@@ -955,7 +956,7 @@ def test_provision_writes_working_database_urls(
         )
     )
     result = CliRunner(env=CLI_ENV).invoke(
-        provision.command, [*args[:-1], str(other)], catch_exceptions=False
+        provision_command, [*args[:-1], str(other)], catch_exceptions=False
     )
     assert result.exit_code == 1, result.output
     assert "database roles" in result.output and "--rotate" in result.output

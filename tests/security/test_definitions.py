@@ -22,6 +22,7 @@ import pika.exceptions
 import pytest
 from click.testing import CliRunner
 
+from cli.provision import provision as provision_command
 from messaging import topology
 from messaging.management import Management
 from messaging.provision import broker as provision
@@ -94,7 +95,7 @@ def test_a_broker_loading_the_definitions_enforces_them(
     vhost, prefix = scratch
     path = tmp_path / "definitions.json"
     result = CliRunner().invoke(
-        provision.command,
+        provision_command,
         [
             "--no-apply",
             "--vhost",

@@ -18,6 +18,7 @@ import pika.exceptions
 import pytest
 from click.testing import CliRunner, Result
 
+from cli.provision import provision as provision_command
 from messaging.provision import broker as provision
 from tests import support
 from tests.security.conftest import ADMIN_URL, AMQP_BASE, delete_users
@@ -45,7 +46,7 @@ def _environ(passwords: dict[str, str]) -> dict[str, str]:
 
 
 def _provision(env: dict[str, str], *args: str) -> Result:
-    result = CliRunner().invoke(provision.command, list(args), env=env, catch_exceptions=False)
+    result = CliRunner().invoke(provision_command, list(args), env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result
 
@@ -140,7 +141,7 @@ def test_passwords_from_the_environment_go_to_the_secret_files_only(tmp_path: Pa
 
 def test_a_password_variable_naming_no_user_is_refused() -> None:
     result = CliRunner().invoke(
-        provision.command,
+        provision_command,
         ["--no-apply"],
         env={"SAGABUS_AMQP_PASSWORD_PROCES_MANAGER": "typo"},
     )
