@@ -3,8 +3,9 @@
 Bad arguments and unreachable services end in one line on stderr and a non-zero exit:
 2 for usage errors, 3 for an unreachable broker or database, 1 for a failed operation.
 
-One module per group of commands: ``sagas`` (start, status, list, cases, stats, resume,
-compensate), ``deadletters`` (dlq), ``setup`` (migrate, run, health, inventory, erase),
+One module per group of commands: ``sagas`` (start, return, status, list, cases, stats,
+resume, compensate, definitions), ``deadletters`` (dlq), ``setup`` (migrate, run, health,
+inventory, erase),
 ``provision``, ``demo`` and ``bench`` (which imports ``benchmarks`` only when it runs).
 """
 
@@ -21,7 +22,7 @@ from messaging.management import ManagementError
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sagabus")
 def cli() -> None:
-    """sagabus: the checkout saga on RabbitMQ and PostgreSQL."""
+    """sagabus: saga process manager (checkout, returns) on RabbitMQ and PostgreSQL."""
 
 
 for command in (
@@ -38,6 +39,8 @@ for command in (
     sagas.resume,
     sagas.compensate,
     sagas.cases,
+    sagas.return_cmd,
+    sagas.definitions,
     deadletters.dlq,
     demo.demo,
     bench.bench,

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from messaging.db import SchemaNotProvisioned
+from messaging.errors import StartRefused
 from messaging.settings import Settings
 
 T = TypeVar("T")
@@ -74,8 +74,9 @@ def run_async(fn: Callable[[], Awaitable[T]]) -> T:
         return asyncio.run(fn())  # type: ignore[arg-type]
     except (OSError, ConnectionError) as e:
         raise Unreachable(_describe_unreachable(e)) from None
-    except SchemaNotProvisioned as e:
-        # an upgrade the administrator has not applied yet: one line, exit 1, no traceback
+    except StartRefused as e:
+        # an upgrade the administrator has not applied yet, or sagas of a version this build
+        # does not have: one line, exit 1, no traceback
         raise click.ClickException(str(e).splitlines()[0]) from None
     except Exception as e:
         name = type(e).__module__ + "." + type(e).__name__

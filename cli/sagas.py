@@ -65,6 +65,12 @@ def _parse_item(value: str) -> Any:
     show_default=True,
     help="00000 is undeliverable; 99999 makes the carrier unavailable.",
 )
+@click.option(
+    "--backorder",
+    "allow_backorder",
+    is_flag=True,
+    help="Allow a backorder when stock is short (checkout v2) instead of compensating.",
+)
 @click.option("--message-id", default=None, help="AMQP message id (default: random).")
 @click.option("--traceparent", default=None, help="W3C traceparent to continue.")
 @click.option("--json", "as_json", is_flag=True, help="Print the saga id as JSON.")
@@ -75,6 +81,7 @@ def start(
     currency: str,
     payment_token: str,
     postal_code: str,
+    allow_backorder: bool,
     message_id: str | None,
     traceparent: str | None,
     as_json: bool,
@@ -110,6 +117,7 @@ def start(
             shipping_address=ShippingAddress(
                 line1="1 Main Street", city="Utrecht", postal_code=postal_code, country="NL"
             ),
+            allow_backorder=allow_backorder,
         )
     except ValidationError as e:
         raise click.UsageError(summarize(e)) from None
@@ -125,14 +133,41 @@ def start(
         click.echo(f"started saga {saga_id} for order {cmd.order_id}")
 
 
+def _statuses() -> list[str]:
+    """Every status a registered definition shows users, engine statuses last."""
+    from process_manager import definitions
+
+    found: dict[str, None] = {}
+    for d in definitions.ALL:
+        for status in (*d.running_statuses, *d.end_statuses):
+            found.setdefault(status, None)
+    for status in ("COMPENSATING", "COMPENSATED", "FAILED_NEEDS_MANUAL"):
+        found.setdefault(status, None)
+    return list(found)
+
+
+def _saga_types() -> list[str]:
+    from process_manager import definitions
+
+    return list(definitions.NAMES)
+
+
 @click.command()
 @click.argument("saga")
+@click.option(
+    "--saga-type",
+    type=click.Choice(_saga_types()),
+    default="checkout",
+    show_default=True,
+    help="Which saga of an order id (a saga id needs none).",
+)
 @click.option("--json", "as_json", is_flag=True)
-def status(saga: str, as_json: bool) -> None:
-    """State, current step, history and outcome of a saga (by saga id or order id)."""
+def status(saga: str, saga_type: str, as_json: bool) -> None:
+    """State, current step, history and outcome of a saga (by saga id, or by order id and
+    saga type)."""
     from process_manager import ops
 
-    data = with_engine(lambda e: ops.saga_status(e, saga))
+    data = with_engine(lambda e: ops.saga_status(e, saga, saga_type=saga_type))
     if data is None:
         raise Failed(f"no saga {saga!r}")
     if as_json:
@@ -140,7 +175,8 @@ def status(saga: str, as_json: bool) -> None:
         return
     console = Console()
     console.print(
-        f"saga [cyan]{data['saga_id']}[/] order {data['order_id']}: "
+        f"{data['saga_type']} saga [cyan]{data['saga_id']}[/] ({data['definition_version']}) "
+        f"order {data['order_id']}: "
         f"[bold]{data['state']}[/] (step {data['current_step'] or '-'}, "
         f"attempt {data['attempt']}, fence {data['seq']})"
     )
@@ -163,22 +199,9 @@ def status(saga: str, as_json: bool) -> None:
 
 
 @click.command("list")
+@click.option("--state", type=click.Choice(_statuses()))
 @click.option(
-    "--state",
-    type=click.Choice(
-        [
-            "PENDING_ORDER",
-            "PENDING_PAYMENT",
-            "PENDING_INVENTORY",
-            "PENDING_SHIPMENT",
-            "PENDING_CAPTURE",
-            "COMPLETING",
-            "COMPENSATING",
-            "COMPLETED",
-            "COMPENSATED",
-            "FAILED_NEEDS_MANUAL",
-        ]
-    ),
+    "--saga-type", type=click.Choice(_saga_types()), default=None, help="Only this saga type."
 )
 @click.option("--older-than", type=Duration(), default=None, help="Not updated for this long.")
 @click.option(
@@ -190,7 +213,12 @@ def status(saga: str, as_json: bool) -> None:
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def list_cmd(
-    state: str | None, older_than: timedelta | None, stuck: bool, limit: int, as_json: bool
+    state: str | None,
+    saga_type: str | None,
+    older_than: timedelta | None,
+    stuck: bool,
+    limit: int,
+    as_json: bool,
 ) -> None:
     """List sagas, newest first."""
     from process_manager import ops
@@ -199,6 +227,7 @@ def list_cmd(
         lambda e: ops.list_sagas(
             e,
             state=state,
+            saga_type=saga_type,
             older_than=older_than,
             stuck=stuck,
             ttl_s=settings().saga_ttl_s,
@@ -331,3 +360,93 @@ def cases(show_all: bool, as_json: bool) -> None:
             (r["resolved_at"] or "")[:19],
         )
     Console().print(table)
+
+
+@click.command("return")
+@click.argument("order_id")
+@click.option("--reason", default=None, help="Why the customer returns it (free text).")
+@click.option("--message-id", default=None, help="AMQP message id (default: random).")
+@click.option("--json", "as_json", is_flag=True, help="Print the saga id as JSON.")
+def return_cmd(order_id: str, reason: str | None, message_id: str | None, as_json: bool) -> None:
+    """Publish a StartReturn for a completed order, as any AMQP client would (routing key
+    returns.start). Prints the returns saga's id; a refused return (the order is not completed,
+    or was already returned) ends in the dead-letter store with its reason."""
+    from pydantic import ValidationError
+
+    from messaging.codec import summarize
+    from messaging.topology import start_routing_key
+    from process_manager import ops
+    from schemas.base import saga_id_for
+    from schemas.returns import StartReturn
+
+    s = settings()
+    mid = None
+    if message_id:
+        try:
+            mid = uuid.UUID(message_id)
+        except ValueError:
+            raise click.BadParameter("not a UUID", param_hint="--message-id") from None
+    try:
+        cmd = StartReturn(order_id=order_id, reason=reason)
+    except ValidationError as e:
+        raise click.UsageError(summarize(e)) from None
+    run_async(
+        lambda: ops.publish_starts(
+            s.amqp_url,
+            [ops.start_message(cmd, message_id=mid)],
+            routing_key=start_routing_key("returns"),
+        )
+    )
+    saga_id = str(saga_id_for("returns", cmd.order_id))
+    if as_json:
+        emit_json({"saga_id": saga_id, "order_id": cmd.order_id, "saga_type": "returns"})
+    else:
+        click.echo(f"started return saga {saga_id} for order {cmd.order_id}")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True)
+def definitions(as_json: bool) -> None:
+    """Every registered saga definition and version, its steps, and its live sagas."""
+    from process_manager import definitions as registry
+    from process_manager import store
+
+    async def counts(engine: Any) -> dict[str, dict[str, int]]:
+        async with engine.connect() as conn:
+            return await store.count_by_definition(conn)
+
+    by_ref = with_engine(counts)
+    pins = registry.parse_pins(settings().saga_versions)
+    rows = []
+    for d in registry.ALL:
+        phases = by_ref.get(d.ref, {})
+        row = d.describe()
+        row["current"] = registry.current(d.name, pins) is d
+        row["live"] = sum(n for p, n in phases.items() if p in store.LIVE_PHASES)
+        row["by_phase"] = phases
+        rows.append(row)
+    unknown = sorted(set(by_ref) - {d.ref for d in registry.ALL})
+    if as_json:
+        emit_json(rows)
+        return
+    console = Console()
+    table = Table("definition", "current", "start", "steps", "live", "finished")
+    for row in rows:
+        steps = " > ".join(
+            f"{st['name']}{'*' if st['kind'] == 'pivot' else ''}" for st in row["steps"]
+        )
+        for path in row["paths"]:
+            steps += f"\n  or {path['name']}: " + " > ".join(x["name"] for x in path["steps"])
+        finished = sum(n for p, n in row["by_phase"].items() if p not in store.LIVE_PHASES)
+        table.add_row(
+            row["ref"],
+            "yes" if row["current"] else "",
+            row["start_routing_key"],
+            steps,
+            str(row["live"]),
+            str(finished),
+        )
+    console.print(table)
+    console.print("* the pivot: after it, a saga only moves forward")
+    for ref in unknown:
+        console.print(f"[red]sagas on {ref}, which this build does not register[/]")
