@@ -188,11 +188,6 @@ async def test_a_process_manager_refuses_to_start_over_live_sagas_of_an_unknown_
     await runtime.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the CLI's run_async (cli/base.py) turns only SchemaNotProvisioned into a one-line "
-    "error; the StartRefused of refuse_unknown_versions escapes as a traceback",
-)
 async def test_sagabus_run_says_why_it_refuses_in_one_line(
     base: Settings, live_v99: uuid.UUID
 ) -> None:
