@@ -283,8 +283,8 @@ def make_handlers(policy: Policy, pins: dict[str, int] | None = None) -> dict[st
                     what = "order" if key == state.order_id else d.name
                     ctx.reject_after_commit(
                         PermanentError(
-                            f"conflict: {what} {key} already has a {d.name} saga started with a "
-                            "different body; the body stored first runs"
+                            f"conflict: {what} {key} already has a saga started with a different "
+                            "body; the body stored first runs"
                         )
                     )
                 return
