@@ -20,7 +20,7 @@ Declaring is idempotent: running it twice (or from every service at start-up) ch
 
 Every route a principal publishes a failed message through is a topic exchange whose routing
 keys start with the queue name, so topic permissions can confine a service to its own queue
-(see ``process_manager/provision.py``); nobody needs the default exchange. The broker-only
+(see ``messaging/provision/broker.py``); nobody needs the default exchange. The broker-only
 direct exchange keeps its old name and type because a queue argument cannot change without
 re-creating the queue (and an exchange cannot change type).
 """
@@ -175,7 +175,7 @@ def replay_route(queue: str) -> tuple[str, str]:
 # A consumer believes a message's type only for the route it came by: the table below says, per
 # work queue, which types may arrive there by which (exchange, routing key), and which principal
 # (broker user ``<prefix><principal>``) must have sent it. ``sagabus provision`` turns the same
-# table into broker permissions (``process_manager/provision.py``), so the code and the broker
+# table into broker permissions (``messaging/provision/broker.py``), so the code and the broker
 # cannot disagree. Retries (back from a delay queue through the default exchange) and replays
 # (``sagabus.replay``) are judged by the original route they carry.
 

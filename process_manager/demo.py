@@ -19,13 +19,14 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from messaging.db import ensure_database, make_engine
+from messaging.provision import principals
 from messaging.service import Runtime
 from messaging.settings import Settings
 from messaging.topology import start_routing_key
 from participants.inventory import service as inventory
 from participants.payment import service as payment
 from participants.shipping.carrier import UNAVAILABLE_POSTAL_CODE, UNDELIVERABLE_POSTAL_CODE
-from process_manager import bootstrap, ops, principals, store
+from process_manager import bootstrap, ops, store
 from schemas.checkout import StartCheckout
 from schemas.common import LineItem, ShippingAddress
 from schemas.returns import StartReturn

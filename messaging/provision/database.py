@@ -38,11 +38,11 @@ How PostgreSQL checks access (observed on 15, and the reason for each step):
   table created later in the schema.
 
 Migrations run as the administrator: ``apply_roles`` creates the schemas, tables, indexes and
-keys first (``create_schema``, ``upgrade_inbox_key``), then hands everything in each schema to its
-owner role. An upgrade that adds a table, an index or a column therefore needs ``sagabus
-provision`` again (or ``sagabus migrate`` then ``provision``; compose runs both on every ``up``);
-until then the service refuses to start with a one-line error that says so. A write the CLI gains
-needs ``OPERATOR_WRITES`` and another ``apply_roles``.
+keys first (``create_schema``, ``upgrade_inbox_key``, a service's own ``upgrade``), then hands
+everything in each schema to its owner role. An upgrade that adds a table, an index or a column
+therefore needs ``sagabus provision`` again (or ``sagabus migrate`` then ``provision``; compose
+runs both on every ``up``); until then the service refuses to start with a one-line error that
+says so. A write the CLI gains needs ``OPERATOR_WRITES`` and another ``apply_roles``.
 
 On a database provisioned by an earlier version, where the login role owned its schema and
 tables, the same call moves all of it (``REASSIGN OWNED``) to the owner role, and removes what a
@@ -267,6 +267,10 @@ async def apply_roles(
         for p in services:
             await create_schema(engine, SCHEMAS[p], service_metadata(p))
             await upgrade_inbox_key(engine, SCHEMAS[p])
+            upgrade = None if p == DEAD_LETTERS else bootstrap.FACTORIES[p](Settings()).upgrade
+            if upgrade is not None:
+                # a table's own upgrade (the process manager's saga keys and phase column)
+                await upgrade(engine)
     finally:
         await engine.dispose()
 
