@@ -6,7 +6,8 @@ stored in:
 * ``process_manager.sagas.state``: the StartCheckout (all three); the redacted values are
   markers the model still accepts (``redacted``, country ``XX``), so a finished saga still loads;
 * ``orders.orders.customer_id``, ``payment.payments.payment_token``,
-  ``notification.notifications.customer_token``;
+  ``notification.notifications.customer_token``, ``shipping.shipment_addresses.address`` (where
+  a returns pickup would collect from);
 * every service's ``outbox`` body (the commands and facts it sent): only *sent* rows are
   rewritten, an unsent one is about to be published as it is;
 * ``dead_letters.dead_letters``: bodies, headers and error texts;
@@ -182,6 +183,37 @@ async def _redact_column(
     return len(rows)
 
 
+_SHIPMENT_ADDRESSES = "shipping.shipment_addresses"
+
+
+async def _redact_shipment_address(
+    conn: AsyncConnection, report: Erasure, order_id: str, scrub: _Scrubber
+) -> int:
+    """Redact the address kept with the order's shipment (for a returns pickup); learns it
+    first. Returns the rows the order has there."""
+    if not await _exists(conn, _SHIPMENT_ADDRESSES):
+        return 0
+    rows = (
+        await conn.execute(
+            text(f"SELECT address FROM {_SHIPMENT_ADDRESSES} WHERE order_id = :o FOR UPDATE"),
+            {"o": order_id},
+        )
+    ).all()
+    for (address,) in rows:
+        scrub.learn_checkout({"shipping_address": address})
+        redacted = scrub.json(address, "address")
+        if redacted != address:
+            await conn.execute(
+                text(
+                    f"UPDATE {_SHIPMENT_ADDRESSES} SET address = CAST(:a AS jsonb)"
+                    " WHERE order_id = :o"
+                ),
+                {"a": json.dumps(redacted), "o": order_id},
+            )
+            report.count(_SHIPMENT_ADDRESSES)
+    return len(rows)
+
+
 async def _scrub_text(
     conn: AsyncConnection,
     report: Erasure,
@@ -348,6 +380,7 @@ async def _erase_order(
         ("notification.notifications", "customer_token"),
     ):
         found = bool(await _redact_column(conn, report, table, column, order_id, scrub)) or found
+    found = bool(await _redact_shipment_address(conn, report, order_id, scrub)) or found
     for table in ("inventory.reservations", "shipping.shipments"):
         if not found and await _exists(conn, table):
             hit = await conn.execute(
