@@ -18,7 +18,8 @@ from participants.inventory import service as inventory
 from participants.payment import service as payment
 from process_manager import ops, store
 from process_manager import service as pm
-from process_manager.saga import FORWARD, Policy, SagaState, SagaStatus, Start, decide
+from process_manager.definitions import checkout as checkout_saga
+from process_manager.engine import Phase, Policy, SagaState, Start, decide
 from schemas.checkout import saga_id_for_order
 from tests.support import checkout, count, one, rows, wait_for
 
@@ -31,13 +32,21 @@ async def test_two_saves_from_one_loaded_version_one_wins_one_conflicts(
     await migrate([pm.definition(database)], engine)
     now = datetime.now(UTC)
     cmd = checkout(f"occ-{uid}")
-    started = decide(None, Start(cmd, uuid.uuid4()), now=now, policy=Policy()).state
+    d = checkout_saga.V2
+    started = decide(d, None, Start(cmd, uuid.uuid4()), now=now, policy=Policy()).state
     assert started is not None
     # terminal, without a deadline: the running process manager's timeout loop leaves it alone
-    started = replace(started, status=SagaStatus.COMPENSATED, awaiting=None, deadline=None)
+    started = replace(
+        started, status="COMPENSATED", phase=Phase.COMPENSATED, awaiting=None, deadline=None
+    )
     async with engine.begin() as conn:
         assert await store.insert_new(
-            conn, started, correlation_id=started.saga_id, traceparent=None, now=now
+            conn,
+            started,
+            correlation_id=started.saga_id,
+            traceparent=None,
+            now=now,
+            business_key=d.business_key(cmd),
         )
     async with engine.connect() as conn:
         loaded = await store.load(conn, started.saga_id)
@@ -100,14 +109,14 @@ async def test_two_process_manager_instances_apply_every_step_exactly_once(
     assert second_processed > 0
     assert session_pm.counts["processed"] - before > 0
 
-    expected = ["started", *(f"{s.name} succeeded" for s in FORWARD)]
+    expected = ["started", *(f"{s.name} succeeded" for s in checkout_saga.V2.steps)]
     for c in commands:
         saga_id = saga_id_for_order(c.order_id)
         history = await rows(engine, store.history, saga_id=saga_id)
         applied = [h.note for h in history if h.outcome == "applied"]
         assert applied == expected, (c.order_id, applied)
         ignored = [h.note for h in history if h.outcome == "ignored"]
-        assert ignored == ["duplicate StartCheckout: saga exists for this order"], ignored
+        assert ignored == ["duplicate StartCheckout: a checkout saga exists for this key"], ignored
         assert await count(engine, payment.ledger, order_id=c.order_id, kind="authorize") == 1
         assert await count(engine, payment.ledger, order_id=c.order_id, kind="capture") == 1
         assert (await one(engine, inventory.reservations, order_id=c.order_id)).status == "RESERVED"

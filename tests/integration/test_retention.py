@@ -174,15 +174,17 @@ async def _backdated(engine: AsyncEngine, uid: str) -> None:
         for name, (status, at) in sagas.items():
             order = f"{uid}-{name}"
             saga = saga_id_for_order(order)
-            finished = "NULL" if status == "PENDING_PAYMENT" else at
+            running = status == "PENDING_PAYMENT"
+            finished = "NULL" if running else at
             await conn.execute(
                 text(
-                    "INSERT INTO process_manager.sagas (saga_id, order_id, status, seq, version,"
-                    " definition_version, state, correlation_id, started_at, updated_at,"
-                    f" finished_at) VALUES (:s, :o, :st, 1, 1, 'v1', '{{}}', :s, {at}, {at},"
-                    f" {finished})"
+                    "INSERT INTO process_manager.sagas (saga_id, saga_type, business_key,"
+                    " order_id, status, phase, seq, version, definition_version, state,"
+                    " correlation_id, started_at, updated_at, finished_at) VALUES (:s,"
+                    " 'checkout', :o, :o, :st, :ph, 1, 1, 'checkout.v1', '{}', :s,"
+                    f" {at}, {at}, {finished})"
                 ),
-                {"s": saga, "o": order, "st": status},
+                {"s": saga, "o": order, "st": status, "ph": "RUNNING" if running else status},
             )
             for _ in range(3):
                 await conn.execute(
