@@ -123,6 +123,7 @@ async def test_group_replayed_after_fix_applies_each_effect_once_even_if_killed_
     await start_services(
         "process-manager",
         "order",
+        "risk",
         "payment",
         "inventory",
         "shipping",
@@ -411,6 +412,7 @@ async def test_a_masked_dead_letter_is_replayed_with_its_original_token(
     await start_services(
         "process-manager",
         "order",
+        "risk",
         "payment",
         "inventory",
         "shipping",

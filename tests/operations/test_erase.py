@@ -111,7 +111,7 @@ async def _money(engine: AsyncEngine, orders: list[str]) -> dict[str, Any]:
         sagas = (
             await conn.execute(
                 text(
-                    "SELECT order_id, status, state->'checkout'->'items' FROM process_manager.sagas"
+                    "SELECT order_id, status, state->'start'->'items' FROM process_manager.sagas"
                     " WHERE order_id = ANY(:o) ORDER BY 1"
                 ),
                 {"o": orders},
@@ -134,6 +134,7 @@ async def test_erase_a_customer_everywhere_but_leave_amounts_and_running_sagas(
     await start_services(
         "process-manager",
         "order",
+        "risk",
         "payment",
         "inventory",
         "shipping",
@@ -222,15 +223,15 @@ async def test_erase_a_customer_everywhere_but_leave_amounts_and_running_sagas(
         )
         await conn.execute(
             text(
-                "INSERT INTO process_manager.sagas (saga_id, order_id, status, seq, version,"
-                " definition_version, state, correlation_id, started_at, updated_at)"
-                " VALUES (:s, :o, 'PENDING_PAYMENT', 2, 2, 'checkout.v1', CAST(:st AS jsonb),"
-                " :s, now(), now())"
+                "INSERT INTO process_manager.sagas (saga_id, saga_type, business_key, order_id,"
+                " status, phase, seq, version, definition_version, state, correlation_id,"
+                " started_at, updated_at) VALUES (:s, 'checkout', :o, :o, 'PENDING_PAYMENT',"
+                " 'RUNNING', 2, 2, 'checkout.v2', CAST(:st AS jsonb), :s, now(), now())"
             ),
             {
                 "s": saga_id_for_order(live.order_id),
                 "o": live.order_id,
-                "st": json.dumps({"checkout": live.model_dump(mode="json")}),
+                "st": json.dumps({"start": live.model_dump(mode="json")}),
             },
         )
     orders = [c.order_id for c in mine]
@@ -282,7 +283,8 @@ async def test_erase_a_customer_everywhere_but_leave_amounts_and_running_sagas(
     # the redacted sagas still load, as the process manager would load them
     async with ops_engine.connect() as conn:
         loaded = await store.load(conn, sagas[0])
-    assert loaded is not None and loaded.state.checkout.payment_token == "redacted"
+    assert loaded is not None and isinstance(loaded.state.start, StartCheckout)
+    assert loaded.state.start.payment_token == "redacted"
 
     # again: the finished orders are done; only the running one is left, and says so
     again = _erase(ops_settings, "--customer", customer)

@@ -20,7 +20,7 @@ from participants.payment import service as payment
 from participants.shipping import service as shipping
 from process_manager import ops, store
 from process_manager import service as pm
-from process_manager.saga import ForceCompensate, SagaStatus
+from process_manager.engine import ForceCompensate, Phase
 from schemas.checkout import saga_id_for_order
 from schemas.common import LineItem
 from schemas.envelope import Envelope
@@ -33,6 +33,7 @@ pytestmark = pytest.mark.integration
 SERVICES = (
     "process-manager",
     "order",
+    "risk",
     "payment",
     "inventory",
     "shipping",
@@ -305,20 +306,24 @@ async def test_sweeper_moves_stuck_saga_to_manual(
 async def test_refund_failure_ends_in_a_manual_case(
     start_services: Start, ops_settings: Settings, ops_engine: AsyncEngine
 ) -> None:
-    """Captured, then forced to compensate while completing: the refund is refused, so the saga
-    stops in FAILED_NEEDS_MANUAL with an open case, and nothing is refunded twice."""
+    """Captured, then forced to compensate while completing: the refund is refused and so is
+    the credit note (its fallback), so the saga stops in FAILED_NEEDS_MANUAL with an open case,
+    and nothing is refunded or credited."""
     sku = f"SKU-REF-{uuid.uuid4().hex[:6]}"
     await _seed(ops_engine, **{sku: 2})
     slow = ops_settings.model_copy(update={"step_timeout_s": 300})
     # The order service is down after CreateOrder: start it, then stop it before completion.
     order_rt = await start_services("order", settings=slow)
-    await start_services("process-manager", "payment", "inventory", "shipping", settings=slow)
-    cmd = checkout(sku=sku, token="tok_refund_fails")
+    await start_services(
+        "process-manager", "risk", "payment", "inventory", "shipping", settings=slow
+    )
+    cmd = checkout(sku=sku, token="tok_no_credit")
     await ops.publish_starts(ops_settings.amqp_url, [ops.start_message(cmd)])
     await wait_for(
         lambda: _state_is(
             ops_engine,
             cmd.order_id,
+            "PENDING_RISK",
             "PENDING_PAYMENT",
             "PENDING_INVENTORY",
             "PENDING_SHIPMENT",
@@ -337,14 +342,20 @@ async def test_refund_failure_ends_in_a_manual_case(
         ops_engine, slow, saga_id_for_order(cmd.order_id), ForceCompensate("test")
     )
     assert decision is not None and decision.state is not None
-    assert decision.state.status is SagaStatus.COMPENSATING
+    assert decision.state.phase is Phase.COMPENSATING
+    assert decision.state.status == "COMPENSATING"
     assert decision.commands[0].step == "refund_payment"
     done = await wait_for(
         lambda: _state_is(ops_engine, cmd.order_id, "FAILED_NEEDS_MANUAL"),
         timeout=30,
         what="manual state",
     )
-    assert "refund" in done["failure_reason"]
+    assert "issue_credit_note failed: CreditNoteRefused" in done["failure_reason"]
+    notes = [h["note"] for h in done["history"]]
+    assert any(
+        n.startswith("refund_payment failed: PaymentRefundFailed") and "issue_credit_note" in n
+        for n in notes
+    ), notes
     async with ops_engine.connect() as conn:
         case = (
             await conn.execute(
@@ -361,7 +372,7 @@ async def test_refund_failure_ends_in_a_manual_case(
             .all()
         )
     assert case.resolved_at is None
-    assert sorted(kinds) == ["authorize", "capture"]  # captured once, never refunded
+    assert sorted(kinds) == ["authorize", "capture"]  # captured once, never refunded or credited
 
 
 async def test_unknown_authorization_is_reconciled_by_payment_status_not_compensated(

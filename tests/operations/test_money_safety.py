@@ -1,10 +1,10 @@
 """Issue 10, item 1: a stall after the capture never refunds an order that then completes.
 
-The order service goes away after creating the order; the saga authorizes, reserves, ships and
-captures, then waits for `CompleteOrder` past every deadline, long enough to call a human. When
-the order service comes back, the backlog is answered and the saga completes. Before issue 10 the
-completion's timeouts compensated: the ledger showed a refund, the shipment was cancelled, and
-then the order completed anyway.
+The order service goes away after creating the order; the saga screens, authorizes, reserves,
+ships and captures, then waits for `CompleteOrder` past every deadline, long enough to call a
+human. When the order service comes back, the backlog is answered and the saga completes. Before
+issue 10 the completion's timeouts compensated: the ledger showed a refund, the shipment was
+cancelled, and then the order completed anyway.
 """
 
 from __future__ import annotations
@@ -26,7 +26,15 @@ from tests.support import checkout, count, one, rows, wait_for
 
 pytestmark = pytest.mark.integration
 
-OTHERS = ("process-manager", "payment", "inventory", "shipping", "notification", "analytics")
+OTHERS = (
+    "process-manager",
+    "risk",
+    "payment",
+    "inventory",
+    "shipping",
+    "notification",
+    "analytics",
+)
 
 
 async def _status(engine: AsyncEngine, order_id: str) -> dict[str, Any]:
@@ -133,7 +141,7 @@ async def test_a_saga_this_version_cannot_read_is_set_aside_and_the_others_go_on
         await conn.execute(
             text(
                 "UPDATE process_manager.sagas SET state = jsonb_set(state,"
-                " '{checkout,currency}', to_jsonb('ZZZ'::text)) WHERE order_id = :o"
+                " '{start,currency}', to_jsonb('ZZZ'::text)) WHERE order_id = :o"
             ),
             {"o": bad.order_id},
         )
