@@ -26,7 +26,7 @@ from participants.payment import service as payment
 from participants.shipping import service as shipping
 from participants.shipping.carrier import UNAVAILABLE_POSTAL_CODE, UNDELIVERABLE_POSTAL_CODE
 from process_manager import ops, store
-from process_manager.saga import FORWARD
+from process_manager.definitions import checkout as checkout_saga
 from schemas.checkout import StartCheckout, saga_id_for_order
 from schemas.envelope import HeaderNames
 from schemas.inventory import InventoryReserved, ReserveInventory
@@ -51,7 +51,8 @@ from tests.support import (
 pytestmark = pytest.mark.e2e
 
 PM_QUEUE = topology.QUEUES["process-manager"]
-ALL_FORWARD = ["started", *(f"{s.name} succeeded" for s in FORWARD)]
+STEPS = [s.name for s in checkout_saga.V2.steps]
+ALL_FORWARD = ["started", *(f"{name} succeeded" for name in STEPS)]
 
 
 async def seed(engine: AsyncEngine, sku: str, units: int) -> None:
@@ -115,7 +116,7 @@ async def test_success(
 
     assert status["state"] == "COMPLETED"
     assert status["outcome"] == "completed"
-    assert status["completed_steps"] == [s.name for s in FORWARD]
+    assert status["completed_steps"] == STEPS
     assert status["failure_reason"] is None
     assert applied(status) == ALL_FORWARD
     assert status["trace_id"] and len(status["trace_id"]) == 32
@@ -162,7 +163,7 @@ async def test_payment_declined(
 
     assert status["state"] == "COMPENSATED"
     assert status["failure_reason"] == "authorization failed: PaymentDeclined (card_declined)"
-    assert status["completed_steps"] == ["order"]
+    assert status["completed_steps"] == ["order", "risk"]
     assert status["compensated_steps"] == ["cancel_order"]
     assert (await one(engine, payment.payments, order_id=cmd.order_id)).status == "DECLINED"
     assert await ledger(engine, cmd.order_id) == []
@@ -184,7 +185,7 @@ async def test_out_of_stock(
 
     assert status["state"] == "COMPENSATED"
     assert status["failure_reason"] == "inventory failed: InventoryUnavailable"
-    assert status["completed_steps"] == ["order", "authorization"]
+    assert status["completed_steps"] == ["order", "risk", "authorization"]
     assert status["compensated_steps"] == ["void_authorization", "cancel_order"]
     assert (await one(engine, payment.payments, order_id=cmd.order_id)).status == "VOIDED"
     assert await ledger(engine, cmd.order_id) == ["authorize", "void"]
@@ -221,7 +222,7 @@ async def test_shipping_failure_releases_stock_and_voids_payment(
 
     assert status["state"] == "COMPENSATED"
     assert status["failure_reason"] == f"shipment failed: ShipmentFailed ({reason})"
-    assert status["completed_steps"] == ["order", "authorization", "inventory"]
+    assert status["completed_steps"] == ["order", "risk", "authorization", "inventory"]
     assert status["compensated_steps"] == [
         "release_inventory",
         "void_authorization",
@@ -312,10 +313,10 @@ async def test_duplicate_start_for_the_same_order_with_a_new_message_id(
         (
             str(second),
             "rejected",
-            "conflict: a StartCheckout for this order with a different body; "
+            "conflict: a StartCheckout for this key with a different body; "
             "the body stored first runs",
         ),
-        (str(third), "ignored", "duplicate StartCheckout: saga exists for this order"),
+        (str(third), "ignored", "duplicate StartCheckout: a checkout saga exists for this key"),
     ]
     # the conflicting one is dead-lettered with its reason; the duplicate is not
     dl = await dead_letters.wait(PM_QUEUE.dlq, str(second))
@@ -574,7 +575,7 @@ async def test_starts_with_different_bodies_for_one_order_run_the_body_stored_fi
             status = await wait_terminal(engine, cheap.order_id)
             assert status["state"] == "COMPLETED", status
             saga = await one(engine, store.sagas, order_id=cheap.order_id)
-            ran = StartCheckout.model_validate(saga.state["checkout"])
+            ran = StartCheckout.model_validate(saga.state["start"])
             assert ran in (cheap, dear)
             loser = dear if ran == cheap else cheap
             winner_id, loser_id = ids[cheap.order_id][:: 1 if ran == cheap else -1]

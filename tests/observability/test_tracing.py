@@ -170,6 +170,7 @@ async def test_one_trace_across_every_service_continuing_the_callers_traceparent
         for n in (
             "process-manager",
             "order",
+            "risk",
             "payment",
             "inventory",
             "shipping",

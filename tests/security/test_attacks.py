@@ -40,7 +40,8 @@ from participants.inventory import service as inventory
 from participants.payment import service as payment
 from participants.shipping import service as shipping
 from process_manager import ops, store
-from process_manager.saga import FORWARD, command_id
+from process_manager.definitions.checkout import V2
+from process_manager.engine import command_id
 from schemas.base import Message
 from schemas.checkout import StartCheckout, saga_id_for_order
 from schemas.envelope import Envelope, HeaderNames
@@ -58,6 +59,7 @@ TERMINAL = ("COMPLETED", "COMPENSATED", "FAILED_NEEDS_MANUAL")
 #: every state a saga can be in once it has started (wait_state for "it exists")
 STATES = (
     "PENDING_ORDER",
+    "PENDING_RISK",
     "PENDING_PAYMENT",
     "PENDING_INVENTORY",
     "PENDING_SHIPMENT",
@@ -69,6 +71,12 @@ STATES = (
     "FAILED_NEEDS_MANUAL",
 )
 SECURITY_METRIC = "sagabus_messages_rejected_security_total"
+#: the forward steps of the checkout new sagas run
+FORWARD = V2.steps
+#: the fence of the first AuthorizePayment of an undisturbed saga
+AUTHORIZATION_FENCE = 1 + [s.name for s in FORWARD].index("authorization")
+#: the fence of the first CapturePayment of an undisturbed saga
+CAPTURE_FENCE = 1 + [s.name for s in FORWARD].index("capture")
 
 
 # -- pika, in a thread --------------------------------------------------------------------------
@@ -305,7 +313,7 @@ def fresh(tag: str) -> tuple[str, str]:
 async def test_replies_forged_on_the_start_route_are_dead_lettered(
     restricted: dict[str, Runtime], provisioned: Provisioned, sec_engine: AsyncEngine
 ) -> None:
-    """As ``client``: PaymentAuthorized (fence 2) and PaymentCaptured (fence 5) for a saga whose
+    """As ``client``: PaymentAuthorized (fence 3) and PaymentCaptured (fence 6) for a saga whose
     card is declined, while payment is down. Today's route takes any type; it must take only
     StartCheckout."""
     order_id, sku = fresh("start-route")
@@ -325,9 +333,12 @@ async def test_replies_forged_on_the_start_route_are_dead_lettered(
                 PaymentAuthorized(
                     order_id=order_id, authorization_id="auth_x", amount_minor=amount
                 ),
-                2,
+                AUTHORIZATION_FENCE,
             ),
-            (PaymentCaptured(order_id=order_id, authorization_id="auth_x", amount_minor=amount), 5),
+            (
+                PaymentCaptured(order_id=order_id, authorization_id="auth_x", amount_minor=amount),
+                CAPTURE_FENCE,
+            ),
         ):
             p = props(body.TYPE, saga_id=saga_id, fence=fence)
             await publish(
@@ -388,7 +399,7 @@ async def test_a_participant_cannot_reply_for_another(
             topology.REPLIES_EXCHANGE,
             PaymentAuthorized.TYPE,
             authorized,
-            props(PaymentAuthorized.TYPE, saga_id=saga_id, fence=2),
+            props(PaymentAuthorized.TYPE, saga_id=saga_id, fence=AUTHORIZATION_FENCE),
         )
         assert e.args[0] == 403 and "ACCESS_REFUSED" in str(e.args[1]), e
 
@@ -402,7 +413,7 @@ async def test_a_participant_cannot_reply_for_another(
             props(
                 reserved.TYPE,
                 saga_id=saga_id,
-                fence=2,
+                fence=AUTHORIZATION_FENCE,
                 user_id=user_of(provisioned, "payment"),
             ),
         )
@@ -412,7 +423,7 @@ async def test_a_participant_cannot_reply_for_another(
         p = props(
             PaymentAuthorized.TYPE,
             saga_id=saga_id,
-            fence=2,
+            fence=AUTHORIZATION_FENCE,
             user_id=user_of(provisioned, "inventory"),
         )
         await publish(
@@ -428,7 +439,8 @@ async def test_a_participant_cannot_reply_for_another(
         s = await current(sec_engine, order_id)
 
         assert s["state"] == "PENDING_PAYMENT", _story(s)
-        assert [h["outcome"] for h in s["history"]] == ["applied", "applied"], _story(s)
+        # started, order created, risk approved: nothing else applied
+        assert [h["outcome"] for h in s["history"]] == ["applied"] * 3, _story(s)
 
     s = await wait_state(sec_engine, order_id, *TERMINAL)
     assert s["state"] == "COMPENSATED", _story(s)
@@ -505,7 +517,7 @@ async def test_the_operator_cannot_replay_a_forged_reply_into_the_process_manage
         p = props(
             body.TYPE,
             saga_id=saga_id,
-            fence=2,
+            fence=AUTHORIZATION_FENCE,
             user_id=user_of(provisioned, "operator"),
             headers={
                 HeaderNames.ORIGINAL_EXCHANGE: topology.REPLIES_EXCHANGE,
@@ -551,7 +563,7 @@ async def test_every_dispatch_carries_its_own_token_and_the_reply_echoes_it(
     tokens = {str(c.message_id): c.headers.get(REPLY_TOKEN) for c in commands}
     assert all(isinstance(t, str) and len(t) >= 16 for t in tokens.values()), tokens
     assert len(set(tokens.values())) == len(tokens), "each dispatch has a token of its own"
-    for participant in ("order", "payment", "inventory", "shipping"):
+    for participant in sorted({spec.participant for spec in FORWARD}):
         for reply in await rows(sec_engine, outbox_of(restricted, participant), saga_id=saga_id):
             if reply.exchange != topology.REPLIES_EXCHANGE:
                 continue  # a public fact
@@ -1015,7 +1027,8 @@ async def test_a_forged_reply_with_the_genuine_replys_id_does_not_shadow_it(
     await seed(sec_engine, sku, 2)
     cmd = checkout(order_id, sku=sku)
     saga_id = saga_id_for_order(order_id)
-    genuine_id = derived_reply_id(saga_id, 1, cmd)  # the reply to AuthorizePayment
+    # the reply to AuthorizePayment
+    genuine_id = derived_reply_id(saga_id, AUTHORIZATION_FENCE - 1, cmd)
     body = PaymentAuthorized(
         order_id=order_id, authorization_id="auth_x", amount_minor=cmd.amount_minor
     )
