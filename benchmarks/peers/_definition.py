@@ -1,15 +1,17 @@
 """The checkout saga's definition, as plain data that every peer implementation shares.
 
-Standard library only, so that Temporal's workflow sandbox can import it. It mirrors
-``process_manager.saga`` (forward steps, their compensations, the payment ladder);
-:func:`check_matches_sagabus` proves that at run time against the real definition.
+Standard library only, so that Temporal's workflow sandbox can import it. It mirrors sagabus's
+checkout v1 (``process_manager.definitions.checkout.V1``: forward steps, their compensations,
+the payment ladder, the refusals and the policy); :func:`check_matches_sagabus` proves that at
+run time against the real definition. The peers implement v1: v2's fraud screening, backorder
+path and credit notes have no counterpart here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-#: forward steps in order: (sagabus step name, command), as in process_manager.saga.FORWARD
+#: forward steps in order: (sagabus step name, command), as in checkout v1's steps
 FORWARD: tuple[tuple[str, str], ...] = (
     ("order", "CreateOrder"),
     ("authorization", "AuthorizePayment"),
@@ -67,30 +69,42 @@ def compensation_plan(
 
 
 def check_matches_sagabus() -> None:
-    """Raise AssertionError unless this definition equals process_manager.saga's: the same
-    forward commands in the same order, the same compensations, and the same compensation plan
-    for every prefix of completed steps (with and without an unknown step)."""
-    from process_manager import saga
+    """Raise AssertionError unless this definition equals sagabus's checkout v1: the same forward
+    commands in the same order, the same compensations (none with a fallback), the same
+    refusals, the same policy, and the same compensation plan for every prefix of completed
+    steps (with and without an unknown step)."""
+    from process_manager.definitions.checkout import V1
+    from process_manager.engine import compensation_plan as sagabus_plan
     from schemas.checkout import StartCheckout
 
     sample = StartCheckout.model_validate(sample_order("definition-check", "SKU-1"))
-    theirs = [(s.name, type(s.build(sample)).__name__) for s in saga.FORWARD]
+    theirs = [(s.name, type(s.build(sample)).__name__) for s in V1.steps]
     assert theirs == list(FORWARD), f"forward steps differ: {theirs} != {list(FORWARD)}"
-    comp_cmd = {
-        name: type(spec.build(sample)).__name__ for name, spec in saga.COMPENSATIONS.items()
-    }
+    assert not V1.paths, f"v1 has alternative paths: {[p.name for p in V1.paths]}"
+    comp_cmd = {c.name: type(c.build(sample)).__name__ for c in V1.compensations}
+    ladders = {c.name: c.fallback for c in V1.compensations if c.fallback}
+    assert not ladders, f"v1's compensations have fallbacks the peers lack: {ladders}"
     theirs_comp = {
-        type(s.build(sample)).__name__: comp_cmd[s.compensation]
-        for s in saga.FORWARD
-        if s.compensation
+        type(s.build(sample)).__name__: comp_cmd[s.compensation] for s in V1.steps if s.compensation
     }
     assert theirs_comp == COMPENSATION, f"compensations differ: {theirs_comp} != {COMPENSATION}"
+    theirs_refusals = {r.__name__ for s in V1.steps for r in s.failure}
+    assert theirs_refusals == REFUSALS, f"refusals differ: {theirs_refusals} != {REFUSALS}"
+    policy = V1.policy
+    assert (
+        policy.max_step_attempts,
+        policy.max_compensation_attempts,
+        policy.step_timeout.total_seconds(),
+        policy.compensation_timeout.total_seconds(),
+    ) == (MAX_STEP_ATTEMPTS, MAX_COMPENSATION_ATTEMPTS, STEP_TIMEOUT_S, COMPENSATION_TIMEOUT_S), (
+        f"policy differs: {policy}"
+    )
     to_cmd = dict(FORWARD)
     names = [name for name, _ in FORWARD]
     for k in range(len(names) + 1):
         done = names[:k]
         for unknown in [None, *names[k : k + 1]]:
-            expected = [comp_cmd[c] for c in saga.compensation_plan(tuple(done), unknown)]
+            expected = [comp_cmd[c] for c in sagabus_plan(V1, tuple(done), unknown)]
             mine = compensation_plan(
                 [to_cmd[n] for n in done], to_cmd[unknown] if unknown else None
             )
