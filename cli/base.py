@@ -63,10 +63,19 @@ class Duration(click.ParamType):  # type: ignore[type-arg,unused-ignore]
 
 
 def settings() -> Settings:
+    from process_manager import definitions
+
     try:
-        return Settings()
+        s = Settings()
     except Exception as e:  # pydantic validation of SAGABUS_* variables
         raise click.UsageError(f"invalid SAGABUS_* configuration: {e}".splitlines()[0]) from None
+    try:
+        definitions.parse_pins(s.saga_versions)
+    except (ValueError, LookupError) as e:
+        raise click.UsageError(
+            f"invalid SAGABUS_* configuration: SAGABUS_SAGA_VERSIONS: {e}"
+        ) from None
+    return s
 
 
 def run_async(fn: Callable[[], Awaitable[T]]) -> T:

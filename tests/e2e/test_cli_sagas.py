@@ -3,7 +3,9 @@ them: a subprocess with ``SAGABUS_*`` set, on the real broker and database."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 
 import pytest
 from sqlalchemy import text
@@ -14,8 +16,8 @@ from messaging.settings import Settings
 from participants.inventory import service as inventory
 from process_manager import ops
 from schemas.base import saga_id_for
-from tests.e2e.test_cli import sagabus
-from tests.support import checkout, wait_for, wait_terminal
+from tests.e2e.test_cli import _entry_point, sagabus
+from tests.support import checkout, env_for, wait_for, wait_terminal
 
 pytestmark = pytest.mark.e2e
 
@@ -135,3 +137,22 @@ async def test_return_of_a_malformed_order_id_is_one_line_and_exit_2(database: S
     )
     assert result.code == 2
     assert len(result.err_lines) == 1 and "order_id" in result.err
+
+
+@pytest.mark.parametrize("value", ["checkout=7", "garbage", "billing=1"])
+async def test_an_unregistered_or_malformed_saga_version_is_a_configuration_error(
+    database: Settings, value: str
+) -> None:
+    env = env_for(database.amqp_url, database.database_url, os.environ)
+    env["SAGABUS_SAGA_VERSIONS"] = value
+    proc = await asyncio.create_subprocess_exec(
+        *_entry_point(),
+        "definitions",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    lines = [line for line in err.decode().splitlines() if line.strip()]
+    assert proc.returncode == 2
+    assert len(lines) == 1 and "SAGABUS_SAGA_VERSIONS" in lines[0]
