@@ -16,7 +16,7 @@ from messaging.service import Runtime
 from messaging.settings import Settings
 from participants.inventory import service as inventory
 from process_manager import ops
-from process_manager.saga import FORWARD
+from process_manager.definitions.checkout import V2
 from tests.support import checkout, env_for, wait_terminal
 
 pytestmark = pytest.mark.e2e
@@ -78,9 +78,9 @@ async def test_status_json_shows_state_and_history(
     assert data["state"] == "COMPLETED"
     assert data["outcome"] == "completed"
     assert data["terminal"] is True
-    assert data["completed_steps"] == [s.name for s in FORWARD]
+    assert data["completed_steps"] == [s.name for s in V2.steps]
     notes = [h["note"] for h in data["history"]]
-    assert notes == ["started", *(f"{s.name} succeeded" for s in FORWARD)]
+    assert notes == ["started", *(f"{s.name} succeeded" for s in V2.steps)]
     assert data["history"][-1]["to"] == "COMPLETED"
     # the same saga by its saga id
     by_id = await sagabus(
