@@ -303,7 +303,7 @@ def stats(as_json: bool) -> None:
 def resume(saga: str) -> None:
     """Re-send a stuck saga's awaited step (same idempotency key), or retry the compensation of a
     saga that needs manual attention. The process manager's relay publishes the command."""
-    from process_manager.saga import Resume
+    from process_manager.engine import Resume
 
     _operator(saga, Resume())
 
@@ -313,7 +313,7 @@ def resume(saga: str) -> None:
 @click.option("--reason", default="forced by operator", show_default=True)
 def compensate(saga: str, reason: str) -> None:
     """Force a saga that is not terminal to compensate what it has done."""
-    from process_manager.saga import ForceCompensate
+    from process_manager.engine import ForceCompensate
 
     _operator(saga, ForceCompensate(reason))
 
