@@ -127,6 +127,7 @@ OPERATOR_WRITES: dict[tuple[str, str], tuple[str, ...]] = {
     (SCHEMAS["payment"], "payments"): ("UPDATE (payment_token, reason)",),
     (SCHEMAS["notification"], "notifications"): ("UPDATE (customer_token)",),
     (SCHEMAS["shipping"], "shipments"): ("UPDATE (reason)",),
+    (SCHEMAS["shipping"], "shipment_addresses"): ("UPDATE (address)",),
     # every participant's outbox, a new participant's too
     **{(schema, "outbox"): ("UPDATE (body, headers)",) for schema in _PARTICIPANT_SCHEMAS},
 }
