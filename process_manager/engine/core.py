@@ -478,8 +478,8 @@ def decide(
     elif isinstance(message, Resume):
         dec = _on_resume(run, state)
     else:
-        # never a guess: an input of another module (the old ``process_manager.saga``'s
-        # ForceCompensate) must not be taken for a Resume
+        # never a guess: a look-alike of another module (a ForceCompensate that is not the
+        # engine's) must not be taken for a Resume
         raise InvalidTransition(f"{type(message).__name__} is not an input of the engine")
     after = dec.state.status if dec.state is not None else None
     return replace(dec, transition=(before, after))
