@@ -20,8 +20,9 @@ and checks on every transition and every state:
 ``absorbing``
     COMPLETED and COMPENSATED never change. FAILED_NEEDS_MANUAL changes only by an operator's
     Resume, or by the late reply of the step that was in flight when it stopped (``stalled``:
-    the engine applies it as if it had come in time). Timeouts, Expire and ForceCompensate never
-    change a terminal saga.
+    the engine applies it as if it had come in time), never by another answer to a status query
+    whose answer stopped it. Timeouts, Expire and ForceCompensate never change a terminal
+    saga.
 ``compensation``
     A saga that ends COMPENSATED compensated exactly its completed steps (and the step whose
     outcome was unknown), newest first, leaving out compensations a completed step supersedes;
@@ -55,7 +56,7 @@ import typing
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, Protocol
 
@@ -64,7 +65,6 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from process_manager.engine import core
 from process_manager.engine.core import (
     TERMINAL,
-    Command,
     Decision,
     Expire,
     ForceCompensate,
@@ -112,6 +112,9 @@ class Bounds:
     max_depth: int = 40
     #: distinct states per definition
     max_states: int = 200_000
+    #: operator inputs (ForceCompensate, Resume, Expire) per trace: an operator can resume a
+    #: saga for ever, each time with a new fence, so without this bound there is no end
+    max_operator: int = 2
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,9 @@ class Report:
     violations: tuple[Violation, ...]
     #: how many transitions or states violated each property
     counts: Mapping[str, int] = field(default_factory=dict)
+    #: coverage: "<outcome>:<event>" -> transitions, and phase -> states
+    events: Mapping[str, int] = field(default_factory=dict)
+    phases: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -204,23 +210,20 @@ def _candidates(annotation: Any) -> Iterator[Any]:
 
 def _field_value(model: type[BaseModel], name: str, like: BaseModel | None) -> Any:
     info = model.model_fields[name]
-    if like is not None and name in type(like).model_fields:
-        return getattr(like, name)
-    if not info.is_required():
-        return info.get_default(call_default_factory=True)
-    ann: Any = (
-        Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
-    )
+    ann: Any = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
     adapter: TypeAdapter[Any] = TypeAdapter(ann)
-    first: Any = None
-    for i, value in enumerate(_candidates(info.annotation)):
-        if i == 0:
-            first = value
+    tries: list[Any] = []
+    if like is not None and name in type(like).model_fields:
+        tries.append(getattr(like, name))
+    if not info.is_required():
+        tries.append(info.get_default(call_default_factory=True))
+    tries.extend(_candidates(info.annotation))
+    for value in tries:
         try:
             return adapter.validate_python(value, strict=False)
         except ValidationError:
             continue
-    return first
+    return tries[0] if tries else None
 
 
 def build_sample(model: type[BaseModel], like: BaseModel | None = None) -> Any:
@@ -269,11 +272,14 @@ class Samples:
                 base = build_sample(kind, self._start)
                 found = (base,)
                 if vary:
-                    found = tuple(
-                        base.model_copy(update={name: v})
-                        for name, values in _literal_fields(kind).items()
-                        for v in values
-                    ) or found
+                    found = (
+                        tuple(
+                            base.model_copy(update={name: v})
+                            for name, values in _literal_fields(kind).items()
+                            for v in values
+                        )
+                        or found
+                    )
             self._bodies[key] = found
         return self._bodies[key]
 
@@ -289,6 +295,8 @@ def _body_label(body: Message) -> str:
 
 
 def _reply(body: Message, fence: int, token: str | None) -> Reply:
+    """The reply ``body`` at ``fence``; its message id is derived from what it is, so a
+    duplicate is the same message again."""
     mid = uuid.uuid5(REPLY_NAMESPACE, f"{fence}:{body.TYPE}:{body.model_dump_json()}")
     return Reply(body=body, fence=fence, message_id=mid, token=token)
 
@@ -304,6 +312,11 @@ class _Node:
     sent: tuple[str, ...]
     #: an operator's ForceCompensate was applied on the way here
     forced: bool
+    #: operator inputs (ForceCompensate, Resume, Expire) on the way here
+    operator: int
+    #: it stopped for a human because a status query's answer said so (not because it went
+    #: unanswered): no other answer to that query is "late"
+    answered: bool
     #: replies delivered on the way here (for the trace's labels only)
     delivered: frozenset[Reply]
     depth: int
@@ -311,14 +324,21 @@ class _Node:
     label: str
 
 
-def _canonical(state: SagaState) -> SagaState:
-    """The state without the clock (and without the free-text failure reason, which no decision
-    reads): two states equal here behave alike."""
-    return replace(state, deadline=None, sent_at=None, started_at=None, failure_reason=None)
+#: the state without the clock (and without the free-text failure reason, which no decision
+#: reads): two states equal in these fields behave alike
+_BEHAVIOUR = tuple(
+    f.name
+    for f in fields(SagaState)
+    if f.name not in {"deadline", "sent_at", "started_at", "failure_reason"}
+)
 
 
-def _key(state: SagaState, sent: tuple[str, ...], forced: bool) -> tuple[Any, ...]:
-    return (_canonical(state), sent, forced)
+def _canonical(state: SagaState) -> tuple[Any, ...]:
+    return tuple(getattr(state, name) for name in _BEHAVIOUR)
+
+
+def _key(node: _Node) -> tuple[Any, ...]:
+    return (_canonical(node.state), node.sent, node.forced, node.operator, node.answered)
 
 
 def _past_pivot(d: Definition, state: SagaState) -> bool:
@@ -414,10 +434,19 @@ class _Checker:
         self.bound: str | None = None
         self.time_limit = time_bound(d, policy)
         self.time_memo: dict[tuple[Any, ...], int] = {}
-        self.own_steps = {
-            s.name: s for s in (*d.forward_steps, *d.compensations, *d.queries)
-        }
+        self.own_steps = {s.name: s for s in (*d.forward_steps, *d.compensations, *d.queries)}
         self._body_types: dict[str, type[Message]] = {}
+        #: (sample index, fence, token) -> the reply (the samples live as long as the checker)
+        self._replies: dict[tuple[int, int, str | None], Reply] = {}
+        self.events: dict[str, int] = {}
+        self.phases: dict[str, int] = {}
+
+    def reply(self, body: Message, fence: int, token: str | None) -> Reply:
+        key = (id(body), fence, token)
+        found = self._replies.get(key)
+        if found is None:
+            found = self._replies[key] = _reply(body, fence, token)
+        return found
 
     # -- traces and violations -------------------------------------------------------------
 
@@ -447,7 +476,7 @@ class _Checker:
                 out.append((label, message, forged))
 
         def reply(kind: str, body: Message, fence: int) -> None:
-            r = _reply(body, fence, s.token_for(fence))
+            r = self.reply(body, fence, s.token_for(fence))
             if r in node.delivered:
                 kind = "duplicate"
             add(f"{kind} {_body_label(body)} @{fence}", r)
@@ -456,7 +485,7 @@ class _Checker:
         if awaited is not None:
             for body in self.samples.for_step(awaited):
                 reply("reply", body, s.seq)
-        for fence in range(s.seq, 0, -1):
+        for fence in range(min(s.seq, len(node.sent)), 0, -1):
             step = d.step(node.sent[fence - 1])
             for body in self.samples.for_step(step):
                 reply("late" if fence < s.seq else "reply", body, fence)
@@ -467,37 +496,61 @@ class _Checker:
         add(f"Timeout @{s.seq}", Timeout(s.seq))
         if s.seq > 1:
             add(f"Timeout @{s.seq - 1} (stale)", Timeout(s.seq - 1))
-        add("ForceCompensate", ForceCompensate("exhaustive check"))
-        add("Resume", Resume())
-        add("Expire", Expire("exhaustive check"))
+        if node.operator < self.bounds.max_operator:
+            add("ForceCompensate", ForceCompensate("exhaustive check"))
+            add("Resume", Resume())
+            add("Expire", Expire("exhaustive check"))
         # forged: the replies of the current fence's step without the token of their dispatch
-        if s.seq >= 1:
-            step = awaited or d.step(node.sent[s.seq - 1])
+        current = awaited
+        if current is None and 1 <= s.seq <= len(node.sent):
+            current = d.step(node.sent[s.seq - 1])
+        if current is not None:
             other = s.token_for(s.seq - 1) if s.seq > 1 else None
-            for body in self.samples.for_step(step):
+            for body in self.samples.for_step(current):
                 name = _body_label(body)
-                add(f"forged {name} @{s.seq} (no token)", _reply(body, s.seq, None), True)
-                add(f"forged {name} @{s.seq} (made-up token)",
-                    _reply(body, s.seq, FORGED_TOKEN), True)
+                add(f"forged {name} @{s.seq} (no token)", self.reply(body, s.seq, None), True)
+                add(
+                    f"forged {name} @{s.seq} (made-up token)",
+                    self.reply(body, s.seq, FORGED_TOKEN),
+                    True,
+                )
                 if other is not None:
-                    add(f"forged {name} @{s.seq} (token of fence {s.seq - 1})",
-                        _reply(body, s.seq, other), True)
+                    add(
+                        f"forged {name} @{s.seq} (token of fence {s.seq - 1})",
+                        self.reply(body, s.seq, other),
+                        True,
+                    )
         return out
 
     # -- one transition --------------------------------------------------------------------
 
-    def advance(self, node: _Node, at: int, label: str, message: Input, dec: Decision,
-                forced_now: bool) -> _Node:
+    def advance(
+        self, node: _Node, at: int, label: str, message: Input, dec: Decision, forced_now: bool
+    ) -> _Node:
         assert dec.state is not None
         sent = list(node.sent)
         for cmd in dec.commands:
             if cmd.fence == len(sent) + 1:
                 sent.append(cmd.step)
         delivered = node.delivered | {message} if isinstance(message, Reply) else node.delivered
+        before, after = node.state, dec.state
+        if after.phase is not Phase.FAILED_NEEDS_MANUAL:
+            answered = False
+        elif before.phase is Phase.FAILED_NEEDS_MANUAL:
+            answered = node.answered
+        else:
+            answered = (
+                isinstance(message, Reply)
+                and before.awaiting is not None
+                and self.d.query(before.awaiting) is not None
+                and message.fence == before.seq
+            )
         return _Node(
             state=dec.state,
             sent=tuple(sent),
             forced=node.forced or forced_now,
+            operator=node.operator + isinstance(message, ForceCompensate | Resume | Expire),
+            answered=answered,
             delivered=delivered,
             depth=node.depth + 1,
             parent=at,
@@ -509,8 +562,9 @@ class _Checker:
             self._body_types[step.name] = type(step.build(self.start))
         return self._body_types[step.name]
 
-    def check_commands(self, at: int, label: str, before: SagaState, message: Input,
-                       dec: Decision, forced: bool) -> None:
+    def check_commands(
+        self, at: int, label: str, before: SagaState, message: Input, dec: Decision, forced: bool
+    ) -> None:
         d = self.d
         after = dec.state
         assert after is not None
@@ -518,30 +572,59 @@ class _Checker:
         for cmd in dec.commands:
             spec = self.own_steps.get(cmd.step)
             if spec is None or spec is not d.step(cmd.step):
-                self.violate("own_commands", f"command for step {cmd.step!r}, which "
-                             f"{d.ref} does not have", at, label)
+                self.violate(
+                    "own_commands",
+                    f"command for step {cmd.step!r}, which {d.ref} does not have",
+                    at,
+                    label,
+                )
                 continue
             if cmd.participant != spec.participant or type(cmd.body) is not self.body_type(spec):
-                self.violate("own_commands", f"command {cmd.step} to {cmd.participant} with "
-                             f"{type(cmd.body).__name__}: {d.ref} sends "
-                             f"{self.body_type(spec).__name__} to {spec.participant}", at, label)
+                self.violate(
+                    "own_commands",
+                    f"command {cmd.step} to {cmd.participant} with "
+                    f"{type(cmd.body).__name__}: {d.ref} sends "
+                    f"{self.body_type(spec).__name__} to {spec.participant}",
+                    at,
+                    label,
+                )
             fence = message.fence if late_undo and isinstance(message, Reply) else after.seq
             if cmd.fence != fence:
-                self.violate("own_commands", f"command {cmd.step} carries fence {cmd.fence}, "
-                             f"the state's is {after.seq}", at, label)
+                self.violate(
+                    "own_commands",
+                    f"command {cmd.step} carries fence {cmd.fence}, the state's is {after.seq}",
+                    at,
+                    label,
+                )
             elif cmd.reply_token != after.token_for(cmd.fence):
-                self.violate("own_commands", f"command {cmd.step} carries a token that is not "
-                             f"fence {cmd.fence}'s", at, label)
+                self.violate(
+                    "own_commands",
+                    f"command {cmd.step} carries a token that is not fence {cmd.fence}'s",
+                    at,
+                    label,
+                )
             if (
                 d.compensation(cmd.step) is not None
                 and (_past_pivot(d, before) or _past_pivot(d, after))
                 and not forced
             ):
-                self.violate("pivot", f"compensation {cmd.step} sent past the pivot, and no "
-                             "operator asked for it", at, label)
+                self.violate(
+                    "pivot",
+                    f"compensation {cmd.step} sent past the pivot, and no operator asked for it",
+                    at,
+                    label,
+                )
 
-    def check_transition(self, at: int, label: str, node: _Node, message: Input,
-                         dec: Decision, again: Decision, forged: bool) -> None:
+    def check_transition(
+        self,
+        at: int,
+        label: str,
+        node: _Node,
+        message: Input,
+        dec: Decision,
+        again: Decision,
+        forged: bool,
+    ) -> None:
         d, before, after = self.d, node.state, dec.state
         assert after is not None and again.state is not None
         if (
@@ -549,20 +632,33 @@ class _Checker:
             or _canonical(again.state) != _canonical(after)
             or again.outcome != dec.outcome
         ):
-            self.violate("stable_ids", "deciding the same input on the same state again gave "
-                         "other commands or another state: "
-                         f"{[c.message_id for c in dec.commands]} then "
-                         f"{[c.message_id for c in again.commands]}", at, label)
+            self.violate(
+                "stable_ids",
+                "deciding the same input on the same state again gave "
+                "other commands or another state: "
+                f"{[c.message_id for c in dec.commands]} then "
+                f"{[c.message_id for c in again.commands]}",
+                at,
+                label,
+            )
         if forged:
             if after != before or dec.commands or dec.outcome != "rejected":
-                self.violate("token", f"a reply without its dispatch's token was "
-                             f"{dec.outcome} ({dec.note}), sent {len(dec.commands)} command(s) "
-                             f"and {'changed' if after != before else 'kept'} the state", at,
-                             label)
+                self.violate(
+                    "token",
+                    f"a reply without its dispatch's token was "
+                    f"{dec.outcome} ({dec.note}), sent {len(dec.commands)} command(s) "
+                    f"and {'changed' if after != before else 'kept'} the state",
+                    at,
+                    label,
+                )
             return
         if before.phase in (Phase.COMPLETED, Phase.COMPENSATED) and after != before:
-            self.violate("absorbing", f"a {before.phase} saga changed ({before.status} -> "
-                         f"{after.status}) on {label}", at, label)
+            self.violate(
+                "absorbing",
+                f"a {before.phase} saga changed ({before.status} -> {after.status}) on {label}",
+                at,
+                label,
+            )
         elif before.phase is Phase.FAILED_NEEDS_MANUAL and after != before:
             stalled_reply = (
                 isinstance(message, Reply)
@@ -570,10 +666,24 @@ class _Checker:
                 and message.fence == before.seq
                 and type(message.body) in d.step(before.stalled).replies
             )
-            if not (isinstance(message, Resume) or stalled_reply):
-                self.violate("absorbing", f"a FAILED_NEEDS_MANUAL saga changed ({before.status} "
-                             f"-> {after.status}) on {label}, neither an operator's Resume nor "
-                             "the stalled step's late reply", at, label)
+            if stalled_reply and node.answered:
+                self.violate(
+                    "absorbing",
+                    f"a FAILED_NEEDS_MANUAL saga that a status query's answer stopped changed "
+                    f"({before.status} -> {after.status}) on another answer to that query "
+                    f"({label})",
+                    at,
+                    label,
+                )
+            elif not (isinstance(message, Resume) or stalled_reply):
+                self.violate(
+                    "absorbing",
+                    f"a FAILED_NEEDS_MANUAL saga changed ({before.status} "
+                    f"-> {after.status}) on {label}, neither an operator's Resume nor "
+                    "the stalled step's late reply",
+                    at,
+                    label,
+                )
         forced = node.forced or (isinstance(message, ForceCompensate) and dec.outcome == "applied")
         self.check_commands(at, label, before, message, dec, forced)
 
@@ -583,14 +693,28 @@ class _Checker:
         if s.phase is Phase.COMPENSATED:
             want = expected_compensation(d, s)
             if not compensation_matches(d, want, s.compensated):
-                self.violate("compensation", f"compensated {list(s.compensated)}, expected "
-                             f"{list(want)} (completed {list(s.completed)}, unknown "
-                             f"{s.unknown_step})", at)
-        n = self.time_to_rest(node)
-        if n > self.time_limit:
-            self.violate("time", f"time alone does not end the saga within {self.time_limit} "
-                         "timeouts (it stays in " f"{s.status})", at,
-                         f"Timeout of the current fence, {self.time_limit} times")
+                self.violate(
+                    "compensation",
+                    f"compensated {list(s.compensated)}, expected "
+                    f"{list(want)} (completed {list(s.completed)}, unknown "
+                    f"{s.unknown_step})",
+                    at,
+                )
+        if self.time_to_rest(node) > self.time_limit:
+            self.violate("time", self.time_story(node), at, "Timeout of the current fence")
+
+    def time_story(self, node: _Node) -> str:
+        """Where time alone leaves the saga (for a violation's message)."""
+        s = node.state
+        for n in range(self.time_limit + 1):
+            dec = self.decide(self.d, s, Timeout(s.seq), now=NOW, policy=self.policy, nonce=NONCE)
+            if dec.state is None or dec.state == s:
+                return f"time alone does not end the saga: stuck in {s.status} after {n} timeouts"
+            s = dec.state
+        return (
+            f"time alone does not end the saga within {self.time_limit} timeouts (it is "
+            f"{s.status} then)"
+        )
 
     def time_to_rest(self, node: _Node) -> int:
         """Timeouts of the current fence until the saga is terminal (or past the bound)."""
@@ -599,7 +723,7 @@ class _Checker:
         cur = node
         result = never
         for _ in range(self.time_limit + 1):
-            key = _key(cur.state, cur.sent, cur.forced)
+            key = _key(cur)
             if key in self.time_memo:
                 result = self.time_memo[key]
                 break
@@ -607,25 +731,28 @@ class _Checker:
                 result = 0
                 break
             chain.append(key)
-            dec = self.decide(self.d, cur.state, Timeout(cur.state.seq), now=NOW,
-                              policy=self.policy, nonce=NONCE)
+            dec = self.decide(
+                self.d, cur.state, Timeout(cur.state.seq), now=NOW, policy=self.policy, nonce=NONCE
+            )
             if dec.state is None or dec.state == cur.state:
                 break  # stuck: time does nothing here
             cur = self.advance(cur, -1, "", Timeout(cur.state.seq), dec, False)
         for back, key in enumerate(reversed(chain), start=1):
             self.time_memo[key] = min(result + back, never) if result < never else never
-        return self.time_memo.get(_key(node.state, node.sent, node.forced), result)
+        return self.time_memo.get(_key(node), result)
 
     # -- the search ------------------------------------------------------------------------
 
     def add(self, node: _Node) -> int | None:
-        key = _key(node.state, node.sent, node.forced)
+        key = _key(node)
         if key in self.index:
             return None
         if len(self.nodes) >= self.bounds.max_states:
             self.bound = f"{self.bounds.max_states} states"
             return None
         self.index[key] = len(self.nodes)
+        phase = str(node.state.phase)
+        self.phases[phase] = self.phases.get(phase, 0) + 1
         self.nodes.append(node)
         self.check_state(len(self.nodes) - 1)
         return len(self.nodes) - 1
@@ -635,7 +762,9 @@ class _Checker:
         begin = Start(self.start, uuid.uuid5(REPLY_NAMESPACE, "start"))
         first = core.start(d, begin, now=NOW, policy=self.policy, nonce=NONCE)
         assert first.state is not None
-        root = _Node(first.state, (), False, frozenset(), 0, -1, f"Start {d.start.__name__}")
+        root = _Node(
+            first.state, (), False, 0, False, frozenset(), 0, -1, f"Start {d.start.__name__}"
+        )
         root = replace(root, sent=tuple(c.step for c in first.commands))
         at = self.add(root)
         assert at is not None
@@ -649,11 +778,13 @@ class _Checker:
                     self.bound = f"depth {self.bounds.max_depth}"
                 continue
             for label, message, forged in self.inputs(node):
-                dec = self.decide(d, node.state, message, now=NOW, policy=self.policy,
-                                  nonce=NONCE)
-                again = self.decide(d, node.state, message, now=LATER, policy=self.policy,
-                                    nonce=NONCE)
+                dec = self.decide(d, node.state, message, now=NOW, policy=self.policy, nonce=NONCE)
+                again = self.decide(
+                    d, node.state, message, now=LATER, policy=self.policy, nonce=NONCE
+                )
                 self.transitions += 1
+                what = f"{dec.outcome}:{dec.event}"
+                self.events[what] = self.events.get(what, 0) + 1
                 self.check_transition(at, label, node, message, dec, again, forged)
                 if forged or dec.state is None or dec.state == node.state:
                     continue
@@ -667,7 +798,7 @@ def check(
     d: Definition,
     *,
     policy: Policy = CHECK_POLICY,
-    bounds: Bounds = Bounds(),  # noqa: B008 (a frozen value)
+    bounds: Bounds = Bounds(),
     decide: Decide = core.decide,
     start: Message | None = None,
     samples: Mapping[type[Message], Sequence[Message]] | None = None,
@@ -691,6 +822,8 @@ def check(
         bound_reached=c.bound,
         violations=tuple(sorted(c.violations.values(), key=lambda v: order.get(v.prop, 99))),
         counts=dict(c.counts),
+        events=dict(sorted(c.events.items())),
+        phases=dict(sorted(c.phases.items())),
     )
 
 
@@ -714,8 +847,10 @@ def table(reports: Sequence[Report]) -> str:
         for r in reports
     ]
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
-             for row in (head, *rows)]
+    lines = [
+        "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
+        for row in (head, *rows)
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

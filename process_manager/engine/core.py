@@ -689,8 +689,12 @@ def _on_reconciled(run: _Run, state: SagaState, status: str) -> Decision:
     spec = _spec(run.d, step)
     assert spec.reconcile is not None
     if status in spec.reconcile.needs_human:
-        return _needs_manual(run, state, f"{step} outcome unclear: {spec.participant} reports "
-                             f"{status}")
+        dec = _needs_manual(run, state, f"{step} outcome unclear: {spec.participant} reports "
+                            f"{status}")
+        # the query was answered, not left in flight: another answer to it (a re-send's, with
+        # older news) must not close the human's case; Resume asks again
+        assert dec.state is not None
+        return replace(dec, state=replace(dec.state, stalled=None))
     state = replace(state, reconciling=None)
     if status in spec.reconcile.happened:
         state = replace(state, completed=(*state.completed, step))
