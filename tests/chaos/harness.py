@@ -30,10 +30,12 @@ from aio_pika.abc import AbstractIncomingMessage
 from messaging import topology
 from messaging.service import DEAD_LETTERS
 from participants.shipping.carrier import UNAVAILABLE_POSTAL_CODE, UNDELIVERABLE_POSTAL_CODE
+from process_manager import demo
 from process_manager.demo import Scenario
 from schemas.checkout import StartCheckout, saga_id_for_order
 from schemas.common import LineItem, ShippingAddress
 from schemas.envelope import HeaderNames
+from schemas.returns import StartReturn
 
 ROOT = Path(__file__).resolve().parents[2]
 #: every service of the topology, and the dead-letter collector: one OS process each
@@ -42,6 +44,8 @@ TAP_QUEUE = "chaos.tap"
 COPY_HEADER = "x-chaos-copy"
 POISON_HEADER = "x-chaos-poison"
 ADDRESS = ShippingAddress(line1="1 Chaos Lane", city="Utrecht", postal_code="3511AA", country="NL")
+#: an address the test carrier cannot collect a return from (its shipment is booked as usual)
+NO_PICKUP_ADDRESS = ADDRESS.model_copy(update={"line1": "No Pickup, 1 Chaos Lane"})
 
 
 def queues_of(service: str) -> tuple[str, ...]:
@@ -646,17 +650,14 @@ POISON_KINDS = (
 # -- the scenario plan -----------------------------------------------------------------------------
 
 
-SCENARIOS = (
-    # the carrier loses about a fifth of its answers at random: every booking path may hit it
-    Scenario("success", "COMPLETED", 50),
-    Scenario("payment declined", "COMPENSATED", 12),
-    Scenario("out of stock", "COMPENSATED", 10),
-    Scenario("shipping rejected", "COMPENSATED", 7),
-    Scenario("carrier unavailable", "COMPENSATED", 7),
-    Scenario("capture refused", "COMPENSATED", 6),
-    Scenario("last unit race", "one COMPLETED, one COMPENSATED", 3),
-)
+#: every scenario of the demo (checkout v2: fraud screening, backorder; and the returns of
+#: those with ``returned`` set), and one of the chaos run's own. The carrier loses about a fifth
+#: of its answers at random: every booking path (pickups too) may hit it
+SCENARIOS = (*demo.SCENARIOS, Scenario("capture refused", "COMPENSATED", 6))
 EXPECTED = {s.name: s.expected for s in SCENARIOS}
+#: what the return of a scenario's order ends as: a returns saga's status, or "refused"
+RETURNED = {s.name: s.returned for s in SCENARIOS if s.returned is not None}
+REFUSED = "refused"
 
 
 @dataclass(frozen=True)
@@ -674,11 +675,27 @@ class Planned:
         return saga_id_for_order(self.command.order_id)
 
 
+@dataclass(frozen=True)
+class PlannedReturn:
+    """The return of a planned checkout's order, started once that checkout is terminal."""
+
+    scenario: str
+    command: StartReturn
+    message_id: str
+    #: the returns saga's final status, or ``REFUSED`` (no saga, a dead letter)
+    expected: str
+
+    @property
+    def order_id(self) -> str:
+        return self.command.order_id
+
+
 @dataclass
 class Plan:
     run: str
     sagas: list[Planned]
     stock: dict[str, int]
+    returns: list[PlannedReturn] = field(default_factory=list)
 
     @property
     def prefix(self) -> str:
@@ -689,7 +706,8 @@ class Plan:
 
 
 def make_plan(n: int, rng: random.Random) -> Plan:
-    """``n`` sagas (races come in pairs) with their stock. Seeded: same seed, same plan."""
+    """``n`` checkouts (races come in pairs) with their stock, and the returns of the orders
+    whose scenario returns them. Seeded: same seed, same plan."""
     run = f"{rng.getrandbits(24):06x}"
     std = [f"CHAOS-{run}-STD-{k}" for k in range(5)]
     none_sku = f"CHAOS-{run}-NONE"
@@ -712,10 +730,18 @@ def make_plan(n: int, rng: random.Random) -> Plan:
             for sku in skus
         ]
         token, address = "tok_visa", ADDRESS
+        customer, backorder = f"cus_{i % 89:03d}", False
         if name == "payment declined":
             token = rng.choice(("tok_decline", "tok_insufficient_funds"))
+        elif name == "fraud screening rejects":
+            customer = demo.BLOCKED_CUSTOMER
         elif name == "out of stock":
             items.append(LineItem(sku=none_sku, quantity=1, unit_price_minor=500))
+        elif name == "out of stock, backorder allowed":
+            items.append(LineItem(sku=none_sku, quantity=1, unit_price_minor=500))
+            backorder = True
+        elif name == "success, pickup fails on return":
+            address = NO_PICKUP_ADDRESS
         elif name == "shipping rejected":
             address = ADDRESS.model_copy(update={"postal_code": UNDELIVERABLE_POSTAL_CODE})
         elif name == "carrier unavailable":
@@ -730,24 +756,37 @@ def make_plan(n: int, rng: random.Random) -> Plan:
         order_id = f"chaos-{run}-{i:04d}"
         cmd = StartCheckout(
             order_id=order_id,
-            customer_id=f"cus_{i % 89:03d}",
+            customer_id=customer,
             currency="EUR",
             items=tuple(items),
             payment_token=token,
             shipping_address=address,
+            allow_backorder=backorder,
         )
         mid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
         sagas.append(Planned(name, cmd, mid))
-    return Plan(run, sagas, stock)
+    returns = [
+        PlannedReturn(
+            pl.scenario,
+            StartReturn(order_id=pl.order_id, reason="chaos: changed my mind"),
+            str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            RETURNED[pl.scenario],
+        )
+        for pl in sagas
+        if pl.scenario in RETURNED
+    ]
+    return Plan(run, sagas, stock, returns)
 
 
-def start_message(p: Planned) -> aio_pika.Message:
+def start_message(p: Planned | PlannedReturn) -> aio_pika.Message:
+    """A checkout's start, or a return's: what any AMQP client sends (the route is the
+    caller's: ``checkout.start`` or ``returns.start``)."""
     return aio_pika.Message(
         body=p.command.model_dump_json().encode(),
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         message_id=p.message_id,
-        type=StartCheckout.TYPE,
+        type=p.command.TYPE,
     )
 
 

@@ -1,12 +1,18 @@
-"""Chaos: one run of at least 500 sagas mixing every scenario while the services, running as
-separate OS processes, are killed with SIGKILL and restarted, RabbitMQ and PostgreSQL are
-restarted under them, each participant in turn is stalled (SIGSTOP past its step timeout, then
-SIGCONT; the order service while sagas are past the capture), about 10 % of messages are
-delivered twice (some late, out of order) and about 1 % of the traffic is poison. Afterwards
-PostgreSQL and the CLI must show every saga terminal with the outcome its scenario expects, no
-double charge, no oversold unit, no refund or void of a completed saga, every order's status
-agreeing with its saga's, every customer told one outcome (the right one), nothing left
-dangling, every poison message dead-lettered with its reason and no outbox row unsent; and at
+"""Chaos: one run of at least 500 checkouts mixing every scenario of the demo (checkout v2:
+fraud screening rejects, backorder allowed) and the returns of the orders whose scenario
+returns them, while the services, running as separate OS processes, are killed with SIGKILL
+and restarted, RabbitMQ and PostgreSQL are restarted under them, each participant in turn (risk
+too) is stalled (SIGSTOP past its step timeout, then SIGCONT; the order service while sagas are
+past the capture), about 10 % of messages are delivered twice (some late, out of order) and
+about 1 % of the traffic is poison. A return is started, as ``client`` like the checkouts, as
+soon as its order's checkout is terminal, so returns run while the faults go on. Afterwards
+PostgreSQL and the CLI must show every checkout and every return terminal with the outcome its
+scenario expects (a return of an order that did not complete refused: no saga, a dead letter
+saying so), no double charge, no oversold unit, money given back only for a returned order
+(exactly what was captured) or what was never captured, stock put back exactly once per return,
+every order's status agreeing with its sagas', every customer told one outcome (the right one,
+and once that the order was returned), nothing left dangling, every poison message
+dead-lettered with its reason, no legitimate message refused, and no outbox row unsent; and at
 least one completion re-sent during an order stall, its saga completed and nothing refunded.
 
 Every service runs as its own broker user and database role (provisioned for the run), with the
@@ -46,19 +52,21 @@ from messaging.db import make_engine
 from messaging.provision.principals import Principals
 from messaging.settings import Settings
 from participants.inventory import service as inventory
-from process_manager import bootstrap
-from process_manager.saga import FORWARD, TERMINAL
+from process_manager import bootstrap, definitions
+from process_manager.engine import TERMINAL
 from tests.chaos import conftest as chaos_conftest
 from tests.chaos import invariants
 from tests.chaos.harness import (
     EXPECTED,
     POISON_KINDS,
+    REFUSED,
     SCENARIOS,
     SERVICES,
     BrokerProbe,
     Duplicator,
     Fleet,
     Plan,
+    PlannedReturn,
     Poison,
     Publisher,
     amqp_user,
@@ -83,7 +91,12 @@ DUPLICATE_RATE = 0.10
 #: poison per message of real traffic (a saga is about 13 messages: commands, replies, facts)
 POISON_RATE = 0.01
 MESSAGES_PER_SAGA = 13
-TERMINAL_STATES = tuple(s.value for s in TERMINAL)
+#: the engine's terminal phases (each definition names its own statuses: BACKORDERED, RETURNED)
+TERMINAL_PHASES = tuple(p.value for p in TERMINAL)
+#: the definitions new sagas start on, so the ones this run runs
+CHECKOUT = definitions.current("checkout")
+RETURNS = definitions.current("returns")
+RETURNS_ROUTING_KEY = topology.start_routing_key(RETURNS.name)
 #: the process manager's step timeout in the run: short, so that a stall of a few seconds
 #: outlasts it (the forward steps keep a minute of re-sends: 12 x 5 s, as 4 x 15 s before)
 STEP_TIMEOUT_S = 5.0
@@ -93,9 +106,18 @@ MAX_STEP_ATTEMPTS = 12
 RETRIABLE_MAX_DELAY_S = 10.0
 MAX_RETRIABLE_ATTEMPTS = 12
 #: the participants stalled in turn (SIGSTOP past the step timeout, then SIGCONT)
-STALLED = ("order", "payment", "inventory", "shipping")
-#: the forward steps each participant answers (their timeouts are what a stall must trip)
-STEPS_OF = {name: tuple(s.name for s in FORWARD if s.participant == name) for name in STALLED}
+STALLED = ("order", "payment", "inventory", "shipping", "risk")
+#: the forward steps each participant answers in either saga, alternative paths included (their
+#: timeouts are what a stall must trip)
+FORWARD = tuple(
+    step
+    for d in (CHECKOUT, RETURNS)
+    for step in (*d.steps, *(s for path in d.paths for s in path.steps))
+)
+RETURNS_STEPS = tuple(s.name for s in RETURNS.steps)
+STEPS_OF = {
+    name: tuple(dict.fromkeys(s.name for s in FORWARD if s.participant == name)) for name in STALLED
+}
 #: the step a stall must have seen re-sent, at least, before it ends: after the pivot for the
 #: order service, any of its own for the others
 MUST_RESEND = {**STEPS_OF, "order": ("completion",)}
@@ -203,6 +225,8 @@ class Fault:
     service: str  # the service killed (for rabbitmq/postgres: killed and restarted during it)
     down_s: float  # for a stall: the least it lasts
     in_flight: int = 0
+    #: returns started and not yet terminal when the fault began
+    returns_in_flight: int = 0
     took_s: float = 0.0
     #: a stall: when the process was stopped and continued (wall clock, as the database's)
     stopped_at: datetime | None = None
@@ -230,7 +254,20 @@ class Run:
     #: faults after which the next share of sagas may be published: a stall releases it as
     #: soon as its process is stopped, so new sagas run into the stalled participant
     released: int = 0
+    #: checkouts terminal (their order ids: a return is started only once its checkout is)
     terminal: int = 0
+    settled: set[str] = field(default_factory=set)
+    #: returns published (their starts), of them those meant to start a saga, and returns
+    #: sagas terminal
+    returns_published: int = 0
+    return_sagas_published: int = 0
+    returns_terminal: int = 0
+    #: returns are started in batches, when a fault asks (so that each fault lands on returns
+    #: in flight), and freely once the faults are done: batches asked for and published
+    return_batches: int = 0
+    return_batches_done: int = 0
+    returns_open: bool = False
+    returns_all_published: bool = False
     timeline: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
@@ -270,17 +307,19 @@ def fault_schedule(rng: random.Random) -> list[Fault]:
 async def track_terminal(run: Run, engine: AsyncEngine, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
-            run.terminal = int(
-                await scalar(
-                    engine,
-                    "SELECT count(*) FROM process_manager.sagas "
-                    "WHERE order_id LIKE :p AND status = ANY(:t)",
-                    p=run.plan.prefix + "%",
-                    t=list(TERMINAL_STATES),
-                )
+            rows = await fetch(
+                engine,
+                "SELECT order_id, saga_type FROM process_manager.sagas "
+                "WHERE starts_with(order_id, :p) AND phase = ANY(:t)",
+                p=run.plan.prefix,
+                t=list(TERMINAL_PHASES),
             )
         except Exception:
-            pass  # the database is restarting: keep the last count
+            pass  # the database is restarting: keep the last counts
+        else:
+            run.settled = {r.order_id for r in rows if r.saga_type == CHECKOUT.name}
+            run.terminal = len(run.settled)
+            run.returns_terminal = sum(1 for r in rows if r.saga_type == RETURNS.name)
         await asyncio.sleep(0.5)
 
 
@@ -312,6 +351,41 @@ async def publish_all(run: Run, publishers: dict[str, Publisher]) -> None:
     run.note(f"published {run.published} sagas and {run.poison_sent} poison messages")
 
 
+async def publish_returns(run: Run, publisher: Publisher) -> None:
+    """Each planned return as ``client`` on ``returns.start`` once its order's checkout is
+    terminal: in a batch when a fault asks for one (``release_returns``), and as soon as it is
+    due once the faults are done. The returns run alongside the later checkouts, through the
+    faults."""
+    waiting: list[PlannedReturn] = list(run.plan.returns)
+    while waiting:
+        batch = run.return_batches
+        if batch > run.return_batches_done or run.returns_open:
+            for r in [r for r in waiting if r.order_id in run.settled]:
+                await publisher.publish(
+                    topology.COMMANDS_EXCHANGE, RETURNS_ROUTING_KEY, start_message(r)
+                )
+                run.returns_published += 1
+                run.return_sagas_published += r.expected != REFUSED
+                waiting.remove(r)
+            run.return_batches_done = batch
+        await asyncio.sleep(0.05)
+    run.returns_all_published = True
+    run.note(f"published {run.returns_published} returns")
+
+
+async def release_returns(run: Run) -> None:
+    """Start the returns due by now (their checkout terminal), and wait until they are
+    published."""
+    run.return_batches += 1
+    batch = run.return_batches
+    await poll(
+        lambda: value(run.returns_all_published or run.return_batches_done >= batch),
+        timeout=60,
+        interval=0.05,
+        what="the returns due published",
+    )
+
+
 async def inject_faults(
     run: Run, fleet: Fleet, probe: BrokerProbe, rng: random.Random, engine: AsyncEngine
 ) -> None:
@@ -321,8 +395,11 @@ async def inject_faults(
             timeout=180,
             what=f"the sagas due before fault {k + 1}",
         )
+        if fault.kind != "stall":  # a stall starts its returns once its process is stopped
+            await release_returns(run)
         await asyncio.sleep(rng.uniform(0.2, 1.0))  # spacing: let them get under way
         fault.in_flight = run.published - run.terminal
+        fault.returns_in_flight = run.return_sagas_published - run.returns_terminal
         started = time.monotonic()
         if fault.kind == "kill":
             await kill_and_restart(run, fleet, probe, fault)
@@ -335,12 +412,15 @@ async def inject_faults(
         fault.took_s = time.monotonic() - started
         run.faults_done += 1
         run.released = max(run.released, run.faults_done)
+    run.returns_open = True
 
 
 async def kill_and_restart(run: Run, fleet: Fleet, probe: BrokerProbe, fault: Fault) -> None:
     name = fault.service
     fleet.kill9(name)
-    run.note(f"kill -9 {name} ({fault.in_flight} sagas in flight)")
+    run.note(
+        f"kill -9 {name} ({fault.in_flight} sagas, {fault.returns_in_flight} returns in flight)"
+    )
     await poll(lambda: probe.gone(name), timeout=30, what=f"the broker to drop {name}'s consumers")
     await asyncio.sleep(fault.down_s)  # it stays down while its work piles up
     fleet.restart(name)
@@ -385,19 +465,23 @@ async def stall(
     fleet.sigstop(name)
     fault.stopped_at = datetime.now(UTC)
     run.released += 1
+    # the returns due start now, and run into the stalled participant (order: their first
+    # step; shipping: the pickup; payment: the refund; inventory: the restock)
+    await release_returns(run)
+    fault.returns_in_flight = run.return_sagas_published - run.returns_terminal
     with contextlib.suppress(Exception):  # figures only
         fault.states = {
             r.status: r.n
             for r in await fetch(
                 engine,
                 "SELECT status, count(*) AS n FROM process_manager.sagas "
-                "WHERE starts_with(order_id, :p) AND NOT status = ANY(:t) GROUP BY status",
+                "WHERE starts_with(order_id, :p) AND NOT phase = ANY(:t) GROUP BY status",
                 p=prefix,
-                t=list(TERMINAL_STATES),
+                t=list(TERMINAL_PHASES),
             )
         }
     run.note(
-        f"SIGSTOP {name} ({fault.in_flight} sagas in flight"
+        f"SIGSTOP {name} ({fault.in_flight} sagas, {fault.returns_in_flight} returns in flight"
         + (f", {fault.before_completion} on their way past the capture" if name == "order" else "")
         + ")"
     )
@@ -428,7 +512,10 @@ async def stall(
 
 
 async def restart_rabbitmq(run: Run, fleet: Fleet, probe: BrokerProbe, fault: Fault) -> None:
-    run.note(f"rabbitmqctl stop_app ({fault.in_flight} sagas in flight)")
+    run.note(
+        f"rabbitmqctl stop_app ({fault.in_flight} sagas, {fault.returns_in_flight} returns "
+        "in flight)"
+    )
     await asyncio.to_thread(rabbitmqctl, "stop_app")
     fleet.kill9(fault.service)
     fleet.restart(fault.service)
@@ -443,7 +530,9 @@ async def restart_rabbitmq(run: Run, fleet: Fleet, probe: BrokerProbe, fault: Fa
 
 
 async def restart_postgres(run: Run, fleet: Fleet, probe: BrokerProbe, fault: Fault) -> None:
-    run.note(f"PostgreSQL stop ({fault.in_flight} sagas in flight)")
+    run.note(
+        f"PostgreSQL stop ({fault.in_flight} sagas, {fault.returns_in_flight} returns in flight)"
+    )
     await asyncio.to_thread(pg_ctlcluster, "stop")
     fleet.kill9(fault.service)
     fleet.restart(fault.service)
@@ -501,7 +590,8 @@ async def test_sagas_survive_kills_restarts_duplicates_and_poison(
     run = Run(plan, faults, poisons)
     run.note(
         f"chaos seed {seed} (rerun: CHAOS_SEED={seed} pytest -m chaos), run {plan.run}, "
-        f"{len(plan.sagas)} sagas, {len(poisons)} poison, {len(faults)} faults; logs in {log_dir}"
+        f"{len(plan.sagas)} sagas, {len(plan.returns)} returns, {len(poisons)} poison, "
+        f"{len(faults)} faults; logs in {log_dir}"
     )
 
     engine = make_engine(s)
@@ -547,10 +637,30 @@ async def test_sagas_survive_kills_restarts_duplicates_and_poison(
 
         publishing = asyncio.create_task(publish_all(run, publishers))
         tasks.append(publishing)
+        returning = asyncio.create_task(publish_returns(run, publishers["client"]))
+        tasks.append(returning)
         await inject_faults(run, fleet, probe, rng, engine)
-        run.note(f"all {len(faults)} faults done")
+        run.note(
+            f"all {len(faults)} faults done; {run.returns_published} of {len(plan.returns)} "
+            "returns started by then"
+        )
         await publishing
         t_published = time.monotonic()
+        return_sagas = sum(1 for r in plan.returns if r.expected != REFUSED)
+
+        async def stuck_report(what: str) -> AssertionError:
+            stuck = await fetch(
+                engine,
+                "SELECT order_id, saga_type, status, state->>'awaiting' AS awaiting, updated_at "
+                "FROM process_manager.sagas WHERE starts_with(order_id, :p) "
+                "AND NOT phase = ANY(:t) ORDER BY updated_at LIMIT 10",
+                p=plan.prefix,
+                t=list(TERMINAL_PHASES),
+            )
+            return AssertionError(
+                f"seed {seed}: {what}; oldest stuck: {[tuple(r) for r in stuck]}; unexpected "
+                f"exits: {fleet.unexpected}; logs: {log_dir}"
+            )
 
         try:
             await poll(
@@ -560,24 +670,33 @@ async def test_sagas_survive_kills_restarts_duplicates_and_poison(
                 what="every saga terminal",
             )
         except AssertionError:
-            stuck = await fetch(
-                engine,
-                "SELECT order_id, status, state->>'awaiting' AS awaiting, updated_at "
-                "FROM process_manager.sagas WHERE order_id LIKE :p AND NOT status = ANY(:t) "
-                "ORDER BY updated_at LIMIT 10",
-                p=plan.prefix + "%",
-                t=list(TERMINAL_STATES),
-            )
-            raise AssertionError(
-                f"seed {seed}: only {run.terminal} of {len(plan.sagas)} sagas terminal after "
-                f"180s; oldest stuck: {[tuple(r) for r in stuck]}; unexpected exits: "
-                f"{fleet.unexpected}; logs: {log_dir}"
+            raise await stuck_report(
+                f"only {run.terminal} of {len(plan.sagas)} sagas terminal after 180s"
             ) from None
         run.note(f"every saga terminal, {time.monotonic() - t_published:.1f}s after the last start")
+        await asyncio.wait_for(returning, 60)
+        try:
+            await poll(
+                lambda: value(run.returns_terminal >= return_sagas),
+                timeout=180,
+                interval=0.5,
+                what="every return terminal",
+            )
+        except AssertionError:
+            raise await stuck_report(
+                f"only {run.returns_terminal} of {return_sagas} returns terminal after 180s"
+            ) from None
+        run.note(
+            f"every return terminal, {time.monotonic() - t_published:.1f}s after the last "
+            "checkout's start"
+        )
         await poll(lambda: unsent(engine, zero=True), timeout=60, what="every outbox row sent")
         poison_ids = {p.message_id for p in poisons}
+        refused_ids = {r.message_id for r in plan.returns if r.expected == REFUSED}
         await poll(
-            lambda: collected(engine, poison_ids), timeout=60, what="every poison dead letter"
+            lambda: collected(engine, poison_ids | refused_ids),
+            timeout=60,
+            what="every poison dead letter and every refused return's",
         )
         await duplicator.stop()
         await poll(lambda: broker_idle(probe), timeout=60, what="every queue drained")
@@ -639,12 +758,8 @@ def order_stall_windows(run: Run) -> list[tuple[datetime, datetime]]:
 
 
 async def unsent(engine: AsyncEngine, *, zero: bool = False) -> Any:
-    counts = {}
-    for schema in OUTBOX_SCHEMAS:
-        counts[schema] = int(
-            await scalar(engine, f"SELECT count(*) FROM {schema}.outbox WHERE sent_at IS NULL")
-        )
-    return sum(counts.values()) == 0 if zero else counts
+    counts = await invariants.unsent_outbox_rows(engine, OUTBOX_SCHEMAS)
+    return not counts if zero else counts
 
 
 async def broker_idle(probe: BrokerProbe) -> bool:
@@ -678,23 +793,48 @@ async def check(
     plan = run.plan
     p = plan.prefix + "%"
     by_order = plan.by_order()
+    returns_of = {r.order_id: r for r in plan.returns}
     v: dict[str, Any] = {}
 
-    status = {
-        r.order_id: r.status
-        for r in await fetch(
-            engine,
-            "SELECT order_id, status FROM process_manager.sagas WHERE order_id LIKE :p",
-            p=p,
-        )
-    }
+    rows = await fetch(
+        engine,
+        "SELECT order_id, saga_type, status, phase FROM process_manager.sagas "
+        "WHERE starts_with(order_id, :p)",
+        p=plan.prefix,
+    )
+    status = {r.order_id: r.status for r in rows if r.saga_type == CHECKOUT.name}
+    returned_as = {r.order_id: r.status for r in rows if r.saga_type == RETURNS.name}
     outcomes: dict[str, Counter[str]] = defaultdict(Counter)
     for planned in plan.sagas:
         outcomes[planned.scenario][status.get(planned.order_id, "MISSING")] += 1
     v["sagas not terminal or missing"] = [
-        o for o in by_order if status.get(o) not in TERMINAL_STATES
-    ]
+        f"{r.saga_type} {r.order_id}: {r.status}" for r in rows if r.phase not in TERMINAL_PHASES
+    ] + [o for o in by_order if o not in status]
+    v["sagas of other types"] = sorted(
+        f"{r.saga_type} {r.order_id}"
+        for r in rows
+        if r.saga_type not in (CHECKOUT.name, RETURNS.name)
+    )
     v["sagas nobody started"] = sorted(set(status) - set(by_order))
+
+    # returns: each ended as its scenario says; a refused one has no saga and a dead letter
+    return_outcomes: dict[str, Counter[str]] = defaultdict(Counter)
+    for r in plan.returns:
+        got = returned_as.get(r.order_id, REFUSED if r.expected == REFUSED else "MISSING")
+        return_outcomes[r.scenario][got] += 1
+    v["returns nobody started"] = sorted(set(returned_as) - set(returns_of))
+    v["unexpected return outcomes"] = [
+        f"{r.order_id} ({r.scenario}): expected {r.expected}, got {returned_as.get(r.order_id)}"
+        for r in plan.returns
+        if r.expected != REFUSED and returned_as.get(r.order_id) != r.expected
+    ]
+    v[
+        "returns of orders not completed not refused with a dead letter"
+    ] = await invariants.refused_returns_not_refused(
+        engine,
+        plan.prefix,
+        {r.order_id: r.message_id for r in plan.returns if r.expected == REFUSED},
+    )
     v["unexpected outcomes"] = [
         f"{o} ({pl.scenario}): {status.get(o)}"
         for o, pl in by_order.items()
@@ -710,6 +850,8 @@ async def check(
         if sorted(got) != ["COMPENSATED", "COMPLETED"]
     ]
     completed = {o for o, st in status.items() if st == "COMPLETED"}
+    returned = {o for o, st in returned_as.items() if st == "RETURNED"}
+    backordered = {o for o, st in status.items() if st == "BACKORDERED"}
 
     # payment: the ledger is the truth about money
     ledger: dict[str, Counter[str]] = defaultdict(Counter)
@@ -723,8 +865,8 @@ async def check(
         ledger[r.order_id][r.kind] = r.n
         if r.kind == "capture":
             captured[r.order_id] = int(r.amount)
-    v["double charges (more than one capture or refund)"] = [
-        o for o, k in ledger.items() if k["capture"] > 1 or k["refund"] > 1
+    v["double charges (more than one capture, refund or credit note)"] = [
+        o for o, k in ledger.items() if k["capture"] > 1 or k["refund"] + k["credit_note"] > 1
     ]
     v["captures of sagas not COMPLETED"] = [o for o in captured if status.get(o) != "COMPLETED"]
     v["COMPLETED sagas without exactly their amount captured once"] = [
@@ -746,16 +888,15 @@ async def check(
             s=f"CHAOS-{plan.run}-%",
         )
     }
-    sold: Counter[str] = Counter()
-    for o in completed:
-        for item in by_order[o].command.items:
-            sold[item.sku] += item.quantity
     v["oversold SKUs (negative stock)"] = [sku for sku, a in stock.items() if a < 0]
-    v["SKUs whose stock is not initial minus units sold"] = [
-        f"{sku}: {stock.get(sku)} != {initial} - {sold[sku]}"
-        for sku, initial in plan.stock.items()
-        if stock.get(sku) != initial - sold[sku]
-    ]
+    v[
+        "SKUs whose stock is not initial minus units kept (each return restocked once)"
+    ] = await invariants.stock_not_restocked_once(
+        engine,
+        plan.prefix,
+        plan.stock,
+        {o: [(i.sku, i.quantity) for i in pl.command.items] for o, pl in by_order.items()},
+    )
     reservations = {
         r.order_id: r.status
         for r in await fetch(
@@ -767,23 +908,44 @@ async def check(
     v["reservations left dangling"] = [
         o for o, st in reservations.items() if st == "RESERVED" and o not in completed
     ]
-    v["COMPLETED sagas without their reservation"] = [
-        o for o in completed if reservations.get(o) != "RESERVED"
+    v["COMPLETED sagas without their reservation (restocked if returned)"] = [
+        f"{o}: {reservations.get(o)}"
+        for o in completed
+        if reservations.get(o) != ("RESTOCKED" if o in returned else "RESERVED")
+    ]
+    backorders = {
+        r.order_id: r.status
+        for r in await fetch(
+            engine,
+            "SELECT order_id, status FROM inventory.backorders WHERE starts_with(order_id, :p)",
+            p=plan.prefix,
+        )
+    }
+    v["BACKORDERED sagas without an open backorder"] = [
+        f"{o}: {backorders.get(o)}" for o in backordered if backorders.get(o) != "OPEN"
     ]
 
-    # shipping: one booking per completed saga, none kept for the others
+    # shipping: one booking per completed saga, none kept for the others; one pickup per
+    # returned order, none kept for a return compensated (the carrier's key names which)
     bookings: dict[str, Counter[str]] = defaultdict(Counter)
+    pickups: dict[str, Counter[str]] = defaultdict(Counter)
     for r in await fetch(
         engine,
-        "SELECT order_id, status FROM shipping.carrier_bookings WHERE order_id LIKE :p",
+        "SELECT order_id, idempotency_key, status FROM shipping.carrier_bookings "
+        "WHERE order_id LIKE :p",
         p=p,
     ):
-        bookings[r.order_id][r.status] += 1
+        (pickups if r.idempotency_key.endswith(":pickup") else bookings)[r.order_id][r.status] += 1
     v["carrier bookings left dangling"] = [
         o for o, b in bookings.items() if b["BOOKED"] and o not in completed
     ]
     v["COMPLETED sagas without exactly one booking"] = [
         o for o in completed if bookings[o]["BOOKED"] != 1
+    ]
+    v["pickups booked for orders not returned, or not exactly one for a returned one"] = [
+        f"{o}: {dict(pickups[o])}, return {returned_as.get(o)}"
+        for o in sorted(set(pickups) | returned)
+        if pickups[o]["BOOKED"] != (1 if o in returned else 0)
     ]
 
     # orders, and the choreographed consumers of their facts: each fact counted once
@@ -791,9 +953,15 @@ async def check(
     v["orders whose status disagrees with their saga"] = agreement.disagree
     told = await invariants.customers_not_told_one_right_outcome(engine, plan.prefix)
     v["customers not told exactly one outcome, the right one"] = told
-    v["refunds or voids of COMPLETED sagas"] = await invariants.money_back_on_completed(
-        engine, plan.prefix
-    )
+    v[
+        "refunds, voids or credit notes of COMPLETED sagas not returned"
+    ] = await invariants.money_back_on_completed(engine, plan.prefix)
+    v[
+        "refunds or credit notes without a RETURNED return (or an operator)"
+    ] = await invariants.refunds_without_a_return(engine, plan.prefix)
+    v[
+        "RETURNED returns not refunded exactly the capture"
+    ] = await invariants.returns_refunded_wrong_amount(engine, plan.prefix)
 
     # the stalls: each participant stopped past the step timeout, and the order stall caught
     # sagas past the pivot, which timed out, were re-sent their completion, and completed
@@ -811,6 +979,11 @@ async def check(
         else {}
         for f in run.faults
     ]
+    v["stalls during which none of the returns' steps timed out (none of any stall)"] = (
+        []
+        if any(set(got) & set(RETURNS_STEPS) for got in resent_per_stall)
+        else [f"re-sent while stopped: {resent_per_stall}"]
+    )
     v["stalls during which none of the participant's steps timed out"] = [
         f"{f.service}: re-sent while stopped {got}"
         for f, got in zip(run.faults, resent_per_stall, strict=True)
@@ -824,14 +997,23 @@ async def check(
         r.outcome: (r.count, r.amount_minor)
         for r in await fetch(engine, "SELECT outcome, count, amount_minor FROM analytics.outcomes")
     }
-    analytics_completed = analytics.get("completed", (0, 0))
-    analytics_other = sum(c for k, (c, _) in analytics.items() if k != "completed")
     compensated = sum(1 for st in status.values() if st == "COMPENSATED")
+    # each fact counted once: completed (its capture), backordered and returned (the order's
+    # amount), and every other outcome a cancellation
+    expected_analytics = {
+        "completed": (len(completed), sum(captured.get(o, 0) for o in completed)),
+        "backordered": (
+            len(backordered),
+            sum(by_order[o].command.amount_minor for o in backordered),
+        ),
+        "returned": (len(returned), sum(captured.get(o, 0) for o in returned)),
+    }
+    analytics_cancelled = sum(c for k, (c, _) in analytics.items() if k not in expected_analytics)
     v["analytics counts off (facts counted twice or lost)"] = (
         []
-        if analytics_completed == (len(completed), sum(captured.values()))
-        and analytics_other == compensated
-        else [f"analytics {analytics} vs {len(completed)} completed, {compensated} compensated"]
+        if all(analytics.get(k, (0, 0)) == want for k, want in expected_analytics.items())
+        and analytics_cancelled == compensated
+        else [f"analytics {analytics} vs {expected_analytics}, {compensated} compensated"]
     )
     v["manual cases opened"] = [
         str(r.saga_id)
@@ -860,15 +1042,16 @@ async def check(
         )
     ]
     poison_ids = {pz.message_id for pz in run.poisons}
+    refused_ids = {r.message_id for r in plan.returns if r.expected == REFUSED}
     others = [r for r in dls if r.message_id not in poison_ids]
-    v["legitimate messages refused as permanent errors"] = [
-        f"{r.queue}: {r.error_message[:200]}" for r in others if r.failure_kind == "permanent"
-    ]
+    v["legitimate messages refused as permanent errors"] = await invariants.refused_legitimate(
+        engine, poison_ids | refused_ids, "permanent"
+    )
     # the services' own messages, and the copies of them (same user_id, same route), must all
-    # pass the route and sender checks
-    v["legitimate messages refused as security events"] = [
-        f"{r.queue}: {r.error_message[:200]}" for r in others if r.failure_kind == "security"
-    ]
+    # pass the route and sender checks; the returns' starts too
+    v["legitimate messages refused as security events"] = await invariants.refused_legitimate(
+        engine, poison_ids, "security"
+    )
 
     # the trust boundary was on: every service under its own provisioned user checks senders
     # (it logs sender_check_off when it does not), and stamps its messages with its user_id
@@ -910,7 +1093,7 @@ async def check(
         f"{n} x {type_} from {user!r}"
         for (user, type_), n in sorted(dup.unknown_sender.items(), key=str)
     ]
-    v["outbox rows unsent"] = {k: n for k, n in (await unsent(engine)).items() if n}
+    v["outbox rows unsent"] = await unsent(engine)
     v["services that died by themselves"] = [
         f"{u.service}#{u.incarnation} exit {u.code}: {u.tail[-600:]}" for u in fleet.unexpected
     ]
@@ -921,16 +1104,29 @@ async def check(
         for scenario in EXPECTED
         if any(pl.scenario == scenario for pl in plan.sagas)
     ]
+    return_samples = [
+        next(r for r in plan.returns if r.expected == expected)
+        for expected in sorted({r.expected for r in plan.returns} - {REFUSED})
+    ]
     stuck, listed, *shown = await asyncio.gather(
         sagabus(who, "list", "--stuck", "--json", "--limit", "10000"),
         sagabus(who, "dlq", "list", "--status", "any", "--limit", "100000", "--json"),
         *(sagabus(who, "status", pl.order_id, "--json") for pl in samples),
+        *(
+            sagabus(who, "status", r.order_id, "--saga-type", RETURNS.name, "--json")
+            for r in return_samples
+        ),
     )
-    v["CLI: sagabus list --stuck"] = [r["order_id"] for r in stuck if r["order_id"] in by_order]
+    v["CLI: sagabus list --stuck"] = [
+        f"{r.get('saga_type')} {r['order_id']}" for r in stuck if r["order_id"] in by_order
+    ]
+    expected_cli = [(pl.order_id, status.get(pl.order_id)) for pl in samples] + [
+        (r.order_id, returned_as.get(r.order_id)) for r in return_samples
+    ]
     v["CLI: sagabus status disagrees"] = [
-        f"{pl.order_id}: CLI {st['state']}, database {status.get(pl.order_id)}"
-        for pl, st in zip(samples, shown, strict=True)
-        if st["state"] != status.get(pl.order_id) or not st["terminal"] or not st["history"]
+        f"{o}: CLI {st['state']}, database {db_status}"
+        for (o, db_status), st in zip(expected_cli, shown, strict=True)
+        if st["state"] != db_status or not st["terminal"] or not st["history"]
     ]
     cli_ids = {r["message_id"] for r in listed if r["error_class"] and r["error_message"]}
     v["CLI: poison missing from sagabus dlq list"] = sorted(poison_ids - cli_ids)
@@ -943,8 +1139,19 @@ async def check(
         "resent_per_stall": resent_per_stall,
         "resent_in_order_stall": resent,
         "outcomes": outcomes,
+        "return_outcomes": return_outcomes,
         "captured_minor": sum(captured.values()),
+        "refunded_minor": sum(
+            int(r.amount)
+            for r in await fetch(
+                engine,
+                "SELECT coalesce(sum(amount_minor), 0) AS amount FROM payment.ledger "
+                "WHERE order_id LIKE :p AND kind = 'refund'",
+                p=p,
+            )
+        ),
         "refunds": sum(k["refund"] for k in ledger.values()),
+        "credit_notes": sum(k["credit_note"] for k in ledger.values()),
         "voids": sum(k["void"] for k in ledger.values()),
         "other_dead_letters": Counter(
             f"{r.failure_kind} {r.error_class} on {r.queue}" for r in others
@@ -966,13 +1173,27 @@ def render(
     out: list[str] = []
     w = out.append
     n = len(run.plan.sagas)
-    w(f"seed {seed}, run {run.plan.run}: {n} sagas in {elapsed:.0f}s wall time")
+    n_returns = len(run.plan.returns)
+    w(
+        f"seed {seed}, run {run.plan.run}: {n} sagas and {n_returns} returns in {elapsed:.0f}s "
+        "wall time"
+    )
     w("")
-    w(f"{'scenario':<22}{'sagas':>6}  {'expected':<32}got")
+    w(f"{'scenario':<34}{'sagas':>6}  {'expected':<30}got")
     for sc in SCENARIOS:
         got = report["outcomes"].get(sc.name, Counter())
         w(
-            f"{sc.name:<22}{sum(got.values()):>6}  {sc.expected:<32}"
+            f"{sc.name:<34}{sum(got.values()):>6}  {sc.expected:<30}"
+            + ", ".join(f"{c} {k}" for k, c in sorted(got.items()))
+        )
+    w("")
+    w(f"{'returned after':<34}{'returns':>7}  {'expected':<29}got")
+    for sc in SCENARIOS:
+        if sc.returned is None:
+            continue
+        got = report["return_outcomes"].get(sc.name, Counter())
+        w(
+            f"{sc.name:<34}{sum(got.values()):>7}  {sc.returned:<29}"
             + ", ".join(f"{c} {k}" for k, c in sorted(got.items()))
         )
     w("")
@@ -1012,7 +1233,8 @@ def render(
     )
     w(
         f"money: {report['captured_minor'] / 100:.2f} EUR captured, "
-        f"{report['voids']} voids, {report['refunds']} refunds"
+        f"{report['voids']} voids, {report['refunds']} refunds "
+        f"({report['refunded_minor'] / 100:.2f} EUR), {report['credit_notes']} credit notes"
     )
     others = report["other_dead_letters"]
     w(
@@ -1033,7 +1255,10 @@ def render(
             f"(step timeout {STEP_TIMEOUT_S:.0f}s), SIGCONT"
             + (f"; {f.before_completion} past shipment/capture" if f.service == "order" else ""),
         }[f.kind]
-        w(f"  {what:<78} {f.in_flight:>3} in flight, recovered in {f.took_s:.1f}s")
+        w(
+            f"  {what:<78} {f.in_flight:>3} in flight (+{f.returns_in_flight} returns), "
+            f"recovered in {f.took_s:.1f}s"
+        )
         if f.kind == "stall":
             w(
                 "      sagas when stopped: "
@@ -1065,5 +1290,5 @@ def render(
     w("")
     w("invariants (violations):")
     for k, val in report["violations"].items():
-        w(f"  {k:<62}{len(val)}")
+        w(f"  {k:<80}{len(val)}")
     return "\n".join(out)
