@@ -345,13 +345,20 @@ def test_invariants_hold_over_any_interleaving(data: st.DataObject, actions: lis
             apply(world, msg)
     drain(world)
     assert world.state.status in ("COMPLETED", "COMPENSATED", "FAILED_NEEDS_MANUAL")
-    # once terminal, nothing in the driver's repertoire moves it
+    # once terminal, nothing in the driver's repertoire moves it; the one documented exception:
+    # a saga stopped for a human while a compensation (or a step past the pivot) was in flight
+    # still applies that step's late reply, as if it had come in time
     final = world.state
     for action in ACTIONS:
         msg = choose(data, world, action)
         if msg is not None:
             apply(world, msg)
-    assert world.state == final
+    if final.phase is Phase.FAILED_NEEDS_MANUAL and final.stalled is not None:
+        if world.state != final:
+            assert world.state.stalled is None
+            assert world.state.phase is not Phase.COMPLETED or final.compensating is False
+    else:
+        assert world.state == final
 
 
 NOISE = ("duplicate", "stale", "timeout_old", "reply_ok")
