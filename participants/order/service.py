@@ -63,6 +63,16 @@ orders = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
+#: tombstones of cancelled returns, by returns saga: a MarkReturnPending of that saga that is
+#: processed after its CancelReturn (re-sent, delayed by a retry) must not mark the order again
+return_cancellations = Table(
+    "return_cancellations",
+    metadata,
+    Column("saga_id", Uuid, primary_key=True),
+    Column("order_id", Text, nullable=False),
+    Column("cancelled_at", DateTime(timezone=True), nullable=False),
+)
+
 
 _ORDERS = qualified(orders)
 _CREATE = (
@@ -76,12 +86,18 @@ _LOCK = (
 )
 _COMPLETE = f"UPDATE {_ORDERS} SET status = 'COMPLETED', updated_at = $2 WHERE order_id = $1"
 _SET_STATUS = f"UPDATE {_ORDERS} SET status = $2, updated_at = $3 WHERE order_id = $1"
+_RETURN_CANCELLED = "SELECT 1 FROM orders.return_cancellations WHERE saga_id = $1"
+_CANCEL_RETURN = (
+    "INSERT INTO orders.return_cancellations (saga_id, order_id, cancelled_at)"
+    " VALUES ($1, $2, $3) ON CONFLICT (saga_id) DO NOTHING"
+)
 #: an order still in its checkout (it may complete or be cancelled)
 _OPEN = ("PENDING", "BACKORDERED")
 #: a completed order, and where its returns saga takes it
 _COMPLETED = ("COMPLETED", "RETURN_PENDING", "RETURNED")
 NOT_COMPLETED = "order not completed"
 ALREADY_RETURNED = "order already returned"
+RETURN_CANCELLED = "return cancelled"
 _CANCEL = (
     f"UPDATE {_ORDERS} SET status = 'CANCELLED', reason = $2, updated_at = $3 WHERE order_id = $1"
 )
@@ -181,6 +197,10 @@ async def mark_return_pending(ctx: Context) -> None:
     assert isinstance(cmd, MarkReturnPending)
     pg = await driver(ctx.conn)
     row = await pg.fetchrow(_LOCK, cmd.order_id)
+    if await pg.fetchval(_RETURN_CANCELLED, ctx.envelope.saga_id):
+        # this return was cancelled first (a late or re-sent command): mark nothing
+        ctx.reply(OrderReturnRefused(order_id=cmd.order_id, reason=RETURN_CANCELLED))
+        return
     status = None if row is None else row["status"]
     if status == "COMPLETED":
         await pg.execute(_SET_STATUS, cmd.order_id, "RETURN_PENDING", ctx.now)
@@ -193,10 +213,9 @@ async def mark_return_pending(ctx: Context) -> None:
 
 async def cancel_return(ctx: Context) -> None:
     """RETURN_PENDING -> COMPLETED; anything else is a repeat or a no-op (``had_return``
-    False), so the compensation always gets its answer. It writes nothing then: the order
-    service has no returns of its own to mark, and a late MarkReturnPending of a cancelled
-    returns saga finds the order COMPLETED and answers OrderReturnPending, which the saga,
-    being past that step, ignores."""
+    False), so the compensation always gets its answer. Either way it leaves a tombstone for
+    the returns saga: a MarkReturnPending of that saga processed later (re-sent, or delayed by a
+    retry) marks nothing and is refused, which the saga, being past that step, ignores."""
     cmd = ctx.incoming.body
     assert isinstance(cmd, CancelReturn)
     pg = await driver(ctx.conn)
@@ -204,6 +223,7 @@ async def cancel_return(ctx: Context) -> None:
     had = row is not None and row["status"] == "RETURN_PENDING"
     if had:
         await pg.execute(_SET_STATUS, cmd.order_id, "COMPLETED", ctx.now)
+    await pg.execute(_CANCEL_RETURN, ctx.envelope.saga_id, cmd.order_id, ctx.now)
     ctx.reply(OrderReturnCancelled(order_id=cmd.order_id, had_return=had))
 
 
@@ -281,5 +301,6 @@ def definition(settings: Settings) -> ServiceDefinition:
             "participant_retention_s",
             "status IN ('COMPLETED', 'CANCELLED', 'RETURNED')",
         ),
+        RetentionRule(return_cancellations, "cancelled_at", "participant_retention_s"),
     )
     return ServiceDefinition("order", SCHEMA, metadata, handlers, retained=retained)

@@ -217,6 +217,32 @@ async def test_a_cancelled_return_leaves_the_order_completed(
     assert replied(ctx) == OrderReturnPending(order_id=order_id)
 
 
+async def test_a_late_mark_of_a_cancelled_return_marks_nothing(
+    engine: AsyncEngine, orders: dict[str, Handler], uid: str
+) -> None:
+    """The returns saga timed out on its MarkReturnPending and compensated; the command, delayed
+    by a retry, is processed after the CancelReturn: the order must stay COMPLETED."""
+    order_id = f"ret-late-mark-{uid}"
+    saga_id = uuid.uuid4()
+    await completed_order(engine, orders, order_id)
+    mark = MarkReturnPending(order_id=order_id)
+    ctx = await run(engine, orders[CancelReturn.TYPE], "order", CancelReturn(order_id=order_id), saga_id)
+    assert replied(ctx) == OrderReturnCancelled(order_id=order_id, had_return=False)
+
+    ctx = await run(engine, orders[MarkReturnPending.TYPE], "order", mark, saga_id)
+    assert replied(ctx) == OrderReturnRefused(order_id=order_id, reason="return cancelled")
+    assert await status_of(engine, order_id) == "COMPLETED"
+
+    # and after a real mark, the cancel, then a re-sent mark of the same saga
+    other = uuid.uuid4()
+    await run(engine, orders[MarkReturnPending.TYPE], "order", mark, other)
+    assert await status_of(engine, order_id) == "RETURN_PENDING"
+    await run(engine, orders[CancelReturn.TYPE], "order", CancelReturn(order_id=order_id), other)
+    ctx = await run(engine, orders[MarkReturnPending.TYPE], "order", mark, other)
+    assert isinstance(replied(ctx), OrderReturnRefused)
+    assert await status_of(engine, order_id) == "COMPLETED"
+
+
 async def test_order_returned_reaches_notification_and_analytics(
     services: Runtime, engine: AsyncEngine, database: Settings, amqp: Any, uid: str
 ) -> None:
