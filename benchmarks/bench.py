@@ -489,6 +489,9 @@ class Options:
 
 def _env(base: Settings, amqp_url: str, database_url: str) -> dict[str, str]:
     env = dict(os.environ)
+    # the floor and the peers run checkout v1's six steps: measure sagabus on the same saga
+    # (set SAGABUS_SAGA_VERSIONS to measure another version)
+    env.setdefault("SAGABUS_SAGA_VERSIONS", "checkout=1")
     env.update(
         SAGABUS_AMQP_URL=amqp_url,
         SAGABUS_DATABASE_URL=database_url,
