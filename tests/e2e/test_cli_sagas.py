@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
@@ -156,3 +158,51 @@ async def test_an_unregistered_or_malformed_saga_version_is_a_configuration_erro
     lines = [line for line in err.decode().splitlines() if line.strip()]
     assert proc.returncode == 2
     assert len(lines) == 1 and "SAGABUS_SAGA_VERSIONS" in lines[0]
+
+
+async def test_compensate_undoes_what_a_saga_in_flight_did(
+    services: Runtime, engine: AsyncEngine, database: Settings, uid: str
+) -> None:
+    """A checkout v2 saga whose order was created and whose fraud screening is awaited: the
+    operator's compensate cancels the order (and sends no resume of the screening)."""
+    from process_manager import store
+    from process_manager.definitions import checkout as definitions
+    from process_manager.engine import Phase
+    from process_manager.testing import SagaHarness, sample_checkout
+
+    cmd = sample_checkout(order_id=f"comp-{uid}")
+    saga = SagaHarness(definitions.V2)
+    saga.start(cmd)
+    saga.answer()  # OrderCreated: the risk step is awaited
+    assert saga.status == "PENDING_RISK"
+    now = datetime.now(UTC)
+    state = replace(saga.state, started_at=now, deadline=now + timedelta(hours=1), sent_at=now)
+    async with engine.begin() as conn:
+        assert await store.insert_new(
+            conn,
+            state,
+            correlation_id=state.saga_id,
+            traceparent=None,
+            now=now,
+            business_key=cmd.order_id,
+        )
+
+    result = await sagabus(
+        "compensate",
+        cmd.order_id,
+        "--reason",
+        "customer called",
+        amqp_url=database.amqp_url,
+        database_url=database.database_url,
+    )
+    assert result.code == 0, result.err
+
+    async def compensated() -> dict | None:
+        status = await ops.saga_status(engine, cmd.order_id)
+        return status if status and status["phase"] == Phase.COMPENSATED else None
+
+    status = await wait_for(compensated, timeout=30)
+    assert status["compensated_steps"] == ["cancel_order"]
+    assert status["failure_reason"] == "operator: customer called"
+    events = [h["event"] for h in status["history"]]
+    assert "operator_compensate" in events and "operator_resume" not in events
