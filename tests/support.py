@@ -11,6 +11,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import aio_pika
@@ -19,11 +20,16 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from sqlalchemy import Table, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from messaging import topology
+from messaging.codec import Incoming
+from messaging.consumer import Context, Handler, Preparation, TwoPhase
 from messaging.management import LOCAL_ADMIN_URL, Management, ManagementError
 from messaging.service import Runtime
 from process_manager import ops
+from schemas.base import Message
 from schemas.checkout import StartCheckout
 from schemas.common import LineItem, ShippingAddress
+from schemas.envelope import Envelope
 
 T = TypeVar("T")
 
@@ -286,3 +292,65 @@ async def drop_database(admin_url: str, name: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+# -- one participant delivery, as the consumer runs it (minus inbox and outbox) ----------------
+
+
+def delivery(
+    body: Message,
+    saga_id: uuid.UUID | None = None,
+    *,
+    step: str = "step",
+    idempotency_key: str | None = None,
+) -> Incoming:
+    """``body`` as the process manager would send it for ``saga_id`` (a fresh one by default)."""
+    saga_id = saga_id or uuid.uuid4()
+    return Incoming(
+        Envelope(
+            message_id=uuid.uuid4(),
+            type=body.TYPE,
+            saga_id=saga_id,
+            correlation_id=saga_id,
+            idempotency_key=idempotency_key or f"{saga_id}:{step}",
+            step=step,
+            fence=1,
+            occurred_at=datetime.now(UTC),
+        ),
+        body,
+    )
+
+
+async def deliver(
+    engine: AsyncEngine,
+    handler: Handler,
+    service: str,
+    body: Message,
+    saga_id: uuid.UUID | None = None,
+    *,
+    step: str = "step",
+    idempotency_key: str | None = None,
+) -> Context:
+    """One delivery: a two-phase handler's ``prepare`` outside any transaction, then the
+    handler in the delivery's transaction."""
+    message = delivery(body, saga_id, step=step, idempotency_key=idempotency_key)
+    prepared = None
+    if isinstance(handler, TwoPhase):
+        prepared = await handler.prepare(Preparation(message, 0, engine))
+    async with engine.begin() as conn:
+        ctx = Context(conn, message, service)
+        ctx.prepared = prepared
+        await handler(ctx)
+    return ctx
+
+
+def replied(ctx: Context) -> Message:
+    """The one reply a delivery sent to the process manager."""
+    found = [m.body for m in ctx.outgoing if m.exchange == topology.REPLIES_EXCHANGE]
+    assert len(found) == 1, ctx.outgoing
+    return found[0]
+
+
+def facts(ctx: Context) -> list[Message]:
+    """The public facts a delivery published."""
+    return [m.body for m in ctx.outgoing if m.exchange == topology.FACTS_EXCHANGE]

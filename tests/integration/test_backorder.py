@@ -5,8 +5,6 @@ once, and notification and analytics take it."""
 
 from __future__ import annotations
 
-import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -16,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from messaging import topology
-from messaging.codec import Incoming, encode
+from messaging.codec import encode
 from messaging.consumer import Context, Handler
 from messaging.db import create_schema
 from messaging.errors import PermanentError
@@ -28,7 +26,6 @@ from participants.notification import service as notification
 from participants.order import service as order
 from schemas.base import Message
 from schemas.common import LineItem
-from schemas.envelope import Envelope
 from schemas.inventory import (
     InventoryBackordered,
     InventoryReleased,
@@ -46,44 +43,13 @@ from schemas.order import (
     OrderCancelled,
     OrderCompleted,
 )
-from tests.support import count, one, publish, wait_for
+from tests.support import count, deliver, delivery, facts, one, publish, replied, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def incoming(body: Message, step: str = "step") -> Incoming:
-    saga_id = uuid.uuid4()
-    return Incoming(
-        Envelope(
-            message_id=uuid.uuid4(),
-            type=body.TYPE,
-            saga_id=saga_id,
-            correlation_id=saga_id,
-            idempotency_key=f"{saga_id}:{step}",
-            step=step,
-            fence=1,
-            occurred_at=datetime.now(UTC),
-        ),
-        body,
-    )
-
-
 async def run(engine: AsyncEngine, handler: Handler, service: str, body: Message) -> Context:
-    """One delivery's transaction, as the consumer runs it (minus inbox and outbox)."""
-    async with engine.begin() as conn:
-        ctx = Context(conn, incoming(body), service)
-        await handler(ctx)
-    return ctx
-
-
-def replied(ctx: Context) -> Message:
-    found = [m.body for m in ctx.outgoing if m.exchange == topology.REPLIES_EXCHANGE]
-    assert len(found) == 1, ctx.outgoing
-    return found[0]
-
-
-def facts(ctx: Context) -> list[Message]:
-    return [m.body for m in ctx.outgoing if m.exchange == topology.FACTS_EXCHANGE]
+    return await deliver(engine, handler, service, body)
 
 
 # -- inventory -----------------------------------------------------------------------------------
@@ -269,7 +235,7 @@ async def test_order_backordered_reaches_notification_and_analytics(
             return int(found.scalar_one_or_none() or 0)
 
     before = await backordered_count()
-    message = incoming(MarkOrderBackordered(order_id=order_id), step="backorder")
+    message = delivery(MarkOrderBackordered(order_id=order_id), step="backorder")
     exchange, key = topology.command_route("order", MarkOrderBackordered.TYPE)
     await publish(amqp, exchange, key, encode(message.envelope, message.body))
 

@@ -6,18 +6,15 @@ real database)."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from messaging.codec import Incoming
-from messaging.consumer import Context, Handler
+from messaging.consumer import Handler
 from messaging.db import create_schema
 from participants.payment import service as payment
 from schemas.base import Message
-from schemas.envelope import Envelope
 from schemas.payment import (
     AuthorizePayment,
     CapturePayment,
@@ -34,7 +31,7 @@ from schemas.payment import (
     RefundPayment,
     VoidAuthorization,
 )
-from tests.support import rows
+from tests.support import deliver, rows
 
 pytestmark = pytest.mark.integration
 
@@ -44,18 +41,15 @@ CAPTURED = 6_250
 
 async def handle(engine: AsyncEngine, handler: Handler, saga_id: uuid.UUID, body: Message) -> Any:
     """One delivery's transaction, as the consumer runs it (minus inbox and outbox); the reply."""
-    env = Envelope(
-        message_id=uuid.uuid4(),
-        type=body.TYPE,
-        saga_id=saga_id,
-        correlation_id=saga_id,
-        idempotency_key=f"{saga_id}:{type(body).__name__}",
+    ctx = await deliver(
+        engine,
+        handler,
+        "payment",
+        body,
+        saga_id,
         step="payment",
-        occurred_at=datetime.now(UTC),
+        idempotency_key=f"{saga_id}:{type(body).__name__}",
     )
-    async with engine.begin() as conn:
-        ctx = Context(conn, Incoming(env, body), "payment")
-        await handler(ctx)
     assert len(ctx.outgoing) == 1
     return ctx.outgoing[0].body
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -30,7 +29,6 @@ from participants.shipping import service as shipping
 from participants.shipping.carrier import NO_PICKUP_REASON, Carrier
 from schemas.base import Message
 from schemas.common import LineItem, ShippingAddress
-from schemas.envelope import Envelope
 from schemas.inventory import (
     InventoryReleased,
     InventoryReserved,
@@ -61,27 +59,19 @@ from schemas.shipping import (
     PickupFailed,
     ShipmentCreated,
 )
-from tests.support import ADDRESS, count, one, publish, wait_for
+from tests.support import (
+    ADDRESS,
+    count,
+    deliver,
+    delivery,
+    facts,
+    one,
+    publish,
+    replied,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
-
-
-def incoming(body: Message, saga_id: uuid.UUID | None = None, step: str = "step") -> Incoming:
-    """``body`` as the process manager would send it for ``saga_id`` (a fresh one by default)."""
-    saga_id = saga_id or uuid.uuid4()
-    return Incoming(
-        Envelope(
-            message_id=uuid.uuid4(),
-            type=body.TYPE,
-            saga_id=saga_id,
-            correlation_id=saga_id,
-            idempotency_key=f"{saga_id}:{step}",
-            step=step,
-            fence=1,
-            occurred_at=datetime.now(UTC),
-        ),
-        body,
-    )
 
 
 async def run(
@@ -91,28 +81,7 @@ async def run(
     body: Message,
     saga_id: uuid.UUID | None = None,
 ) -> Context:
-    """One delivery as the consumer handles it (minus inbox and outbox): a two-phase handler's
-    ``prepare`` outside any transaction, then the transaction."""
-    message = incoming(body, saga_id)
-    prepared = None
-    if isinstance(handler, TwoPhase):
-        prepared = await handler.prepare(Preparation(message, 0, engine))
-    async with engine.begin() as conn:
-        ctx = Context(conn, message, service)
-        ctx.prepared = prepared
-        await handler(ctx)
-    return ctx
-
-
-def replied(ctx: Context) -> Message:
-    """The one reply to the process manager."""
-    found = [m.body for m in ctx.outgoing if m.exchange == topology.REPLIES_EXCHANGE]
-    assert len(found) == 1, ctx.outgoing
-    return found[0]
-
-
-def facts(ctx: Context) -> list[Message]:
-    return [m.body for m in ctx.outgoing if m.exchange == topology.FACTS_EXCHANGE]
+    return await deliver(engine, handler, service, body, saga_id)
 
 
 # -- order ---------------------------------------------------------------------------------------
@@ -263,7 +232,7 @@ async def test_order_returned_reaches_notification_and_analytics(
             return int(found.scalar_one_or_none() or 0)
 
     before = await returned_count()
-    message = incoming(CompleteReturn(order_id=order_id), step="complete_return")
+    message = delivery(CompleteReturn(order_id=order_id), step="complete_return")
     exchange, key = topology.command_route("order", CompleteReturn.TYPE)
     await publish(amqp, exchange, key, encode(message.envelope, message.body))
 
@@ -520,7 +489,7 @@ async def test_a_lost_carrier_answer_books_one_pickup(
     assert tuple(await booking(engine, f"{saga_id}:pickup")) == ("BOOKED", answer.pickup_id)
 
     carrier.lose_response_rate, carrier.failure_rate = 0.0, 1.0
-    failing = incoming(BookPickup(order_id=order_id))
+    failing = delivery(BookPickup(order_id=order_id))
     handler = ship[BookPickup.TYPE]
     assert isinstance(handler, TwoPhase)
     with pytest.raises(TransientError):
