@@ -57,7 +57,7 @@ async def saga(
             text(
                 "INSERT INTO process_manager.sagas (saga_id, saga_type, business_key, order_id, "
                 "status, phase, seq, version, definition_version, state, correlation_id, "
-                "started_at, updated_at) VALUES (:s, :type, :o, :o, :st, :phase, 1, 1, 'test', "
+                "started_at, updated_at) VALUES (:s, :type, :o, :o, :st, :phase, 1, 1, :ref, "
                 "CAST(:state AS jsonb), :s, :t, :t)"
             ),
             {
@@ -66,6 +66,9 @@ async def saga(
                 "o": order_id,
                 "st": status,
                 "phase": PHASE_OF.get(status, "RUNNING"),
+                # a registered version: the session's process manager refuses to start beside
+                # live sagas of a version it does not have
+                "ref": "returns.v1" if saga_type == "returns" else "checkout.v2",
                 "state": json.dumps({}),
                 "t": NOW,
             },
