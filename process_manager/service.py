@@ -212,7 +212,10 @@ def make_handlers(policy: Policy, pins: dict[str, int] | None = None) -> dict[st
             d = definitions.current(name, pins)
             assert isinstance(body, d.start)
             saga_id = d.saga_id(body)
-            existing = await store.load(ctx.conn, saga_id)
+            # only a saga with an admission rule looks before it inserts; any other finds an
+            # existing saga by its insert conflicting (one round trip less per start)
+            admits = d.once or d.requires is not None
+            existing = await store.load(ctx.conn, saga_id) if admits else None
             refused = _refusal(d, body, existing, await _prerequisite(ctx.conn, d, body))
             if refused is not None:
                 await store.record(
