@@ -28,6 +28,7 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import asyncpg
 import structlog
@@ -62,6 +63,8 @@ from schemas.shipping import (
     ShipmentCreated,
     ShipmentFailed,
 )
+
+T = TypeVar("T")
 
 SCHEMA = "shipping"
 metadata = MetaData(schema=SCHEMA)
@@ -339,13 +342,18 @@ def make_handlers(carrier: Carrier, settings: Settings) -> dict[str, Handler]:
             raise TransientError(str(e), headers={CARRIER_ATTEMPTS: attempts}) from e
         return GaveUp(f"carrier failed {attempts} times: {e}")
 
-    async def prepare_create(p: Preparation) -> Outcome:
-        key = _key(p.incoming.envelope)
+    async def guarded(key: str, ask: Callable[[], Awaitable[T]]) -> T:
+        """A carrier conversation under ``key``, registered as in flight so a cancel
+        delivered meanwhile waits for it."""
         call = in_flight.start(key)  # before the first await: a cancel delivered after waits
         try:
-            return await ask_carrier(p, key)
+            return await ask()
         finally:
             in_flight.finish(key, call)
+
+    async def prepare_create(p: Preparation) -> Outcome:
+        key = _key(p.incoming.envelope)
+        return await guarded(key, lambda: ask_carrier(p, key))
 
     async def ask_carrier(p: Preparation, key: str) -> Outcome:
         cmd = p.incoming.body
@@ -451,11 +459,7 @@ def make_handlers(carrier: Carrier, settings: Settings) -> dict[str, Handler]:
 
     async def prepare_pickup(p: Preparation) -> PickupOutcome:
         key = _pickup_key(p.incoming.envelope)
-        call = in_flight.start(key)  # before the first await: a cancel delivered after waits
-        try:
-            return await ask_carrier_pickup(p, key)
-        finally:
-            in_flight.finish(key, call)
+        return await guarded(key, lambda: ask_carrier_pickup(p, key))
 
     async def ask_carrier_pickup(p: Preparation, key: str) -> PickupOutcome:
         cmd = p.incoming.body
